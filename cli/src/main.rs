@@ -1,0 +1,2 @@
+//! `ctx`: placeholder, replaced below.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Cross-crate and multi-process tests live in `tests/`; this library holds their shared helpers.
+#![forbid(unsafe_code)]
