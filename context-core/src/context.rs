@@ -1,0 +1,617 @@
+//! Contexts: isolated domains with their own lock and their own object table.
+
+use std::cell::UnsafeCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{AccessError, EnterError};
+use crate::handle::{ContextId, Handle};
+use crate::handoff::{self, Lockable, Wait};
+use crate::local_lock::LocalLock;
+use crate::lock::{Acquired, LockError, RawContextLock};
+use crate::pinned::{self, Home};
+use crate::table::Table;
+
+/// Counters of one context, read with [`Context::stats`]. All are totals since creation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ContextStats {
+    /// Successful entries (each `enter` that ran its closure, re-entrant calls excluded).
+    pub entries: u64,
+    /// Entries that found the context idle and took it with one atomic operation.
+    pub fast_entries: u64,
+    /// Entries that had to wait for another holder.
+    pub contended_entries: u64,
+    /// Total time spent waiting in contended entries, in nanoseconds.
+    pub wait_nanos: u64,
+    /// Entries that gave up (`try_enter` on a busy context, or a timeout).
+    pub gave_up: u64,
+    /// Closures that panicked inside the context.
+    pub panics: u64,
+    /// Calls shipped to a pinned context's home thread from other threads.
+    pub shipped_calls: u64,
+}
+
+#[derive(Default)]
+struct RawStats {
+    entries: AtomicU64,
+    fast: AtomicU64,
+    contended: AtomicU64,
+    wait_nanos: AtomicU64,
+    gave_up: AtomicU64,
+    panics: AtomicU64,
+    shipped: AtomicU64,
+}
+
+/// Adds to a counter that only the lock holder writes: a plain load and store (no locked
+/// read-modify-write on the fast path). Readers may see a slightly stale total; never a torn one.
+#[inline]
+fn bump_held(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+pub(crate) struct Inner<L> {
+    id: ContextId,
+    name: Box<str>,
+    lock: L,
+    /// INVARIANT: only accessed by the thread that holds `lock` (through a `Cx`, which checks that,
+    /// or by `close`/`Drop`, which hold it or are the last owner).
+    table: UnsafeCell<Table>,
+    /// Set once, under the lock; read under the lock by `acquire`.
+    closed: AtomicBool,
+    stats: RawStats,
+    /// `Some` for pinned contexts: the only thread that may hold `lock`.
+    pub(crate) home: Option<Home>,
+}
+
+// SAFETY: `Inner` is shared between threads through `Arc`. Everything except `table` is Sync on its
+// own. `table` holds raw pointers to objects and is touched only by the holder of `lock` (INVARIANT),
+// so accesses are serialized and ordered by the lock's Acquire/Release. Objects that are not `Send`
+// are only admitted into pinned contexts (`Cx::adopt_local` checks), whose lock is only ever taken by
+// their home thread (`Context::enter_local` and the multi-enter check it), and whose table is cleared
+// on the home thread before it exits (`pinned::home_loop`), so such objects never change threads.
+unsafe impl<L: RawContextLock> Send for Inner<L> {}
+// SAFETY: as for `Send`: shared access to `table` is serialized by `lock`.
+unsafe impl<L: RawContextLock> Sync for Inner<L> {}
+
+impl<L: RawContextLock> Inner<L> {
+    pub(crate) fn id(&self) -> ContextId {
+        self.id
+    }
+
+    fn is_pinned(&self) -> bool {
+        self.home.is_some()
+    }
+
+    pub(crate) fn stats_shipped(&self) {
+        self.stats.shipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn lock_is_locked(&self) -> bool {
+        self.lock.is_locked()
+    }
+
+    /// Closes the context while holding it: sets `closed` and drops every object.
+    pub(crate) fn close_held(&self) -> Result<(), AccessError> {
+        // SAFETY: called only from inside a frame that holds this context (see callers), so by the
+        // INVARIANT on `table` we have exclusive access; no reference into the table outlives this.
+        let table = unsafe { &mut *self.table.get() };
+        table.check_no_borrows()?;
+        self.closed.store(true, Ordering::Relaxed);
+        table.clear();
+        Ok(())
+    }
+}
+
+impl<L: RawContextLock> Lockable for Inner<L> {
+    fn id(&self) -> ContextId {
+        self.id
+    }
+
+    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<(), EnterError> {
+        let got = match self.lock.try_lock() {
+            Ok(a) => Ok((a, 0)),
+            Err(LockError::WouldBlock) => match wait {
+                Wait::Try => Err(LockError::WouldBlock),
+                Wait::Until(deadline) => {
+                    let t0 = Instant::now();
+                    self.lock.lock(deadline).map(|a| {
+                        let waited = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        (a, waited)
+                    })
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok((acquired, waited)) => {
+                let s = &self.stats;
+                bump_held(&s.entries, 1);
+                match acquired {
+                    Acquired::Fast => bump_held(&s.fast, 1),
+                    Acquired::Contended | Acquired::OwnerDied => {
+                        bump_held(&s.contended, 1);
+                        bump_held(&s.wait_nanos, waited);
+                    }
+                }
+                if !allow_closed && self.closed.load(Ordering::Relaxed) {
+                    // SAFETY: acquired just above.
+                    unsafe { self.lock.unlock() };
+                    return Err(EnterError::Closed(self.id));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                Err(EnterError::from_lock(self.id, e))
+            }
+        }
+    }
+
+    fn reacquire(&self) -> Result<(), EnterError> {
+        self.lock.lock(None).map(|_| ()).map_err(|e| EnterError::from_lock(self.id, e))
+    }
+
+    unsafe fn release(&self) {
+        // SAFETY: the caller holds the lock (this method's contract).
+        unsafe { self.lock.unlock() }
+    }
+
+    fn record_panic(&self) {
+        bump_held(&self.stats.panics, 1);
+    }
+}
+
+/// An isolated execution context: its own lock (its "GIL") and its own table of objects.
+///
+/// `Context` is a cheap, cloneable reference (`Arc` inside); every clone names the same context.
+/// See the [crate docs](crate) for the model.
+///
+/// - **Free** contexts ([`Context::new`]) are entered by whichever thread calls, directly on that
+///   thread: when the context is idle, entering is one atomic operation.
+/// - **Pinned** contexts ([`Context::pinned`]) own a home thread that runs every call made into them,
+///   so they may hold values that are not `Send`.
+pub struct Context<L: RawContextLock = LocalLock> {
+    inner: Arc<Inner<L>>,
+    /// For pinned contexts: tells the home thread to close when the last clone is dropped.
+    _owner: Option<Arc<pinned::Owner>>,
+}
+
+impl<L: RawContextLock> Clone for Context<L> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner), _owner: self._owner.clone() }
+    }
+}
+
+impl<L: RawContextLock> fmt::Debug for Context<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.name)
+            .field("pinned", &self.inner.is_pinned())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Context<LocalLock> {
+    /// A new free context with a process-local lock.
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        Self::with_lock(name, LocalLock::new())
+    }
+
+    /// A new pinned context: spawns its home thread, which runs every call into it.
+    ///
+    /// # Errors
+    /// The OS refused to spawn the thread.
+    pub fn pinned(name: &str) -> std::io::Result<Self> {
+        Self::pinned_with_lock(name, LocalLock::new())
+    }
+}
+
+impl<L: RawContextLock> Context<L> {
+    /// A new free context over the given lock (for example a process-shared one from `context-shmem`).
+    #[must_use]
+    pub fn with_lock(name: &str, lock: L) -> Self {
+        let id = ContextId::fresh();
+        let inner = Inner {
+            id,
+            name: name.into(),
+            lock,
+            table: UnsafeCell::new(Table::new(id)),
+            closed: AtomicBool::new(false),
+            stats: RawStats::default(),
+            home: None,
+        };
+        Self { inner: Arc::new(inner), _owner: None }
+    }
+
+    /// A new pinned context over the given lock.
+    ///
+    /// # Errors
+    /// The OS refused to spawn the home thread.
+    pub fn pinned_with_lock(name: &str, lock: L) -> std::io::Result<Self> {
+        let id = ContextId::fresh();
+        let (home, owner) = pinned::spawn(name, id, move |home| Inner {
+            id,
+            name: name.into(),
+            lock,
+            table: UnsafeCell::new(Table::new(id)),
+            closed: AtomicBool::new(false),
+            stats: RawStats::default(),
+            home: Some(home),
+        })?;
+        Ok(Self { inner: home, _owner: Some(owner) })
+    }
+
+    /// This context's id (also its place in the global lock order).
+    #[must_use]
+    pub fn id(&self) -> ContextId {
+        self.inner.id
+    }
+
+    /// The name given at creation.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Whether this is a pinned context.
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.inner.is_pinned()
+    }
+
+    /// Whether [`Context::close`] has run.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed)
+    }
+
+    /// The raw lock (for diagnostics; e.g. [`LocalLock::queued_waiters`]).
+    #[must_use]
+    pub fn lock(&self) -> &L {
+        &self.inner.lock
+    }
+
+    /// A snapshot of this context's counters.
+    #[must_use]
+    pub fn stats(&self) -> ContextStats {
+        let s = &self.inner.stats;
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ContextStats {
+            entries: r(&s.entries),
+            fast_entries: r(&s.fast),
+            contended_entries: r(&s.contended),
+            wait_nanos: r(&s.wait_nanos),
+            gave_up: r(&s.gave_up),
+            panics: r(&s.panics),
+            shipped_calls: r(&s.shipped),
+        }
+    }
+
+    /// Enters the context and runs `f` inside it, waiting for its turn if it is busy.
+    ///
+    /// The calling thread's own context (if any) is released for the duration and re-entered
+    /// afterwards. For a free context `f` runs on the calling thread; for a pinned context it runs on
+    /// the home thread (the caller waits, holding nothing). Entering the context the thread already
+    /// holds runs `f` directly.
+    ///
+    /// # Errors
+    /// [`EnterError::Closed`] for a closed context; [`EnterError::Panicked`] if `f` panicked (the
+    /// context is released and stays usable); [`EnterError::CallerLost`] if the caller's own context
+    /// could not be re-entered afterwards.
+    pub fn enter<R, F>(&self, f: F) -> Result<R, EnterError>
+    where
+        F: FnOnce(&mut Cx<'_>) -> R + Send,
+        R: Send,
+    {
+        self.enter_with(Wait::Until(None), f)
+    }
+
+    /// Like [`Context::enter`] but gives up at once if the context is busy.
+    ///
+    /// # Errors
+    /// [`EnterError::WouldBlock`] if busy (for a pinned context: if its home thread is running or has
+    /// queued work), and everything [`Context::enter`] returns.
+    pub fn try_enter<R, F>(&self, f: F) -> Result<R, EnterError>
+    where
+        F: FnOnce(&mut Cx<'_>) -> R + Send,
+        R: Send,
+    {
+        self.enter_with(Wait::Try, f)
+    }
+
+    /// Like [`Context::enter`] but gives up if the caller's turn has not come within `timeout`. Once
+    /// the closure has started it runs to completion.
+    ///
+    /// # Errors
+    /// [`EnterError::TimedOut`], and everything [`Context::enter`] returns.
+    pub fn enter_timeout<R, F>(&self, timeout: Duration, f: F) -> Result<R, EnterError>
+    where
+        F: FnOnce(&mut Cx<'_>) -> R + Send,
+        R: Send,
+    {
+        self.enter_with(Wait::Until(Instant::now().checked_add(timeout)), f)
+    }
+
+    fn enter_with<R, F>(&self, wait: Wait, f: F) -> Result<R, EnterError>
+    where
+        F: FnOnce(&mut Cx<'_>) -> R + Send,
+        R: Send,
+    {
+        match &self.inner.home {
+            Some(home) if !home.is_current() => pinned::ship(&self.inner, home, wait, f),
+            _ => self.enter_here(wait, false, f),
+        }
+    }
+
+    /// Enters the context on the calling thread, without requiring `Send`: for a free context from
+    /// any thread, for a pinned context only from its home thread.
+    ///
+    /// # Errors
+    /// [`EnterError::NotHomeThread`] for a pinned context entered from elsewhere, and everything
+    /// [`Context::enter`] returns.
+    pub fn enter_local<R>(&self, f: impl FnOnce(&mut Cx<'_>) -> R) -> Result<R, EnterError> {
+        self.enter_here(Wait::Until(None), false, f)
+    }
+
+    pub(crate) fn enter_here<R>(
+        &self,
+        wait: Wait,
+        allow_closed: bool,
+        f: impl FnOnce(&mut Cx<'_>) -> R,
+    ) -> Result<R, EnterError> {
+        if let Some(home) = &self.inner.home {
+            if !home.is_current() {
+                return Err(EnterError::NotHomeThread(self.inner.id));
+            }
+        }
+        enter_inner(&self.inner, wait, allow_closed, f)
+    }
+
+    /// Closes the context: waits its turn, drops every object (on the home thread, for a pinned
+    /// context, which then exits) and makes every later entry fail with [`EnterError::Closed`].
+    /// Closing a closed context does nothing.
+    ///
+    /// # Errors
+    /// [`CloseError::InUse`] when called from inside a borrow of one of the context's own objects;
+    /// [`CloseError::Enter`] with [`EnterError::Panicked`] if an object's destructor panicked.
+    pub fn close(&self) -> Result<(), CloseError> {
+        let inner = &*self.inner;
+        let run = || -> Result<(), CloseError> {
+            let closed = handoff::run_in(&[inner as &dyn Lockable], Wait::Until(None), true, || {
+                inner.close_held()
+            })?;
+            closed.map_err(|_| CloseError::InUse(inner.id))
+        };
+        match &inner.home {
+            Some(home) if !home.is_current() => {
+                pinned::ship_close(&self.inner, home)?;
+                Ok(())
+            }
+            Some(home) => {
+                run()?;
+                home.request_exit();
+                Ok(())
+            }
+            None => run(),
+        }
+    }
+
+}
+
+/// Enters `inner` on the calling thread (the caller has checked it may: free, or its home thread).
+pub(crate) fn enter_inner<L: RawContextLock, R>(
+    inner: &Inner<L>,
+    wait: Wait,
+    allow_closed: bool,
+    f: impl FnOnce(&mut Cx<'_>) -> R,
+) -> Result<R, EnterError> {
+    handoff::run_in(&[inner as &dyn Lockable], wait, allow_closed, || f(&mut Cx::new(inner)))
+}
+
+/// Why [`Context::close`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseError {
+    /// Entering the context to close it failed.
+    #[error(transparent)]
+    Enter(#[from] EnterError),
+    /// `close` was called from inside a borrow of one of the context's own objects.
+    #[error("context {0} cannot be closed while one of its objects is in use")]
+    InUse(ContextId),
+}
+
+/// Enters several contexts at once, in the global order, on the calling thread, and runs `f` with
+/// one [`Cx`] per context, in the order given. For cross-context operations such as copying between
+/// two buffers in different contexts without serialization.
+///
+/// The same context given twice yields two `Cx` for it (an object borrowed through one is `Busy`
+/// through the other).
+///
+/// # Errors
+/// [`EnterError::NotHomeThread`] if one of them is pinned to another thread, and everything
+/// [`Context::enter`] returns.
+pub fn enter_all<L, R>(contexts: &[&Context<L>], f: impl FnOnce(&mut [Cx<'_>]) -> R) -> Result<R, EnterError>
+where
+    L: RawContextLock,
+{
+    for c in contexts {
+        if let Some(home) = &c.inner.home {
+            if !home.is_current() {
+                return Err(EnterError::NotHomeThread(c.id()));
+            }
+        }
+    }
+    let mut sorted: Vec<&Inner<L>> = contexts.iter().map(|c| &*c.inner).collect();
+    sorted.sort_by_key(|i| i.id);
+    sorted.dedup_by_key(|i| i.id);
+    let targets: Vec<&dyn Lockable> = sorted.iter().map(|&i| i as &dyn Lockable).collect();
+    handoff::run_in(&targets, Wait::Until(None), false, || {
+        let mut cxs: Vec<Cx<'_>> = contexts.iter().map(|c| Cx::new(&c.inner)).collect();
+        f(&mut cxs)
+    })
+}
+
+/// The contexts the calling thread holds right now, in ascending id order (empty outside any
+/// context; one entry inside `enter`; several inside [`enter_all`]).
+#[must_use]
+pub fn held_contexts() -> Vec<ContextId> {
+    handoff::held_ids()
+}
+
+/// Proof that the calling thread holds a context, and the way to its objects.
+///
+/// A `Cx` only exists inside [`Context::enter`] (and friends), is neither `Send` nor `Sync`, and
+/// every access re-checks that its context is the one the thread holds *now*: a `Cx` captured by a
+/// nested call into another context gives [`AccessError::NotHeld`] there instead of racing.
+///
+/// ```compile_fail
+/// fn assert_send<T: Send>() {}
+/// assert_send::<context_core::Cx<'static>>();
+/// ```
+pub struct Cx<'a> {
+    id: ContextId,
+    pinned: bool,
+    name: &'a str,
+    table: &'a UnsafeCell<Table>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<'a> Cx<'a> {
+    fn new<L: RawContextLock>(inner: &'a Inner<L>) -> Self {
+        Self {
+            id: inner.id,
+            pinned: inner.is_pinned(),
+            name: &inner.name,
+            table: &inner.table,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The context this `Cx` belongs to.
+    #[must_use]
+    pub fn id(&self) -> ContextId {
+        self.id
+    }
+
+    /// The context's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        self.name
+    }
+
+    /// Whether the context is pinned.
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Runs `f` on the table after checking this thread holds the context now.
+    fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
+        if !handoff::holds(self.id) {
+            return Err(AccessError::NotHeld(self.id));
+        }
+        // SAFETY: the thread holds the context's lock right now (checked above), so by the INVARIANT
+        // on `Inner::table` nothing else touches the table; the `&mut` does not escape `f`, and `f`
+        // is one of this module's short table operations, which never call user code.
+        Ok(f(unsafe { &mut *self.table.get() }))
+    }
+
+    /// Moves `value` into the context and returns its handle.
+    ///
+    /// # Errors
+    /// [`AccessError::NotHeld`] if this `Cx` is suspended; [`AccessError::Full`].
+    pub fn adopt<T: Send + 'static>(&mut self, value: T) -> Result<Handle<T>, AccessError> {
+        self.table(|t| t.insert(value))?
+    }
+
+    /// Moves a value that is not `Send` into a pinned context (it will only ever be touched on the
+    /// home thread, and dropped there).
+    ///
+    /// # Errors
+    /// [`AccessError::NotPinned`] in a free context, and as for [`Cx::adopt`].
+    pub fn adopt_local<T: 'static>(&mut self, value: T) -> Result<Handle<T>, AccessError> {
+        if !self.pinned {
+            return Err(AccessError::NotPinned(self.id));
+        }
+        self.table(|t| t.insert(value))?
+    }
+
+    /// Whether `h` names a live object of type `T` in this context.
+    #[must_use]
+    pub fn contains<T: 'static>(&self, h: Handle<T>) -> bool {
+        self.table(|t| t.contains(h)).unwrap_or(false)
+    }
+
+    /// The number of objects in the context.
+    ///
+    /// # Errors
+    /// [`AccessError::NotHeld`] if this `Cx` is suspended.
+    pub fn len(&self) -> Result<usize, AccessError> {
+        self.table(|t| t.len())
+    }
+
+    /// Runs `f` with exclusive access to the object. The object stays borrowed until `f` returns, even
+    /// if `f` calls into other contexts meanwhile (and so releases this one): anyone reaching it then
+    /// gets [`AccessError::Busy`]. If `f` panics the object is poisoned.
+    ///
+    /// # Errors
+    /// [`AccessError::NotHeld`], [`AccessError::WrongContext`], [`AccessError::Stale`],
+    /// [`AccessError::WrongType`], [`AccessError::Busy`], [`AccessError::Poisoned`].
+    pub fn with<T: 'static, R>(&self, h: Handle<T>, f: impl FnOnce(&mut T) -> R) -> Result<R, AccessError> {
+        let ptr = self.table(|t| t.begin_borrow(h))??;
+        struct EndBorrow<'c, 'a, T: 'static> {
+            cx: &'c Cx<'a>,
+            h: Handle<T>,
+        }
+        impl<T: 'static> Drop for EndBorrow<'_, '_, T> {
+            fn drop(&mut self) {
+                let poison = std::thread::panicking();
+                // If the thread lost the context meanwhile (`CallerLost`) the borrow flag cannot be
+                // cleared safely; the object then stays `Busy`, which is safe.
+                let _ = self.cx.table(|t| t.end_borrow(self.h, poison));
+            }
+        }
+        let end = EndBorrow { cx: self, h };
+        // SAFETY: `begin_borrow` set the object's borrow flag, which makes this the only reference to
+        // it until `end` clears the flag after `f` returns (every other path to the object checks the
+        // flag under the context lock). The object lives in its own allocation, which only `remove`
+        // or `clear` free, and both refuse borrowed objects. The pointer is valid and aligned: it came
+        // from a `Box<T>` (type checked by `begin_borrow`).
+        let r = f(unsafe { &mut *ptr.as_ptr() });
+        drop(end);
+        Ok(r)
+    }
+
+    /// Takes the object out of the context; its handle becomes stale.
+    ///
+    /// # Errors
+    /// As for [`Cx::with`] (a poisoned object can be removed).
+    pub fn remove<T: 'static>(&mut self, h: Handle<T>) -> Result<T, AccessError> {
+        self.table(|t| t.remove(h))?
+    }
+
+    /// Accepts a poisoned object again. Returns whether it was poisoned.
+    ///
+    /// # Errors
+    /// As for [`Cx::with`].
+    pub fn clear_poison<T: 'static>(&mut self, h: Handle<T>) -> Result<bool, AccessError> {
+        self.table(|t| t.clear_poison(h))?
+    }
+}
+
+impl fmt::Debug for Cx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cx").field("id", &self.id).field("name", &self.name).finish()
+    }
+}

@@ -1,0 +1,255 @@
+//! The handoff protocol: which contexts a thread holds, and how entering and leaving move the locks.
+//!
+//! Each thread keeps a pointer to its current *frame*: the set of contexts it holds right now (one,
+//! or several for a cross-context operation), each with a `held` flag. Entering a context:
+//!
+//! | step | action                                                                      |
+//! |------|-----------------------------------------------------------------------------|
+//! | 1    | if the thread already holds exactly the target: run directly (re-entrant)   |
+//! | 2    | release every context of the current frame (`held = false`)                |
+//! | 3    | acquire the targets in ascending [`ContextId`] order (the global order)     |
+//! | 4    | install a new frame for the targets and run the closure (panics caught)     |
+//! | 5    | restore the previous frame pointer and release the targets                  |
+//! | 6    | re-acquire the previous frame's contexts, in ascending order                |
+//!
+//! A thread therefore waits for a lock only while it holds nothing (steps 3 and 6), or while it holds
+//! lower-numbered contexts of one multi-enter (step 3): waits-for edges always point from a lower to a
+//! higher id or from an empty hand, so no cycle and no deadlock can form.
+
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+use std::time::Instant;
+
+use crate::error::EnterError;
+use crate::handle::ContextId;
+
+/// How long step 3 may wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    /// Never wait: fail with `WouldBlock`.
+    Try,
+    /// Wait until the deadline, or for ever with `None`.
+    Until(Option<Instant>),
+}
+
+/// What the handoff needs from a context, whatever its lock type.
+pub(crate) trait Lockable: Sync {
+    fn id(&self) -> ContextId;
+    /// Acquires the lock (recording statistics) and checks the context is open; on any error the
+    /// lock is not held.
+    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<(), EnterError>;
+    /// Re-acquires after a nested call returned: waits without deadline, open or closed.
+    fn reacquire(&self) -> Result<(), EnterError>;
+    /// Releases the lock.
+    ///
+    /// # Safety
+    /// The calling thread holds the lock through a frame entry with `held == true`.
+    unsafe fn release(&self);
+    /// Records a panic caught inside the context (called while holding it).
+    fn record_panic(&self);
+}
+
+pub(crate) struct FrameEntry<'a> {
+    ctx: &'a dyn Lockable,
+    /// This thread holds the lock through this entry.
+    held: Cell<bool>,
+    /// Released by a nested enter (step 2), to be re-acquired when it returns (step 6).
+    suspended: Cell<bool>,
+}
+
+impl<'a> FrameEntry<'a> {
+    fn new(ctx: &'a dyn Lockable) -> Self {
+        Self { ctx, held: Cell::new(true), suspended: Cell::new(false) }
+    }
+}
+
+/// The contexts a thread holds. Lives on the stack of the `enter` call that installed it.
+struct Frame<'a> {
+    entries: &'a [FrameEntry<'a>],
+}
+
+thread_local! {
+    /// The thread's current frame, or null. INVARIANT: a non-null pointer names a `Frame` on this
+    /// thread's stack that is still alive: `run_frame` installs it and restores the previous pointer
+    /// before the frame goes out of scope, on every path (the closure's panics are caught, and a
+    /// drop guard restores the pointer).
+    static CURRENT: Cell<*const Frame<'static>> = const { Cell::new(ptr::null()) };
+}
+
+fn with_frame<R>(p: *const Frame<'static>, f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
+    // SAFETY: every pointer passed here was read from CURRENT on this thread while the frame's
+    // `enter` is still on the stack (it is the current frame, or the previous frame of an `enter`
+    // that is still running above it), so by the INVARIANT on CURRENT it is null or live.
+    let frame = unsafe { p.as_ref() };
+    f(frame)
+}
+
+fn with_current<R>(f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
+    with_frame(CURRENT.with(Cell::get), f)
+}
+
+/// Whether the calling thread holds `id` right now.
+pub(crate) fn holds(id: ContextId) -> bool {
+    with_current(|f| f.is_some_and(|f| f.entries.iter().any(|e| e.held.get() && e.ctx.id() == id)))
+}
+
+/// The contexts the calling thread holds right now, in ascending id order.
+pub(crate) fn held_ids() -> Vec<ContextId> {
+    with_current(|f| {
+        f.map(|f| f.entries.iter().filter(|e| e.held.get()).map(|e| e.ctx.id()).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Step 2: releases everything the current frame holds and marks it suspended.
+fn suspend(prev: *const Frame<'static>) {
+    with_frame(prev, |f| {
+        for e in f.map_or(&[][..], |f| f.entries).iter().rev() {
+            if e.held.replace(false) {
+                e.suspended.set(true);
+                // SAFETY: `held` was true, so this thread holds the lock via this entry.
+                unsafe { e.ctx.release() };
+            }
+        }
+    });
+}
+
+/// Step 6: re-acquires what `suspend` released, in ascending order. An entry that cannot be
+/// re-acquired stays `held = false`, and the error names the first of them.
+fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
+    with_frame(prev, |f| {
+        let mut result = Ok(());
+        for e in f.map_or(&[][..], |f| f.entries) {
+            if !e.suspended.replace(false) {
+                continue;
+            }
+            match e.ctx.reacquire() {
+                Ok(()) => e.held.set(true),
+                Err(_) if result.is_ok() => result = Err(EnterError::CallerLost(e.ctx.id())),
+                Err(_) => {}
+            }
+        }
+        result
+    })
+}
+
+/// Restores `CURRENT` on drop, so the closure's frame never outlives its stack slot.
+struct Restore(*const Frame<'static>);
+impl Drop for Restore {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Runs `f` holding no context: releases what the thread holds, runs `f`, re-acquires. Used by
+/// callers that wait for another thread (a pinned context's home thread) to do the work.
+pub(crate) fn while_suspended<R>(f: impl FnOnce() -> R) -> Result<R, EnterError> {
+    let prev = CURRENT.with(Cell::get);
+    suspend(prev);
+    let restore = Restore(prev);
+    CURRENT.with(|c| c.set(ptr::null()));
+    let r = f();
+    drop(restore);
+    resume(prev)?;
+    Ok(r)
+}
+
+/// The whole protocol for a set of targets, sorted by id and free of duplicates.
+pub(crate) fn run_in<R>(
+    targets: &[&dyn Lockable],
+    wait: Wait,
+    allow_closed: bool,
+    f: impl FnOnce() -> R,
+) -> Result<R, EnterError> {
+    debug_assert!(targets.windows(2).all(|w| w[0].id() < w[1].id()));
+    match targets {
+        [] => Ok(f()),
+        [one] => run_frame(&[FrameEntry::new(*one)], wait, allow_closed, f),
+        many => {
+            let entries: Vec<FrameEntry<'_>> = many.iter().map(|&t| FrameEntry::new(t)).collect();
+            run_frame(&entries, wait, allow_closed, f)
+        }
+    }
+}
+
+fn run_frame<R>(
+    entries: &[FrameEntry<'_>],
+    wait: Wait,
+    allow_closed: bool,
+    f: impl FnOnce() -> R,
+) -> Result<R, EnterError> {
+    let first = entries[0].ctx;
+
+    // Step 1: a re-entrant call into exactly what the thread holds runs directly.
+    let reentrant = with_current(|cur| {
+        cur.is_some_and(|cur| {
+            entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.ctx.id() == t.ctx.id()))
+        })
+    });
+    if reentrant {
+        return catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+            first.record_panic();
+            EnterError::Panicked { context: first.id(), message: panic_message(&*p) }
+        });
+    }
+
+    // Step 2.
+    let prev = CURRENT.with(Cell::get);
+    suspend(prev);
+
+    // Step 3. The entries start `held = true`; on failure mark what we did not get.
+    let mut failure = None;
+    for (i, e) in entries.iter().enumerate() {
+        if let Err(err) = e.ctx.acquire(wait, allow_closed) {
+            for later in &entries[i..] {
+                later.held.set(false);
+            }
+            failure = Some(err);
+            break;
+        }
+    }
+    if let Some(err) = failure {
+        release_held(entries);
+        resume(prev)?;
+        return Err(err);
+    }
+
+    // Step 4.
+    let frame = Frame { entries };
+    let restore = Restore(prev);
+    CURRENT.with(|c| c.set(ptr::from_ref(&frame).cast::<Frame<'static>>()));
+    let outcome = catch_unwind(AssertUnwindSafe(f));
+
+    // Step 5.
+    drop(restore);
+    if outcome.is_err() {
+        if let Some(e) = entries.iter().find(|e| e.held.get()) {
+            e.ctx.record_panic();
+        }
+    }
+    release_held(entries);
+
+    // Step 6.
+    resume(prev)?;
+    outcome.map_err(|p| EnterError::Panicked { context: first.id(), message: panic_message(&*p) })
+}
+
+fn release_held(entries: &[FrameEntry<'_>]) {
+    for e in entries.iter().rev() {
+        if e.held.replace(false) {
+            // SAFETY: `held` was true, so this thread holds the lock via this entry.
+            unsafe { e.ctx.release() };
+        }
+    }
+}
