@@ -1,2 +1,177 @@
-//! `ctx`: placeholder, replaced below.
-fn main() {}
+//! `ctx`: the command-line face of the workspace. Every command composes library calls, and every
+//! figure it prints comes from a run.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod suites;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::bench::{Config, Runner, report};
+
+/// Independent execution contexts: benchmarks and shared-memory tools.
+#[derive(Debug, Parser)]
+#[command(name = "ctx", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run benchmark suites and print each case's ratio to its baseline measured in the same run.
+    #[command(after_help = "\
+Examples:
+  ctx bench                       every suite, stable medians
+  ctx bench --quick               every suite in well under a minute
+  ctx bench handoff scaling       two suites
+  ctx bench --quick --json -      JSON on stdout (the table goes to stderr)
+  ctx bench --json out.json --svg out.svg
+  ctx bench --list                the suites and what they measure")]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Suites to run (default: all). See --list.
+    suites: Vec<String>,
+    /// Short trials: the whole set in well under a minute (figures are noisier).
+    #[arg(long)]
+    quick: bool,
+    /// Write the rows as JSON to PATH ("-" for stdout; the table then goes to stderr).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Write an SVG bar chart of the ratios to PATH.
+    #[arg(long, value_name = "PATH")]
+    svg: Option<PathBuf>,
+    /// Write the rows as a Markdown table to PATH (as pasted into the README).
+    #[arg(long, value_name = "PATH")]
+    markdown: Option<PathBuf>,
+    /// List the suites and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench_cmd(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ctx: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.list {
+        for s in suites::ALL {
+            println!("{:<10} {}", s.name, s.about);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let selected: Vec<&suites::Suite> = if args.suites.is_empty() {
+        suites::ALL.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for name in &args.suites {
+            match suites::ALL.iter().find(|s| s.name == name) {
+                Some(s) => v.push(s),
+                None => {
+                    let known: Vec<&str> = suites::ALL.iter().map(|s| s.name).collect();
+                    bail!("unknown suite {name:?}; known suites: {}", known.join(", "));
+                }
+            }
+        }
+        v
+    };
+
+    let json_to_stdout = args.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+    let interactive = std::io::stderr().is_terminal();
+    let bar = if interactive {
+        let pb = indicatif::ProgressBar::new(selected.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{prefix:>10} [{pos}/{len}] {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let progress: Box<dyn FnMut(&str)> = match &bar {
+        Some(pb) => {
+            let pb = pb.clone();
+            Box::new(move |what: &str| pb.set_message(what.to_owned()))
+        }
+        None => Box::new(|_: &str| {}),
+    };
+    let mut runner = Runner::new(Config { quick: args.quick }, progress);
+    let mut failures = Vec::new();
+    for s in &selected {
+        if let Some(pb) = &bar {
+            pb.set_prefix(s.name);
+        } else {
+            eprintln!("ctx bench: running suite {}", s.name);
+        }
+        runner.set_suite(s.name);
+        if let Err(e) = (s.run)(&mut runner) {
+            failures.push(format!("{}: {e:#}", s.name));
+        }
+        if let Some(pb) = &bar {
+            pb.inc(1);
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    let rows = runner.into_rows();
+
+    let table = report::table(&rows);
+    if json_to_stdout {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &args.json {
+        let doc = report::Document {
+            format: 1,
+            quick: args.quick,
+            machine: report::Machine::detect(),
+            suites: selected.iter().map(|s| s.name).collect(),
+            rows: &rows,
+        };
+        let text = serde_json::to_string_pretty(&doc)?;
+        if json_to_stdout {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}")?;
+        } else {
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, report::svg(&rows)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, report::markdown(&rows)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let missed = rows.iter().filter(|r| r.target_met == Some(false)).count();
+    if missed > 0 {
+        eprintln!("ctx bench: {missed} of {} rows miss their target (marked NO)", rows.len());
+    }
+    if failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for f in &failures {
+            eprintln!("ctx bench: suite failed: {f}");
+        }
+        Ok(ExitCode::from(2))
+    }
+}

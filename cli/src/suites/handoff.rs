@@ -1,0 +1,139 @@
+//! `ctx bench handoff`: entering contexts and handing their locks between threads.
+
+use std::hint::black_box;
+
+use context_core::{Context, os};
+
+use super::pingpong::spin_futex_pingpong;
+use crate::bench::{Better, Runner, Target};
+
+/// Handoffs counted by `context_switches_idle`.
+const IDLE_HANDOFFS: u64 = 100_000;
+
+pub fn run(r: &mut Runner) -> anyhow::Result<()> {
+    let a = Context::new("bench-a");
+    let b = Context::new("bench-b");
+    let mutex = parking_lot::Mutex::new(0u64);
+
+    r.step("enter_exit_idle");
+    let (enter, lock) = r.compare_ns(
+        |n| {
+            for _ in 0..n {
+                let _ = black_box(b.enter(|_| ()));
+            }
+        },
+        |n| {
+            for _ in 0..n {
+                drop(black_box(mutex.lock()));
+            }
+        },
+    );
+    r.row("enter_exit_idle", "ns_per_op", enter, Better::Lower, "parking_lot_mutex", lock, Some(Target::RatioAtMost(1.5)));
+
+    r.step("handoff_idle_roundtrip");
+    let (handoff, lock) = r.compare_ns(
+        |n| {
+            let _ = a.enter(|_| {
+                for _ in 0..n {
+                    let _ = black_box(b.enter(|_| ()));
+                }
+            });
+        },
+        |n| {
+            for _ in 0..n {
+                drop(black_box(mutex.lock()));
+            }
+        },
+    );
+    r.row(
+        "handoff_idle_roundtrip",
+        "ns_per_op",
+        handoff,
+        Better::Lower,
+        "parking_lot_mutex",
+        lock,
+        Some(Target::RatioAtMost(3.0)),
+    );
+
+    r.step("handoff_busy_roundtrip");
+    // Two threads take turns in one context: with FIFO handoff every entry waits for the other
+    // thread's, so one round trip is two lock handoffs between threads.
+    let (busy, pingpong) = r.compare_ns(
+        |n| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for _ in 0..n {
+                        let _ = b.enter(|_| black_box(()));
+                    }
+                });
+                for _ in 0..n {
+                    let _ = b.enter(|_| black_box(()));
+                }
+            });
+        },
+        spin_futex_pingpong,
+    );
+    r.row(
+        "handoff_busy_roundtrip",
+        "ns_per_op",
+        busy,
+        Better::Lower,
+        "spin_futex_pingpong",
+        pingpong,
+        Some(Target::RatioAtMost(1.5)),
+    );
+    let contended = b.stats().contended_entries;
+    r.note(format!("{contended} contended entries so far in the busy context"));
+
+    r.step("handoff_pinned_roundtrip");
+    let p = Context::pinned("bench-pinned")?;
+    let (pinned, pingpong) = r.compare_ns(
+        |n| {
+            for _ in 0..n {
+                let _ = black_box(p.enter(|_| ()));
+            }
+        },
+        spin_futex_pingpong,
+    );
+    r.row(
+        "handoff_pinned_roundtrip",
+        "ns_per_op",
+        pinned,
+        Better::Lower,
+        "spin_futex_pingpong",
+        pingpong,
+        Some(Target::RatioAtMost(1.5)),
+    );
+
+    r.step("context_switches_idle");
+    // Counted on a fresh thread, so nothing else this process does is included.
+    let (ours, baseline) = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<(u64, u64)> {
+            let (v0, _) = os::thread_context_switches()?;
+            let _ = a.enter(|_| {
+                for _ in 0..IDLE_HANDOFFS {
+                    let _ = black_box(b.enter(|_| ()));
+                }
+            });
+            let (v1, _) = os::thread_context_switches()?;
+            for _ in 0..IDLE_HANDOFFS {
+                drop(black_box(mutex.lock()));
+            }
+            let (v2, _) = os::thread_context_switches()?;
+            Ok((v1 - v0, v2 - v1))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("counting thread panicked")))
+    })?;
+    r.row(
+        "context_switches_idle",
+        "count",
+        ours as f64,
+        Better::Lower,
+        "parking_lot_mutex",
+        baseline as f64,
+        Some(Target::ValueAtMost(0.0)),
+    );
+    r.note(format!("voluntary context switches across {IDLE_HANDOFFS} idle A -> B -> A handoffs"));
+    Ok(())
+}

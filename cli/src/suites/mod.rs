@@ -1,0 +1,25 @@
+//! The benchmark suites of `ctx bench`. Each one measures its cases and their baselines in the same
+//! run and records rows on the [`Runner`]. To add a suite: a module here with
+//! `pub fn run(r: &mut Runner) -> anyhow::Result<()>`, and one line in [`ALL`].
+
+use crate::bench::Runner;
+
+pub mod handoff;
+mod pingpong;
+pub mod scaling;
+
+/// A registered suite.
+pub struct Suite {
+    /// The name used on the command line and in the rows.
+    pub name: &'static str,
+    /// One line for `--help` and `ctx bench --list`.
+    pub about: &'static str,
+    /// Runs the suite.
+    pub run: fn(&mut Runner) -> anyhow::Result<()>,
+}
+
+/// Every suite, in the order `ctx bench` runs them.
+pub const ALL: &[Suite] = &[
+    Suite { name: "handoff", about: "context entry and lock handoff: idle, busy, pinned", run: handoff::run },
+    Suite { name: "scaling", about: "isolated contexts vs shared Arc counts on 1 and 2 threads", run: scaling::run },
+];
