@@ -1,9 +1,157 @@
 //! # context-proxy
 //!
-//! **Not yet implemented** (tracked by the proxy issue). This crate will hold typed proxies that name
-//! an object and the context that owns it: a method call serializes its arguments, hands the caller's
-//! context lock over to the target context, runs there and returns the result the same way, plus a
-//! cheat path for pointer-free buffers that copies directly between contexts.
+//! Typed proxies for objects that live in other [contexts](context_core::Context). A [`Proxy`] names
+//! an object and the context that owns it; calling a method serializes the arguments into a frame,
+//! hands the caller's context over to the target context, decodes and runs the method there, and
+//! returns the result the same way. The target never sees the caller's memory.
 //!
-//! It exposes nothing yet, on purpose: no API here pretends to work before it does.
+//! - **Services** declare what can be called: the [`#[service]`](service) attribute turns a trait
+//!   into request/response enums and a typed client, or a [`Service`] is written by hand.
+//! - **Codec**: bincode 2.0.1 behind our own [`Codec`] trait ([`Bincode`], decode always limited);
+//!   `Proxy<S, Postcard>` (feature `postcard`) swaps it in one line. Errors are opaque
+//!   ([`CodecError`]).
+//! - **Frames** carry a checked 32-byte header (magic, version, kind, length, service, object):
+//!   see [`frame`]. Arbitrary bytes give an error, never a panic, abort or unbounded allocation.
+//! - **Transports** move frames: [`InProcess`] here (idle fast path on the caller's thread, FIFO
+//!   wait when busy, home thread for pinned contexts); a cross-process transport implements
+//!   [`Transport`] and serves frames with [`Exports`], behind the same `Proxy<S>`.
+//! - **Move mode** ([`Mode::Move`]) passes `Send` values without serialization, in-process only.
+//! - **The cheat path** copies plain buffers ([`PlainBuffer`], e.g. [`Buffer`]) directly between
+//!   contexts: [`copy`] enters both contexts in the global order and `memcpy`s.
+//!
+//! ## With the macro
+//!
+//! ```
+//! use context_core::Context;
+//! use context_proxy::{CallError, Mode, Proxy, service};
+//!
+//! #[service]
+//! pub trait Counter {
+//!     /// Adds `n`, tagged with a name, and returns the new total.
+//!     fn add(&mut self, n: u64, tag: &str) -> u64;
+//!     fn total(&self) -> u64;
+//! }
+//!
+//! #[derive(Default)]
+//! struct Tally { total: u64, last: String }
+//!
+//! impl Counter for Tally {
+//!     fn add(&mut self, n: u64, tag: &str) -> u64 {
+//!         self.total += n;
+//!         self.last = tag.to_owned();
+//!         self.total
+//!     }
+//!     fn total(&self) -> u64 { self.total }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let b = Context::new("b");
+//! let counter: Proxy<CounterService> = Proxy::adopt(&b, Tally::default())?;
+//!
+//! // From any thread, inside a context or in none:
+//! assert_eq!(counter.add(5, "first")?, 5);
+//! let a = Context::new("a");
+//! let c2 = counter.clone();
+//! assert_eq!(a.enter(move |_| c2.add(2, "from a"))??, 7);
+//!
+//! // Pinned contexts run the call on their home thread.
+//! let p = Context::pinned("home")?;
+//! let pinned: Proxy<CounterService> = Proxy::adopt(&p, Tally::default())?;
+//! assert_eq!(pinned.add(1, "x")?, 1);
+//!
+//! // Move mode: no serialization, same API.
+//! let moving = counter.clone().with_mode(Mode::Move)?;
+//! assert_eq!(moving.total()?, 7);
+//!
+//! // Typed errors: the context is gone.
+//! b.close()?;
+//! assert!(matches!(counter.total(), Err(CallError::Closed(_))));
+//! # Ok(()) }
+//! ```
+//!
+//! ## By hand
+//!
+//! ```
+//! use context_core::Context;
+//! use context_proxy::{Proxy, Serve, Service};
+//! use serde::{Deserialize, Serialize};
+//!
+//! struct Greeter;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! enum GreetRequest<'a> { Hello { name: &'a str } }
+//! #[derive(Serialize, Deserialize)]
+//! enum GreetResponse { Hello(String) }
+//!
+//! struct GreetService;
+//! impl Service for GreetService {
+//!     const NAME: &'static str = "example::Greet";
+//!     type Request<'a> = GreetRequest<'a>;
+//!     type Response = GreetResponse;
+//! }
+//! impl Serve<Greeter> for GreetService {
+//!     fn serve(_g: &mut Greeter, r: GreetRequest<'_>) -> GreetResponse {
+//!         match r { GreetRequest::Hello { name } => GreetResponse::Hello(format!("hello, {name}")) }
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ctx = Context::new("greeter");
+//! let greeter: Proxy<GreetService> = Proxy::adopt(&ctx, Greeter)?;
+//! let GreetResponse::Hello(s) = greeter.call(GreetRequest::Hello { name: "ada" })?;
+//! assert_eq!(s, "hello, ada");
+//! # Ok(()) }
+//! ```
+//!
+//! ## The cheat path
+//!
+//! ```
+//! use context_core::Context;
+//! use context_proxy::{Buffer, BufferService, Proxy, copy};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (a, b) = (Context::new("a"), Context::new("b"));
+//! let src: Proxy<BufferService<u32>> = Proxy::adopt(&a, Buffer::from(vec![1u32, 2, 3, 4]))?;
+//! let dst: Proxy<BufferService<u32>> = Proxy::adopt(&b, Buffer::<u32>::zeroed(4))?;
+//! copy(&src, 1..3, &dst, 0)?; // both contexts entered at once, one memcpy
+//! assert_eq!(dst.read(0..4)?, [2, 3, 0, 0]);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Panics, re-entrancy, limits
+//! A method that panics gives [`CallError::Panicked`]; the target context stays usable and only that
+//! object is poisoned ([`CallError::Poisoned`] afterwards). A method running in B may call back into
+//! A through a proxy (A -> B -> A); calling back into the very object whose method is running gives
+//! [`CallError::Busy`]. Generated client methods are trait methods: a service method named like an
+//! inherent method of [`Proxy`] (`call`, `new`, ...) must be called as `CounterClient::call(&p, ..)`.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod buffer;
+pub mod codec;
+mod error;
+pub mod frame;
+mod proxy;
+mod service;
+mod transport;
+
+pub use buffer::{
+    Buffer, BufferRequest, BufferResponse, BufferService, PlainAccess, PlainBuffer, copy,
+    copy_plain, plain_access,
+};
+#[cfg(feature = "postcard")]
+pub use codec::Postcard;
+pub use codec::{Bincode, Codec, CodecError, CodecErrorKind, DEFAULT_LIMIT};
+pub use context_proxy_macros::service;
+pub use error::CallError;
+pub use frame::{FrameError, FrameKind, ObjectId};
+pub use proxy::{Exports, Mode, Proxy};
+pub use service::{Serve, Service, fnv1a};
+pub use transport::{InProcess, ServeFn, Transport};
+
+/// Paths the `#[service]` macro's output uses. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+    pub use serde_bytes;
+}

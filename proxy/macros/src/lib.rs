@@ -1,5 +1,309 @@
 //! # context-proxy-macros
 //!
-//! **Not yet implemented** (tracked by the proxy issue). Will hold the `#[service]` attribute macro
-//! that turns a trait into request/response enums and a typed client for `context-proxy`.
+//! The `#[service]` attribute of `context-proxy` (re-exported there as `context_proxy::service`;
+//! use it through that crate, whose docs show it at work). On a trait `Counter` it keeps the trait
+//! and generates, with the trait's visibility:
+//!
+//! - `CounterRequest` (with a lifetime `'a` if a method borrows: `&str` and `&[u8]` arguments are
+//!   decoded borrowed from the frame) and `CounterResponse`: one variant per method;
+//! - `CounterService`, the marker type implementing `context_proxy::Service`, and
+//!   `impl<T: Counter> context_proxy::Serve<T> for CounterService`;
+//! - `CounterClient`, an extension trait implemented for `context_proxy::Proxy<CounterService, C>`:
+//!   `counter.add(5)?`.
+//!
+//! Methods take `&self` or `&mut self` and owned, serde-serializable arguments (or `&str` /
+//! `&[u8]`); generics, `async` and `self` by value are refused with a compile error.
 #![forbid(unsafe_code)]
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{FnArg, Ident, ItemTrait, Pat, ReturnType, TraitItem, Type, parse_macro_input};
+
+/// Turns a trait into a service: request/response enums, a service marker and a typed client. See
+/// the crate docs.
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        let attr2 = TokenStream2::from(attr);
+        return syn::Error::new(attr2.span(), "#[service] takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let item = parse_macro_input!(item as ItemTrait);
+    match expand(&item) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+enum Borrow {
+    No,
+    Str,
+    Bytes,
+}
+
+struct Arg {
+    name: Ident,
+    ty: Type,
+    borrow: Borrow,
+}
+
+struct Method {
+    name: Ident,
+    variant: Ident,
+    args: Vec<Arg>,
+    ret: Type,
+    docs: Vec<syn::Attribute>,
+}
+
+fn camel(name: &Ident) -> Ident {
+    let s = name.to_string();
+    let mut out = String::new();
+    let mut upper = true;
+    for c in s.trim_start_matches("r#").chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    Ident::new(&out, name.span())
+}
+
+fn borrow_kind(ty: &Type) -> syn::Result<Borrow> {
+    let Type::Reference(r) = ty else {
+        return Ok(Borrow::No);
+    };
+    if r.mutability.is_some() {
+        return Err(syn::Error::new(
+            ty.span(),
+            "#[service] arguments cannot be `&mut`: the callee cannot write back",
+        ));
+    }
+    match &*r.elem {
+        Type::Path(p) if p.path.is_ident("str") => Ok(Borrow::Str),
+        Type::Slice(s) if matches!(&*s.elem, Type::Path(p) if p.path.is_ident("u8")) => {
+            Ok(Borrow::Bytes)
+        }
+        _ => Err(syn::Error::new(
+            ty.span(),
+            "#[service] arguments may borrow only `&str` and `&[u8]` (decoded in place); pass other values owned",
+        )),
+    }
+}
+
+fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
+    let mut methods = Vec::new();
+    for it in &item.items {
+        let TraitItem::Fn(f) = it else {
+            return Err(syn::Error::new(
+                it.span(),
+                "#[service] traits may only contain methods",
+            ));
+        };
+        let sig = &f.sig;
+        if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+            return Err(syn::Error::new(
+                sig.generics.span(),
+                "#[service] methods cannot be generic",
+            ));
+        }
+        if sig.asyncness.is_some() {
+            return Err(syn::Error::new(
+                sig.span(),
+                "#[service] methods cannot be async",
+            ));
+        }
+        if sig.variadic.is_some() {
+            return Err(syn::Error::new(
+                sig.span(),
+                "#[service] methods cannot be variadic",
+            ));
+        }
+        let mut inputs = sig.inputs.iter();
+        match inputs.next() {
+            Some(FnArg::Receiver(r)) if r.reference.is_some() && r.colon_token.is_none() => {}
+            _ => {
+                return Err(syn::Error::new(
+                    sig.span(),
+                    "#[service] methods take `&self` or `&mut self`",
+                ));
+            }
+        }
+        let mut args = Vec::new();
+        for (i, a) in inputs.enumerate() {
+            let FnArg::Typed(pt) = a else {
+                unreachable!("only the first argument can be a receiver")
+            };
+            let name = match &*pt.pat {
+                Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => {
+                    Ident::new(&pi.ident.to_string(), Span::call_site())
+                }
+                _ => format_ident!("arg{}", i),
+            };
+            let borrow = borrow_kind(&pt.ty)?;
+            args.push(Arg {
+                name,
+                ty: (*pt.ty).clone(),
+                borrow,
+            });
+        }
+        let ret = match &sig.output {
+            ReturnType::Default => syn::parse_quote!(()),
+            ReturnType::Type(_, t) => (**t).clone(),
+        };
+        let docs = f
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("doc"))
+            .cloned()
+            .collect();
+        methods.push(Method {
+            name: sig.ident.clone(),
+            variant: camel(&sig.ident),
+            args,
+            ret,
+            docs,
+        });
+    }
+    Ok(methods)
+}
+
+fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
+    if !item.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            item.generics.span(),
+            "#[service] traits cannot be generic",
+        ));
+    }
+    let methods = parse_methods(item)?;
+    let vis = &item.vis;
+    let tr = &item.ident;
+    let req = format_ident!("{}Request", tr);
+    let resp = format_ident!("{}Response", tr);
+    let svc = format_ident!("{}Service", tr);
+    let client = format_ident!("{}Client", tr);
+    let cp = quote!(::context_proxy);
+    let serde_path = "::context_proxy::__private::serde";
+    let bytes_path = "::context_proxy::__private::serde_bytes";
+    let borrows = methods
+        .iter()
+        .any(|m| m.args.iter().any(|a| !matches!(a.borrow, Borrow::No)));
+    let lt = if borrows { quote!(<'a>) } else { quote!() };
+
+    let req_variants = methods.iter().map(|m| {
+        let v = &m.variant;
+        let docs = &m.docs;
+        let fields = m.args.iter().map(|a| {
+            let n = &a.name;
+            match a.borrow {
+                Borrow::No => {
+                    let t = &a.ty;
+                    quote!(#n: #t)
+                }
+                Borrow::Str => quote!(#[serde(borrow)] #n: &'a str),
+                Borrow::Bytes => quote!(#[serde(borrow, with = #bytes_path)] #n: &'a [u8]),
+            }
+        });
+        quote!(#(#docs)* #v { #(#fields),* })
+    });
+    let resp_variants = methods.iter().map(|m| {
+        let v = &m.variant;
+        let r = &m.ret;
+        quote!(#v(#r))
+    });
+    let serve_arms = methods.iter().map(|m| {
+        let v = &m.variant;
+        let name = &m.name;
+        let names: Vec<_> = m.args.iter().map(|a| &a.name).collect();
+        quote!(#req::#v { #(#names),* } => #resp::#v(#tr::#name(object, #(#names),*)))
+    });
+    let client_sigs: Vec<_> = methods
+        .iter()
+        .map(|m| {
+            let name = &m.name;
+            let r = &m.ret;
+            let args = m.args.iter().map(|a| {
+                let (n, t) = (&a.name, &a.ty);
+                quote!(#n: #t)
+            });
+            quote!(fn #name(&self, #(#args),*) -> ::core::result::Result<#r, #cp::CallError>)
+        })
+        .collect();
+    let client_decls = methods.iter().zip(&client_sigs).map(|(m, sig)| {
+        let docs = &m.docs;
+        quote!(#(#docs)* #[doc = ""] #[doc = "# Errors"] #[doc = "Any [`context_proxy::CallError`] of the call."] #sig;)
+    });
+    let client_impls = methods.iter().zip(&client_sigs).map(|(m, sig)| {
+        let v = &m.variant;
+        let names: Vec<_> = m.args.iter().map(|a| &a.name).collect();
+        quote! {
+            #[inline]
+            #sig {
+                match #cp::Proxy::call(self, #req::#v { #(#names),* })? {
+                    #resp::#v(r) => ::core::result::Result::Ok(r),
+                    #[allow(unreachable_patterns)]
+                    _ => ::core::result::Result::Err(#cp::CallError::UnexpectedResponse),
+                }
+            }
+        }
+    });
+    let tr_name = tr.to_string();
+    let req_doc = format!(
+        "A call to a [`{tr_name}`] object: one variant per method (generated by `#[service]`)."
+    );
+    let resp_doc = format!("The answer of a [`{tr_name}`] method (generated by `#[service]`).");
+    let svc_doc = format!(
+        "The service of [`{tr_name}`]: use `Proxy<{svc}>` to call objects that implement it."
+    );
+    let client_doc = format!(
+        "Typed calls to a [`{tr_name}`] object through a proxy (generated by `#[service]`)."
+    );
+
+    Ok(quote! {
+        #item
+
+        #[doc = #req_doc]
+        #[derive(Debug, #cp::__private::serde::Serialize, #cp::__private::serde::Deserialize)]
+        #[serde(crate = #serde_path)]
+        #[allow(missing_docs)]
+        #vis enum #req #lt { #(#req_variants),* }
+
+        #[doc = #resp_doc]
+        #[derive(Debug, #cp::__private::serde::Serialize, #cp::__private::serde::Deserialize)]
+        #[serde(crate = #serde_path)]
+        #[allow(missing_docs)]
+        #vis enum #resp { #(#resp_variants),* }
+
+        #[doc = #svc_doc]
+        #[derive(Debug, Clone, Copy)]
+        #vis struct #svc;
+
+        impl #cp::Service for #svc {
+            const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", #tr_name);
+            type Request<'a> = #req #lt;
+            type Response = #resp;
+        }
+
+        impl<T: #tr + 'static> #cp::Serve<T> for #svc {
+            #[allow(unused_variables)]
+            fn serve(object: &mut T, request: <Self as #cp::Service>::Request<'_>) -> #resp {
+                match request { #(#serve_arms),* }
+            }
+        }
+
+        #[doc = #client_doc]
+        #vis trait #client {
+            #(#client_decls)*
+        }
+
+        impl<C: #cp::Codec> #client for #cp::Proxy<#svc, C> {
+            #(#client_impls)*
+        }
+    })
+}

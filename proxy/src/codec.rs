@@ -1,0 +1,269 @@
+//! The codec: how request and response bodies become bytes, behind a trait of our own.
+//!
+//! [`Codec`] is the only place that names a serialization crate. The default, [`Bincode`], is
+//! bincode 2.0.1 through its serde API with a hard decode limit; [`Postcard`] (feature `postcard`)
+//! shows the swap is one line: `Proxy<S, Postcard>` instead of `Proxy<S>` (or
+//! `type P<S> = Proxy<S, Postcard>;`). Errors from either crate are wrapped in the opaque
+//! [`CodecError`], so no third-party type leaks into our API.
+//!
+//! # Allocation bound
+//! Decoding never allocates more than the codec's limit for one byte string (`String`, `Vec<u8>`):
+//! bincode checks each length prefix against the limit before it allocates, and the frame layer
+//! rejects bodies over the limit before the codec sees them. Sequences of other types are
+//! pre-allocated by serde with a cautious size hint (at most 1 MiB per sequence, whatever the length
+//! prefix claims) and grow only as real elements are decoded. `tests/decode_fuzz.rs` checks both
+//! with a counting allocator, in a child process.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A serialization format for frame bodies.
+///
+/// Implementations must never panic on any input, must not read past `bytes`, must reject trailing
+/// bytes, and must bound allocation by [`Codec::LIMIT`] as described in the [module docs](self).
+pub trait Codec: Send + Sync + 'static {
+    /// Largest body, in bytes, this codec encodes or decodes. The frame layer enforces it too.
+    const LIMIT: usize;
+    /// A short name, for diagnostics.
+    const NAME: &'static str;
+
+    /// Appends the encoding of `value` to `out`.
+    ///
+    /// # Errors
+    /// The value cannot be represented, or its encoding is longer than [`Codec::LIMIT`] (`out` is
+    /// then truncated back to its original length).
+    fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError>;
+
+    /// Decodes a value from exactly `bytes`, borrowing from them where the type allows (`&str`,
+    /// `&[u8]`).
+    ///
+    /// # Errors
+    /// Malformed input, input over the limit, or bytes left over after the value.
+    fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError>;
+}
+
+/// The default body limit: 16 MiB. Services that move larger payloads pick a larger one, e.g.
+/// `Proxy<BufferService, Bincode<{ 256 << 20 }>>`.
+pub const DEFAULT_LIMIT: usize = 16 << 20;
+
+/// bincode 2.0.1 (serde API, standard configuration: little endian, variable-length integers),
+/// decoding with `with_limit::<LIMIT>()`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bincode<const LIMIT: usize = DEFAULT_LIMIT>;
+
+/// What went wrong in the codec. Opaque: the message is for humans, the kind for code.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CodecError {
+    kind: CodecErrorKind,
+    message: Box<str>,
+}
+
+/// The broad class of a [`CodecError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecErrorKind {
+    /// The value could not be encoded.
+    Encode,
+    /// The bytes are not a valid encoding of the expected type.
+    Decode,
+    /// A length or the whole encoding is over the codec's limit.
+    Limit,
+    /// A valid value was followed by unread bytes.
+    TrailingBytes,
+}
+
+impl CodecError {
+    pub(crate) fn new(kind: CodecErrorKind, message: impl fmt::Display) -> Self {
+        Self {
+            kind,
+            message: message.to_string().into_boxed_str(),
+        }
+    }
+
+    /// The class of error.
+    #[must_use]
+    pub fn kind(&self) -> CodecErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Debug for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CodecError({:?}: {})", self.kind, self.message)
+    }
+}
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            CodecErrorKind::Encode => "encode failed",
+            CodecErrorKind::Decode => "decode failed",
+            CodecErrorKind::Limit => "size limit exceeded",
+            CodecErrorKind::TrailingBytes => "trailing bytes after value",
+        };
+        write!(f, "{what}: {}", self.message)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// Truncates `out` back to `start` if the encoding grew past `limit`.
+fn check_encoded(out: &mut Vec<u8>, start: usize, limit: usize) -> Result<(), CodecError> {
+    let len = out.len() - start;
+    if len > limit {
+        out.truncate(start);
+        return Err(CodecError::new(
+            CodecErrorKind::Limit,
+            format_args!("encoding is {len} bytes, limit {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_consumed(read: usize, total: usize) -> Result<(), CodecError> {
+    if read == total {
+        Ok(())
+    } else {
+        Err(CodecError::new(
+            CodecErrorKind::TrailingBytes,
+            format_args!("{} of {total} bytes unread", total - read),
+        ))
+    }
+}
+
+impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
+    const LIMIT: usize = LIMIT;
+    const NAME: &'static str = "bincode-2";
+
+    fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let start = out.len();
+        let config = bincode::config::standard().with_limit::<LIMIT>();
+        if let Err(e) = bincode::serde::encode_into_std_write(value, out, config) {
+            out.truncate(start);
+            return Err(CodecError::new(CodecErrorKind::Encode, e));
+        }
+        check_encoded(out, start, LIMIT)
+    }
+
+    fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError> {
+        if bytes.len() > LIMIT {
+            return Err(CodecError::new(
+                CodecErrorKind::Limit,
+                format_args!("{} bytes, limit {LIMIT}", bytes.len()),
+            ));
+        }
+        let config = bincode::config::standard().with_limit::<LIMIT>();
+        match bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config) {
+            Ok((value, read)) => check_consumed(read, bytes.len()).map(|()| value),
+            Err(bincode::error::DecodeError::LimitExceeded) => Err(CodecError::new(
+                CodecErrorKind::Limit,
+                format_args!("a length prefix claims more than {LIMIT} bytes"),
+            )),
+            Err(e) => Err(CodecError::new(CodecErrorKind::Decode, e)),
+        }
+    }
+}
+
+/// postcard 1.x (feature `postcard`). postcard has no limit setting of its own; it checks every
+/// length prefix against the bytes actually left before it allocates, and the frame layer caps the
+/// body at `LIMIT`.
+#[cfg(feature = "postcard")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Postcard<const LIMIT: usize = DEFAULT_LIMIT>;
+
+#[cfg(feature = "postcard")]
+impl<const LIMIT: usize> Codec for Postcard<LIMIT> {
+    const LIMIT: usize = LIMIT;
+    const NAME: &'static str = "postcard-1";
+
+    fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let start = out.len();
+        let buf = std::mem::take(out);
+        match postcard::to_extend(value, buf) {
+            Ok(buf) => {
+                *out = buf;
+                check_encoded(out, start, LIMIT)
+            }
+            // `to_extend` consumed the buffer; the caller's earlier bytes are lost with it, so report
+            // the failure (callers only ever encode into a buffer they own and reset on error).
+            Err(e) => Err(CodecError::new(CodecErrorKind::Encode, e)),
+        }
+    }
+
+    fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError> {
+        if bytes.len() > LIMIT {
+            return Err(CodecError::new(
+                CodecErrorKind::Limit,
+                format_args!("{} bytes, limit {LIMIT}", bytes.len()),
+            ));
+        }
+        match postcard::take_from_bytes::<T>(bytes) {
+            Ok((value, rest)) => {
+                check_consumed(bytes.len() - rest.len(), bytes.len()).map(|()| value)
+            }
+            Err(e) => Err(CodecError::new(CodecErrorKind::Decode, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Small<'a> {
+        n: u64,
+        tag: &'a str,
+        #[serde(with = "serde_bytes")]
+        raw: &'a [u8],
+    }
+
+    fn roundtrip<C: Codec>() {
+        let v = Small {
+            n: 7,
+            tag: "sixteen-byte-str",
+            raw: &[1, 2, 3],
+        };
+        let mut out = vec![0xAA];
+        C::encode(&v, &mut out).unwrap();
+        let back: Small<'_> = C::decode(&out[1..]).unwrap();
+        assert_eq!(back, v);
+        // Borrowed, not copied: the decoded str points into the buffer.
+        assert!(out.as_ptr_range().contains(&back.tag.as_ptr()));
+        let mut longer = out[1..].to_vec();
+        longer.push(0);
+        assert_eq!(
+            C::decode::<Small<'_>>(&longer).unwrap_err().kind(),
+            CodecErrorKind::TrailingBytes
+        );
+        assert_eq!(
+            C::decode::<Small<'_>>(&out[1..3]).unwrap_err().kind(),
+            CodecErrorKind::Decode
+        );
+    }
+
+    #[test]
+    fn bincode_roundtrip_borrows_and_rejects_trailing() {
+        roundtrip::<Bincode>();
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_roundtrip_borrows_and_rejects_trailing() {
+        roundtrip::<Postcard>();
+    }
+
+    #[test]
+    fn bincode_limit_applies_both_ways() {
+        let big = vec![0u8; 100];
+        let mut out = vec![9];
+        let e = Bincode::<64>::encode(&serde_bytes::Bytes::new(&big), &mut out).unwrap_err();
+        assert_eq!(e.kind(), CodecErrorKind::Limit);
+        assert_eq!(out, [9], "a failed encode leaves the buffer as it was");
+        // A length prefix of u64::MAX for a String: refused before any allocation.
+        let bomb = [0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
+        let e = Bincode::<1024>::decode::<String>(&bomb).unwrap_err();
+        assert_eq!(e.kind(), CodecErrorKind::Limit);
+    }
+}

@@ -1,0 +1,485 @@
+//! `Proxy<S>`: a typed name for an object in some context, and the call protocol.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use context_core::{Context, Cx, Handle};
+
+use crate::buffer::PlainAccess;
+use crate::codec::{Bincode, Codec};
+use crate::error::{CallError, WireError};
+use crate::frame::{self, FrameError, FrameKind, ObjectId};
+use crate::service::{Serve, Service};
+use crate::transport::{InProcess, ServeFn, Transport};
+
+// ---------------------------------------------------------------------------------------------
+// Buffers: a small per-thread pool so the hot path allocates nothing once warm. A stack, not one
+// buffer, because calls nest (A -> B -> A runs a second call while the first one's buffers are in
+// use on the same thread).
+
+/// Buffers kept per thread.
+const POOL_MAX: usize = 8;
+/// Larger buffers are freed after use rather than kept (a 64 MiB transfer should not pin 64 MiB).
+const KEEP_MAX_CAPACITY: usize = 1 << 20;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer from the pool, given back on drop.
+struct Pooled(Vec<u8>);
+
+impl Pooled {
+    fn take() -> Self {
+        let v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
+        Self(v.unwrap_or_default())
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        if v.capacity() == 0 || v.capacity() > KEEP_MAX_CAPACITY {
+            return;
+        }
+        v.clear();
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(v);
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The target side.
+
+/// Answers one request frame for objects of type `T` serving `S`, encoded with `C`: the function
+/// behind every [`ServeFn`]. Runs holding the target context; writes a reply or error frame.
+fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
+    cx: &Cx<'_>,
+    request: &[u8],
+    reply: &mut Vec<u8>,
+) {
+    let mut object = ObjectId {
+        context: 0,
+        slot: 0,
+        generation: 0,
+    };
+    let outcome = (|| -> Result<(), CallError> {
+        let (h, body) = frame::parse_kind(request, C::LIMIT, FrameKind::Request)?;
+        object = h.object;
+        if h.service != S::ID {
+            return Err(CallError::WrongService {
+                expected: format!("service id {:#x}", h.service),
+                found: S::NAME.to_owned(),
+            });
+        }
+        let handle = h.object.typed::<T>().ok_or(FrameError::Mismatched)?;
+        let req: S::Request<'_> = C::decode(body)?;
+        let resp = cx
+            .with(handle, |obj| S::serve(obj, req))
+            .map_err(|e| CallError::from_access(e, S::NAME))?;
+        frame::encode::<C, _>(reply, FrameKind::Reply, S::ID, h.object, &resp)?;
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        write_error::<C>(reply, S::ID, object, &e);
+    }
+}
+
+fn write_error<C: Codec>(reply: &mut Vec<u8>, service: u64, object: ObjectId, e: &CallError) {
+    let wire = WireError::from_call(e);
+    if frame::encode::<C, _>(reply, FrameKind::Error, service, object, &wire).is_err() {
+        // Only a message longer than the limit can fail; send the bare kind instead.
+        let short = WireError::Other("error too large to encode".to_owned());
+        let _ = frame::encode::<C, _>(reply, FrameKind::Error, service, object, &short);
+    }
+}
+
+/// Move mode: runs a request value directly on the object, no frames.
+type MoveFn<S> = for<'a, 'b, 'c> fn(
+    &'b Cx<'c>,
+    ObjectId,
+    <S as Service>::Request<'a>,
+) -> Result<<S as Service>::Response, CallError>;
+
+fn serve_moved<S: Serve<T>, T: 'static>(
+    cx: &Cx<'_>,
+    object: ObjectId,
+    req: S::Request<'_>,
+) -> Result<S::Response, CallError> {
+    let handle = object.typed::<T>().ok_or(FrameError::Mismatched)?;
+    cx.with(handle, |obj| S::serve(obj, req))
+        .map_err(|e| CallError::from_access(e, S::NAME))
+}
+
+/// Decodes a reply frame for a request sent with `service` to `object`.
+fn decode_reply<C: Codec, R: serde::de::DeserializeOwned>(
+    reply: &[u8],
+    service: u64,
+    object: ObjectId,
+) -> Result<R, CallError> {
+    let (h, body) = frame::parse(reply, C::LIMIT)?;
+    if h.service != service || h.object != object {
+        // Error frames for requests too broken to read carry a zero object; accept those.
+        if !(h.kind == FrameKind::Error && h.object.context == 0) {
+            return Err(FrameError::Mismatched.into());
+        }
+    }
+    match h.kind {
+        FrameKind::Reply => Ok(C::decode(body)?),
+        FrameKind::Error => Err(C::decode::<WireError>(body)?.into_call()),
+        FrameKind::Request => Err(FrameError::UnexpectedKind {
+            expected: FrameKind::Reply,
+            found: h.kind,
+        }
+        .into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy.
+
+enum Route<S: Service> {
+    /// An in-process target, reached through [`InProcess`] (statically dispatched).
+    Local {
+        transport: InProcess,
+        mover: MoveFn<S>,
+        plain: Option<PlainAccess>,
+    },
+    /// Any other transport.
+    Remote(Arc<dyn Transport>),
+}
+
+impl<S: Service> Clone for Route<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Local {
+                transport,
+                mover,
+                plain,
+            } => Self::Local {
+                transport: transport.clone(),
+                mover: *mover,
+                plain: *plain,
+            },
+            Self::Remote(t) => Self::Remote(Arc::clone(t)),
+        }
+    }
+}
+
+/// How arguments and results travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Encode, copy through a frame, decode (the default): the target never sees the caller's memory.
+    Serialize,
+    /// Move the request value into the target and the response value back, without encoding
+    /// (in-process targets only; values must be `Send`, which the service types are).
+    Move,
+}
+
+/// A typed name for an object in a context, through which its service's methods are called.
+///
+/// `Proxy` is `Clone + Send + Sync` and can be called from any thread, inside a context or in none.
+/// A call performs the whole protocol: encode the request into a frame, release the caller's
+/// context, enter the target (on the calling thread when idle; in FIFO order when busy; on the home
+/// thread for a pinned context), check and decode the frame, run the method, encode the reply,
+/// leave, re-enter the caller's context, decode the reply.
+///
+/// `C` is the [`Codec`]; swap it in one line (`Proxy<S, Postcard>`).
+pub struct Proxy<S: Service, C: Codec = Bincode> {
+    route: Route<S>,
+    object: ObjectId,
+    mode: Mode,
+    timeout: Option<Duration>,
+    _marker: PhantomData<fn() -> C>,
+}
+
+impl<S: Service, C: Codec> Clone for Proxy<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            route: self.route.clone(),
+            object: self.object,
+            mode: self.mode,
+            timeout: self.timeout,
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<S: Service, C: Codec> fmt::Debug for Proxy<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Proxy");
+        d.field("service", &S::NAME)
+            .field("codec", &C::NAME)
+            .field("object", &self.object)
+            .field("mode", &self.mode);
+        match &self.route {
+            Route::Local { transport, .. } => d.field("context", transport.context()),
+            Route::Remote(_) => d.field("context", &"<remote>"),
+        };
+        d.finish()
+    }
+}
+
+impl<S: Service, C: Codec> Proxy<S, C> {
+    /// A proxy for the object `handle` names in `ctx`.
+    ///
+    /// # Errors
+    /// [`CallError::WrongContext`] if the handle belongs to another context. A handle of the wrong
+    /// type cannot be passed (`S: Serve<T>`); a stale one gives [`CallError::Removed`] on each call.
+    pub fn new<T: 'static>(ctx: &Context, handle: Handle<T>) -> Result<Self, CallError>
+    where
+        S: Serve<T>,
+    {
+        if handle.context() != ctx.id() {
+            return Err(CallError::WrongContext {
+                handle: handle.context(),
+                context: ctx.id(),
+            });
+        }
+        let transport = InProcess::new(ctx.clone(), serve_frame::<S, T, C> as ServeFn);
+        let mover: MoveFn<S> = serve_moved::<S, T>;
+        Ok(Self {
+            route: Route::Local {
+                transport,
+                mover,
+                plain: <S as Serve<T>>::plain_access(),
+            },
+            object: ObjectId::of(handle),
+            mode: Mode::Serialize,
+            timeout: None,
+            _marker: PhantomData,
+        })
+    }
+
+    /// Moves `value` into `ctx` and returns a proxy for it.
+    ///
+    /// # Errors
+    /// Entering `ctx` failed (closed, ...), or its table is full.
+    pub fn adopt<T: Send + 'static>(ctx: &Context, value: T) -> Result<Self, CallError>
+    where
+        S: Serve<T>,
+    {
+        let handle = ctx
+            .enter(|cx| cx.adopt(value))?
+            .map_err(|e| CallError::from_access(e, S::NAME))?;
+        Self::new(ctx, handle)
+    }
+
+    /// Builds a value that is not `Send` on a pinned context's home thread, adopts it there and
+    /// returns a proxy for it (e.g. an interpreter state).
+    ///
+    /// # Errors
+    /// As for [`Proxy::adopt`]; `ctx` must be pinned.
+    pub fn adopt_local<T: 'static>(
+        ctx: &Context,
+        make: impl FnOnce() -> T + Send,
+    ) -> Result<Self, CallError>
+    where
+        S: Serve<T>,
+    {
+        let handle = ctx
+            .enter(|cx| cx.adopt_local(make()))?
+            .map_err(|e| CallError::from_access(e, S::NAME))?;
+        Self::new(ctx, handle)
+    }
+
+    /// A proxy whose frames go through `transport` (e.g. to another process) to `object`, which the
+    /// far side serves with [`Exports::serve`].
+    #[must_use]
+    pub fn over(transport: Arc<dyn Transport>, object: ObjectId) -> Self {
+        Self {
+            route: Route::Remote(transport),
+            object,
+            mode: Mode::Serialize,
+            timeout: None,
+            _marker: PhantomData,
+        }
+    }
+
+    /// The same proxy with a timeout on waiting for the target (a call that has started runs to its
+    /// end).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The same proxy in another marshalling [`Mode`].
+    ///
+    /// # Errors
+    /// [`CallError::Unsupported`] for [`Mode::Move`] on a proxy that goes through another transport.
+    pub fn with_mode(mut self, mode: Mode) -> Result<Self, CallError> {
+        if mode == Mode::Move && matches!(self.route, Route::Remote(_)) {
+            return Err(CallError::Unsupported(
+                "move mode needs an in-process target",
+            ));
+        }
+        self.mode = mode;
+        Ok(self)
+    }
+
+    /// The marshalling mode.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The target context, for an in-process proxy.
+    #[must_use]
+    pub fn context(&self) -> Option<&Context> {
+        match &self.route {
+            Route::Local { transport, .. } => Some(transport.context()),
+            Route::Remote(_) => None,
+        }
+    }
+
+    /// The object's wire name.
+    #[must_use]
+    pub fn object(&self) -> ObjectId {
+        self.object
+    }
+
+    /// The object's handle, typed as the caller asks (using it with another type gives an error).
+    #[must_use]
+    pub fn handle<T: 'static>(&self) -> Option<Handle<T>> {
+        self.object.typed()
+    }
+
+    pub(crate) fn plain(&self) -> Option<(&Context, PlainAccess)> {
+        match &self.route {
+            Route::Local {
+                transport,
+                plain: Some(p),
+                ..
+            } => Some((transport.context(), *p)),
+            _ => None,
+        }
+    }
+
+    /// Calls the object: sends one request, returns its response. Generated clients
+    /// (`counter.add(5)?`) call this.
+    ///
+    /// # Errors
+    /// Every [`CallError`] variant that applies: the target closed, the object removed, wrong
+    /// service, a bad frame, the method panicked, the timeout passed, ...
+    pub fn call(&self, request: S::Request<'_>) -> Result<S::Response, CallError> {
+        match (&self.route, self.mode) {
+            (
+                Route::Local {
+                    transport, mover, ..
+                },
+                Mode::Move,
+            ) => {
+                let (mover, object) = (*mover, self.object);
+                let run = move |cx: &mut Cx<'_>| mover(cx, object, request);
+                match self.timeout {
+                    None => transport.ctx.enter(run),
+                    Some(t) => transport.ctx.enter_timeout(t, run),
+                }?
+            }
+            (Route::Local { transport, .. }, Mode::Serialize) => {
+                self.call_framed(transport, &request)
+            }
+            (Route::Remote(t), _) => self.call_framed(&**t, &request),
+        }
+    }
+
+    #[inline]
+    fn call_framed<X: Transport + ?Sized>(
+        &self,
+        transport: &X,
+        request: &S::Request<'_>,
+    ) -> Result<S::Response, CallError> {
+        let mut req = Pooled::take();
+        let mut rep = Pooled::take();
+        frame::encode::<C, _>(&mut req.0, FrameKind::Request, S::ID, self.object, request)?;
+        transport.round_trip(&req.0, &mut rep.0, self.timeout)?;
+        decode_reply::<C, S::Response>(&rep.0, S::ID, self.object)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports: the serving side for transports other than the in-process one.
+
+/// The objects a context serves to transports: what the far end of a cross-process channel
+/// consults to answer a frame. Maps each exported object to the serve function of its service,
+/// object type and codec.
+pub struct Exports<C: Codec = Bincode> {
+    map: HashMap<ObjectId, ServeFn>,
+    _codec: PhantomData<fn() -> C>,
+}
+
+impl<C: Codec> Default for Exports<C> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            _codec: PhantomData,
+        }
+    }
+}
+
+impl<C: Codec> fmt::Debug for Exports<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exports")
+            .field("objects", &self.map.len())
+            .finish()
+    }
+}
+
+impl<C: Codec> Exports<C> {
+    /// An empty table.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Exports the object `handle` names as service `S`. Returns its wire name.
+    pub fn export<S: Serve<T>, T: 'static>(&mut self, handle: Handle<T>) -> ObjectId {
+        let id = ObjectId::of(handle);
+        self.map.insert(id, serve_frame::<S, T, C> as ServeFn);
+        id
+    }
+
+    /// Stops serving an object. Returns whether it was exported.
+    pub fn unexport(&mut self, object: ObjectId) -> bool {
+        self.map.remove(&object).is_some()
+    }
+
+    /// Answers one request frame, holding the context `cx` of the exported objects: writes a reply
+    /// or error frame into `reply`. Never panics on any input (a method that panics unwinds to the
+    /// caller's `enter`, as usual).
+    pub fn serve(&self, cx: &Cx<'_>, request: &[u8], reply: &mut Vec<u8>) {
+        // The full checks happen in the serve function; here only enough to route the frame. The
+        // limit is checked again there against the codec's own.
+        match frame::parse_kind(request, usize::MAX, FrameKind::Request) {
+            Ok((h, _)) => match self.map.get(&h.object) {
+                Some(serve) => serve(cx, request, reply),
+                None => {
+                    let e = match context_core::ContextId::from_raw(h.object.context) {
+                        Some(c) => CallError::Removed(c),
+                        None => CallError::Frame(FrameError::Mismatched),
+                    };
+                    write_error::<C>(reply, h.service, h.object, &e);
+                }
+            },
+            Err(e) => write_error::<C>(
+                reply,
+                0,
+                ObjectId {
+                    context: 0,
+                    slot: 0,
+                    generation: 0,
+                },
+                &e.into(),
+            ),
+        }
+    }
+}
