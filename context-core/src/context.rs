@@ -37,7 +37,6 @@ pub struct ContextStats {
 
 #[derive(Default)]
 struct RawStats {
-    entries: AtomicU64,
     fast: AtomicU64,
     contended: AtomicU64,
     wait_nanos: AtomicU64,
@@ -115,6 +114,7 @@ impl<L: RawContextLock> Lockable for Inner<L> {
         self.id
     }
 
+    #[inline]
     fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<(), EnterError> {
         let got = match self.lock.try_lock() {
             Ok(a) => Ok((a, 0)),
@@ -133,7 +133,6 @@ impl<L: RawContextLock> Lockable for Inner<L> {
         match got {
             Ok((acquired, waited)) => {
                 let s = &self.stats;
-                bump_held(&s.entries, 1);
                 match acquired {
                     Acquired::Fast => bump_held(&s.fast, 1),
                     Acquired::Contended | Acquired::OwnerDied => {
@@ -159,6 +158,7 @@ impl<L: RawContextLock> Lockable for Inner<L> {
         self.lock.lock(None).map(|_| ()).map_err(|e| EnterError::from_lock(self.id, e))
     }
 
+    #[inline]
     unsafe fn release(&self) {
         // SAFETY: the caller holds the lock (this method's contract).
         unsafe { self.lock.unlock() }
@@ -288,7 +288,7 @@ impl<L: RawContextLock> Context<L> {
         let s = &self.inner.stats;
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ContextStats {
-            entries: r(&s.entries),
+            entries: r(&s.fast) + r(&s.contended),
             fast_entries: r(&s.fast),
             contended_entries: r(&s.contended),
             wait_nanos: r(&s.wait_nanos),
@@ -309,6 +309,7 @@ impl<L: RawContextLock> Context<L> {
     /// [`EnterError::Closed`] for a closed context; [`EnterError::Panicked`] if `f` panicked (the
     /// context is released and stays usable); [`EnterError::CallerLost`] if the caller's own context
     /// could not be re-entered afterwards.
+    #[inline]
     pub fn enter<R, F>(&self, f: F) -> Result<R, EnterError>
     where
         F: FnOnce(&mut Cx<'_>) -> R + Send,
@@ -343,6 +344,7 @@ impl<L: RawContextLock> Context<L> {
         self.enter_with(Wait::Until(Instant::now().checked_add(timeout)), f)
     }
 
+    #[inline]
     fn enter_with<R, F>(&self, wait: Wait, f: F) -> Result<R, EnterError>
     where
         F: FnOnce(&mut Cx<'_>) -> R + Send,
@@ -360,10 +362,12 @@ impl<L: RawContextLock> Context<L> {
     /// # Errors
     /// [`EnterError::NotHomeThread`] for a pinned context entered from elsewhere, and everything
     /// [`Context::enter`] returns.
+    #[inline]
     pub fn enter_local<R>(&self, f: impl FnOnce(&mut Cx<'_>) -> R) -> Result<R, EnterError> {
         self.enter_here(Wait::Until(None), false, f)
     }
 
+    #[inline]
     pub(crate) fn enter_here<R>(
         &self,
         wait: Wait,
@@ -410,13 +414,14 @@ impl<L: RawContextLock> Context<L> {
 }
 
 /// Enters `inner` on the calling thread (the caller has checked it may: free, or its home thread).
+#[inline]
 pub(crate) fn enter_inner<L: RawContextLock, R>(
     inner: &Inner<L>,
     wait: Wait,
     allow_closed: bool,
     f: impl FnOnce(&mut Cx<'_>) -> R,
 ) -> Result<R, EnterError> {
-    handoff::run_in(&[inner as &dyn Lockable], wait, allow_closed, || f(&mut Cx::new(inner)))
+    handoff::run_one(inner, wait, allow_closed, || f(&mut Cx::new(inner)))
 }
 
 /// Why [`Context::close`] failed.
@@ -488,6 +493,7 @@ pub struct Cx<'a> {
 }
 
 impl<'a> Cx<'a> {
+    #[inline]
     fn new<L: RawContextLock>(inner: &'a Inner<L>) -> Self {
         Self {
             id: inner.id,
@@ -517,6 +523,7 @@ impl<'a> Cx<'a> {
     }
 
     /// Runs `f` on the table after checking this thread holds the context now.
+    #[inline]
     fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
         if !handoff::holds(self.id) {
             return Err(AccessError::NotHeld(self.id));

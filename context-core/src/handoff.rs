@@ -77,6 +77,7 @@ thread_local! {
     static CURRENT: Cell<*const Frame<'static>> = const { Cell::new(ptr::null()) };
 }
 
+#[inline]
 fn with_frame<R>(p: *const Frame<'static>, f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
     // SAFETY: every pointer passed here was read from CURRENT on this thread while the frame's
     // `enter` is still on the stack (it is the current frame, or the previous frame of an `enter`
@@ -85,11 +86,13 @@ fn with_frame<R>(p: *const Frame<'static>, f: impl FnOnce(Option<&Frame<'_>>) ->
     f(frame)
 }
 
+#[inline]
 fn with_current<R>(f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
     with_frame(CURRENT.with(Cell::get), f)
 }
 
 /// Whether the calling thread holds `id` right now.
+#[inline]
 pub(crate) fn holds(id: ContextId) -> bool {
     with_current(|f| f.is_some_and(|f| f.entries.iter().any(|e| e.held.get() && e.ctx.id() == id)))
 }
@@ -137,6 +140,7 @@ fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
 /// Restores `CURRENT` on drop, so the closure's frame never outlives its stack slot.
 struct Restore(*const Frame<'static>);
 impl Drop for Restore {
+    #[inline]
     fn drop(&mut self) {
         CURRENT.with(|c| c.set(self.0));
     }
@@ -175,43 +179,60 @@ pub(crate) fn run_in<R>(
     debug_assert!(targets.windows(2).all(|w| w[0].id() < w[1].id()));
     match targets {
         [] => Ok(f()),
-        [one] => run_frame(&[FrameEntry::new(*one)], wait, allow_closed, f),
+        [one] => run_frame(&[FrameEntry::new(*one)], |e| e.ctx, wait, allow_closed, f),
         many => {
             let entries: Vec<FrameEntry<'_>> = many.iter().map(|&t| FrameEntry::new(t)).collect();
-            run_frame(&entries, wait, allow_closed, f)
+            run_frame(&entries, |e| e.ctx, wait, allow_closed, f)
         }
     }
 }
 
-fn run_frame<R>(
-    entries: &[FrameEntry<'_>],
+/// The protocol for one target of a concrete type: the hot path. The target's own lock calls are
+/// direct (inlined) rather than through the `Lockable` vtable; only a suspended outer frame is
+/// reached through the vtable.
+#[inline]
+pub(crate) fn run_one<T: Lockable, R>(
+    target: &T,
     wait: Wait,
     allow_closed: bool,
     f: impl FnOnce() -> R,
 ) -> Result<R, EnterError> {
-    let first = entries[0].ctx;
+    let entries = [FrameEntry::new(target)];
+    run_frame(&entries, |_| target, wait, allow_closed, f)
+}
 
-    // Step 1: a re-entrant call into exactly what the thread holds runs directly.
-    let reentrant = with_current(|cur| {
-        cur.is_some_and(|cur| {
-            entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.ctx.id() == t.ctx.id()))
-        })
-    });
-    if reentrant {
-        return catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-            first.record_panic();
-            EnterError::Panicked { context: first.id(), message: panic_message(&*p) }
-        });
-    }
-
-    // Step 2.
+#[inline]
+fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
+    entries: &'e [FrameEntry<'e>],
+    target_of: impl Fn(&'e FrameEntry<'e>) -> &'e T,
+    wait: Wait,
+    allow_closed: bool,
+    f: impl FnOnce() -> R,
+) -> Result<R, EnterError> {
+    let first = target_of(&entries[0]);
     let prev = CURRENT.with(Cell::get);
-    suspend(prev);
+
+    if !prev.is_null() {
+        // Step 1: a re-entrant call into exactly what the thread holds runs directly.
+        let reentrant = with_frame(prev, |cur| {
+            cur.is_some_and(|cur| {
+                entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.ctx.id() == t.ctx.id()))
+            })
+        });
+        if reentrant {
+            return catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+                first.record_panic();
+                EnterError::Panicked { context: first.id(), message: panic_message(&*p) }
+            });
+        }
+        // Step 2.
+        suspend(prev);
+    }
 
     // Step 3. The entries start `held = true`; on failure mark what we did not get.
     let mut failure = None;
     for (i, e) in entries.iter().enumerate() {
-        if let Err(err) = e.ctx.acquire(wait, allow_closed) {
+        if let Err(err) = target_of(e).acquire(wait, allow_closed) {
             for later in &entries[i..] {
                 later.held.set(false);
             }
@@ -220,7 +241,7 @@ fn run_frame<R>(
         }
     }
     if let Some(err) = failure {
-        release_held(entries);
+        release_held(entries, &target_of);
         resume(prev)?;
         return Err(err);
     }
@@ -235,21 +256,27 @@ fn run_frame<R>(
     drop(restore);
     if outcome.is_err() {
         if let Some(e) = entries.iter().find(|e| e.held.get()) {
-            e.ctx.record_panic();
+            target_of(e).record_panic();
         }
     }
-    release_held(entries);
+    release_held(entries, &target_of);
 
     // Step 6.
-    resume(prev)?;
+    if !prev.is_null() {
+        resume(prev)?;
+    }
     outcome.map_err(|p| EnterError::Panicked { context: first.id(), message: panic_message(&*p) })
 }
 
-fn release_held(entries: &[FrameEntry<'_>]) {
+#[inline]
+fn release_held<'e, T: Lockable + ?Sized + 'e>(
+    entries: &'e [FrameEntry<'e>],
+    target_of: &impl Fn(&'e FrameEntry<'e>) -> &'e T,
+) {
     for e in entries.iter().rev() {
         if e.held.replace(false) {
             // SAFETY: `held` was true, so this thread holds the lock via this entry.
-            unsafe { e.ctx.release() };
+            unsafe { target_of(e).release() };
         }
     }
 }

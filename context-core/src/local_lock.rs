@@ -149,21 +149,30 @@ impl LocalLock {
 
     #[cold]
     fn unlock_slow(&self) {
-        let mut queue = sync::lock_queue(&self.queue);
-        match queue.pop_front() {
-            None => {
-                // Every waiter timed out and left; the last one cleared QUEUED.
-                self.state.store(IDLE, Ordering::Release);
-            }
-            Some(next) => {
-                if queue.is_empty() {
-                    // Still held, now by `next`; nobody else waits.
-                    self.state.store(LOCKED, Ordering::Relaxed);
+        let next = {
+            let mut queue = sync::lock_queue(&self.queue);
+            match queue.pop_front() {
+                None => {
+                    // Every waiter timed out and left; the last one cleared QUEUED.
+                    self.state.store(IDLE, Ordering::Release);
+                    return;
                 }
-                next.granted.store(true, Ordering::Release);
-                next.thread.unpark();
+                Some(next) => {
+                    if queue.is_empty() {
+                        // Still held, now by `next`; nobody else waits.
+                        self.state.store(LOCKED, Ordering::Relaxed);
+                    }
+                    next.granted.store(true, Ordering::Release);
+                    next
+                }
             }
-        }
+        };
+        // Wake it outside the queue mutex: a shorter critical section, and (for the loom models) no
+        // unpark of a thread that may be blocked on that mutex (loom issue #249 treats that as a
+        // wake-up from the mutex). Our `Arc` keeps the waiter's `Thread` alive even if it has
+        // already seen the grant and returned; a stray unpark token only causes a spurious wake-up,
+        // which every `park` loop here tolerates.
+        next.thread.unpark();
     }
 }
 

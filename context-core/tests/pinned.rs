@@ -1,0 +1,136 @@
+//! Pinned contexts: every call runs on the home thread.
+
+mod common;
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::watchdog;
+use context_core::{Context, EnterError};
+
+#[test]
+fn calls_run_on_the_home_thread_and_hold_non_send_values() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let home = p.enter(|_| std::thread::current().id()).unwrap();
+        assert_ne!(home, std::thread::current().id());
+        let h = p.enter(|cx| cx.adopt_local(Rc::new(std::cell::RefCell::new(vec![1])))).unwrap().unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        let (tid, _) = p
+                            .enter(move |cx| {
+                                let tid = std::thread::current().id();
+                                (tid, cx.with(h, |v| v.borrow_mut().push(i)).unwrap())
+                            })
+                            .unwrap();
+                        assert_eq!(tid, home);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(p.enter(move |cx| cx.with(h, |v| v.borrow().len())).unwrap(), Ok(2001));
+        assert_eq!(p.stats().shipped_calls, 2003);
+        // enter_local from a foreign thread is refused rather than run on the wrong thread.
+        assert_eq!(p.enter_local(|_| ()), Err(EnterError::NotHomeThread(p.id())));
+    });
+}
+
+#[test]
+fn pinned_reentrancy_across_home_threads() {
+    watchdog(30, || {
+        // P -> Q -> P: P's home thread waits for Q and meanwhile serves P's own queue.
+        let p = Context::pinned("p").unwrap();
+        let q = Context::pinned("q").unwrap();
+        let hp = p.enter(|cx| cx.adopt(10u32)).unwrap().unwrap();
+        let (p2, q2) = (p.clone(), q.clone());
+        let v = p
+            .enter(move |_| {
+                let p3 = p2.clone();
+                q2.enter(move |_| p3.enter(move |cx| cx.with(hp, |v| *v + 1)).unwrap()).unwrap()
+            })
+            .unwrap();
+        assert_eq!(v, Ok(11));
+        // Free -> pinned -> the same free context again.
+        let f = Context::new("f");
+        let hf = f.enter(|cx| cx.adopt(String::from("free"))).unwrap().unwrap();
+        let (f2, p4) = (f.clone(), p.clone());
+        let s = f
+            .enter(move |_| p4.enter(move |_| f2.enter(move |cx| cx.with(hf, |s| s.clone())).unwrap()).unwrap())
+            .unwrap();
+        assert_eq!(s, Ok("free".to_owned()));
+    });
+}
+
+#[test]
+fn panics_on_the_home_thread_are_errors() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let r: Result<(), _> = p.enter(|_| panic!("in pinned"));
+        assert!(matches!(r, Err(EnterError::Panicked { .. })));
+        assert_eq!(p.enter(|_| 3), Ok(3));
+    });
+}
+
+#[test]
+fn timeout_while_the_home_thread_is_busy() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let started = Arc::new(Barrier::new(2));
+        let release = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (p, started, release) = (p.clone(), started.clone(), release.clone());
+            std::thread::spawn(move || {
+                p.enter(move |_| {
+                    started.wait();
+                    while !release.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+                .unwrap();
+            })
+        };
+        started.wait();
+        assert_eq!(p.enter_timeout(Duration::from_millis(30), |_| ()), Err(EnterError::TimedOut(p.id())));
+        assert_eq!(p.try_enter(|_| ()), Err(EnterError::WouldBlock(p.id())));
+        release.store(true, Ordering::Release);
+        busy.join().unwrap();
+        assert_eq!(p.enter_timeout(Duration::from_secs(10), |_| 1), Ok(1));
+    });
+}
+
+struct ReportDrop(mpsc::Sender<std::thread::ThreadId>);
+impl Drop for ReportDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(std::thread::current().id());
+    }
+}
+
+#[test]
+fn close_and_last_drop_free_objects_on_the_home_thread() {
+    watchdog(30, || {
+        let (tx, rx) = mpsc::channel();
+        let p = Context::pinned("p").unwrap();
+        let home = p.enter(|_| std::thread::current().id()).unwrap();
+        let tx2 = tx.clone();
+        p.enter(move |cx| cx.adopt_local(ReportDrop(tx2)).map(|_| ())).unwrap().unwrap();
+        p.close().unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), home);
+        assert_eq!(p.enter(|_| ()), Err(EnterError::Closed(p.id())));
+
+        // Dropping the last clone closes it too, on the home thread.
+        let q = Context::pinned("q").unwrap();
+        let home_q = q.enter(|_| std::thread::current().id()).unwrap();
+        q.enter(move |cx| cx.adopt_local(ReportDrop(tx)).map(|_| ())).unwrap().unwrap();
+        drop(q);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), home_q);
+    });
+}
