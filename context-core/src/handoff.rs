@@ -52,6 +52,8 @@ pub(crate) trait Lockable: Sync {
 
 pub(crate) struct FrameEntry<'a> {
     ctx: &'a dyn Lockable,
+    /// `ctx.id()`, cached so that membership checks make no virtual call.
+    id: ContextId,
     /// This thread holds the lock through this entry.
     held: Cell<bool>,
     /// Released by a nested enter (step 2), to be re-acquired when it returns (step 6).
@@ -60,7 +62,7 @@ pub(crate) struct FrameEntry<'a> {
 
 impl<'a> FrameEntry<'a> {
     fn new(ctx: &'a dyn Lockable) -> Self {
-        Self { ctx, held: Cell::new(true), suspended: Cell::new(false) }
+        Self { ctx, id: ctx.id(), held: Cell::new(true), suspended: Cell::new(false) }
     }
 }
 
@@ -94,18 +96,19 @@ fn with_current<R>(f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
 /// Whether the calling thread holds `id` right now.
 #[inline]
 pub(crate) fn holds(id: ContextId) -> bool {
-    with_current(|f| f.is_some_and(|f| f.entries.iter().any(|e| e.held.get() && e.ctx.id() == id)))
+    with_current(|f| f.is_some_and(|f| f.entries.iter().any(|e| e.held.get() && e.id == id)))
 }
 
 /// The contexts the calling thread holds right now, in ascending id order.
 pub(crate) fn held_ids() -> Vec<ContextId> {
     with_current(|f| {
-        f.map(|f| f.entries.iter().filter(|e| e.held.get()).map(|e| e.ctx.id()).collect())
+        f.map(|f| f.entries.iter().filter(|e| e.held.get()).map(|e| e.id).collect())
             .unwrap_or_default()
     })
 }
 
 /// Step 2: releases everything the current frame holds and marks it suspended.
+#[inline]
 fn suspend(prev: *const Frame<'static>) {
     with_frame(prev, |f| {
         for e in f.map_or(&[][..], |f| f.entries).iter().rev() {
@@ -120,6 +123,7 @@ fn suspend(prev: *const Frame<'static>) {
 
 /// Step 6: re-acquires what `suspend` released, in ascending order. An entry that cannot be
 /// re-acquired stays `held = false`, and the error names the first of them.
+#[inline]
 fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
     with_frame(prev, |f| {
         let mut result = Ok(());
@@ -129,7 +133,7 @@ fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
             }
             match e.ctx.reacquire() {
                 Ok(()) => e.held.set(true),
-                Err(_) if result.is_ok() => result = Err(EnterError::CallerLost(e.ctx.id())),
+                Err(_) if result.is_ok() => result = Err(EnterError::CallerLost(e.id)),
                 Err(_) => {}
             }
         }
@@ -216,7 +220,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
         // Step 1: a re-entrant call into exactly what the thread holds runs directly.
         let reentrant = with_frame(prev, |cur| {
             cur.is_some_and(|cur| {
-                entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.ctx.id() == t.ctx.id()))
+                entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.id == t.id))
             })
         });
         if reentrant {
