@@ -20,37 +20,38 @@ fn idle(c: &mut Criterion) {
     g.finish();
 }
 
-/// Round trips between two threads over one word: spin briefly, then futex. The baseline for the
-/// busy and pinned handoffs.
+/// Round trips between two threads over one word: spin up to 2000 polls, then sleep on a futex
+/// (`spin_futex_pingpong`, the baseline for the busy and pinned handoffs; the same as the CLI's).
 fn spin_futex_pingpong(n: u64) {
     fn wait_for(w: &AtomicU32, want: u32) {
         let mut polls = 0;
-        while w.load(Ordering::Acquire) != want {
+        loop {
+            let v = w.load(Ordering::Acquire);
+            if v == want {
+                return;
+            }
             if polls < 2_000 {
                 polls += 1;
                 std::hint::spin_loop();
             } else {
-                atomic_wait_fallback(w, want);
+                atomic_wait::wait(w, v);
             }
         }
     }
-    fn atomic_wait_fallback(w: &AtomicU32, want: u32) {
-        // Without a futex dependency in this crate's dev-deps, yield instead of sleeping: the spin
-        // phase dominates this benchmark anyway.
-        if w.load(Ordering::Acquire) != want {
-            std::thread::yield_now();
-        }
+    fn pass(w: &AtomicU32, v: u32) {
+        w.store(v, Ordering::Release);
+        atomic_wait::wake_one(w);
     }
     let turn = AtomicU32::new(0);
     std::thread::scope(|s| {
         s.spawn(|| {
             for _ in 0..n {
                 wait_for(&turn, 1);
-                turn.store(0, Ordering::Release);
+                pass(&turn, 0);
             }
         });
         for _ in 0..n {
-            turn.store(1, Ordering::Release);
+            pass(&turn, 1);
             wait_for(&turn, 0);
         }
     });
@@ -60,7 +61,7 @@ fn cross_thread(c: &mut Criterion) {
     let b = Context::new("b");
     let p = Context::pinned("p").expect("spawn home thread");
     let mut g = c.benchmark_group("cross_thread");
-    g.bench_function("spin_pingpong", |bench| {
+    g.bench_function("spin_futex_pingpong", |bench| {
         bench.iter_custom(|n| {
             let t0 = std::time::Instant::now();
             spin_futex_pingpong(n);
