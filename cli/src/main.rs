@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod doctor;
 mod suites;
 
 use std::io::{IsTerminal, Write};
@@ -34,6 +35,14 @@ Examples:
   ctx bench --json out.json --svg out.svg
   ctx bench --list                the suites and what they measure")]
     Bench(BenchArgs),
+    /// Check what this machine offers the library (memfd and seals, MAP_FIXED_NOREPLACE, futex,
+    /// pidfd, /dev/shm, overcommit and map-count limits) and say plainly what will not work.
+    #[command(after_help = "\
+Exit status: 0 when every required feature works (warnings allowed), 1 when one fails.
+
+Example:
+  ctx doctor")]
+    Doctor,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +70,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench_cmd(&args),
+        Command::Doctor => {
+            let checks = doctor::run_checks();
+            print!("{}", doctor::render(&checks));
+            Ok(if checks.iter().any(|c| c.status == doctor::Status::Fail) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,83 @@
+//! Runs the real `ctx` binary as a user would.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn ctx() -> Command {
+    Command::cargo_bin("ctx").expect("the ctx binary is built for tests")
+}
+
+#[test]
+fn doctor_passes_on_this_machine() {
+    ctx()
+        .arg("doctor")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("memfd + seals"))
+        .stdout(predicate::str::contains("0 failure(s)"));
+}
+
+#[test]
+fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
+    let out = ctx().args(["bench", "--quick", "--json", "-"]).timeout(std::time::Duration::from_secs(600)).output().unwrap();
+    assert!(out.status.success(), "ctx bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let rows = doc["rows"].as_array().expect("rows array");
+    let listed = ctx().args(["bench", "--list"]).output().unwrap();
+    let suites: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert!(!suites.is_empty());
+    for suite in &suites {
+        assert!(rows.iter().any(|r| r["suite"] == suite.as_str()), "suite {suite} produced no rows");
+    }
+    for r in rows {
+        for field in ["suite", "case", "metric", "baseline", "better"] {
+            assert!(r[field].is_string(), "row field {field} missing: {r}");
+        }
+        for field in ["value", "baseline_value", "ratio"] {
+            assert!(r[field].is_number(), "row field {field} missing: {r}");
+        }
+        assert!(r["better"] == "lower" || r["better"] == "higher");
+    }
+    // The human table went to stderr, so stdout stays machine-readable.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("== handoff"));
+}
+
+#[test]
+fn unknown_suite_is_a_clear_error() {
+    ctx()
+        .args(["bench", "no-such-suite"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown suite \"no-such-suite\""))
+        .stderr(predicate::str::contains("known suites: handoff"));
+}
+
+#[test]
+fn help_has_examples() {
+    ctx().args(["bench", "--help"]).assert().success().stdout(predicate::str::contains("Examples:"));
+    ctx().args(["doctor", "--help"]).assert().success().stdout(predicate::str::contains("Example:"));
+}
+
+#[test]
+fn svg_and_markdown_outputs() {
+    let dir = std::env::temp_dir().join(format!("ctx-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("r.svg");
+    let md = dir.join("r.md");
+    ctx()
+        .args(["bench", "--quick", "handoff", "--svg"])
+        .arg(&svg)
+        .arg("--markdown")
+        .arg(&md)
+        .timeout(std::time::Duration::from_secs(300))
+        .assert()
+        .success();
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("enter_exit_idle"));
+    let md_text = std::fs::read_to_string(&md).unwrap();
+    assert!(md_text.contains("| handoff | enter_exit_idle |"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
