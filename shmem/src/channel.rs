@@ -1,0 +1,616 @@
+//! A bounded, frame-oriented duplex channel between two processes, in one shared segment.
+//!
+//! Each direction is a single-producer single-consumer byte ring. A frame is a little-endian `u32`
+//! length followed by the payload, written with wrap-around. The producer copies a whole frame into
+//! free space and only then publishes it by advancing `tail` (Release); the consumer reads `tail`
+//! (Acquire), copies the frame out into the caller's buffer and frees the space by advancing `head`
+//! (Release). So a frame is either entirely visible or not at all, even if the producer is killed
+//! mid-copy: the rings are crash-consistent by construction.
+//!
+//! **Waiting.** A side that finds the ring empty (or full) spins for an adaptive number of polls
+//! (grown when spinning paid off, shrunk when it had to sleep), then announces itself in a
+//! `sleeping` word and sleeps on a futex sequence word that the other side bumps (store-load
+//! pattern on `sleeping`/`tail`, both `SeqCst`, so no wake-up is lost). Sleeps are bounded (10 ms
+//! slices): between slices the waiter checks the peer's liveness token and close flag, so a dead
+//! peer becomes [`ChannelError::PeerDead`] instead of a hang. Every wait also takes a deadline.
+//!
+//! **Untrusted memory.** Positions and lengths read from the segment are checked against the ring
+//! capacity this process computed from its own view of the segment size; a violation is
+//! [`ChannelError::Corrupt`], never an out-of-bounds access.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::segment::{Segment, TypeId};
+use crate::sync::{self, AtomicU32, AtomicU64, Ordering};
+use crate::{Error, ProcessToken};
+
+const CHANNEL_TYPE: TypeId = TypeId::of_name("context-shmem::Channel/v1");
+const CHANNEL_MAGIC: u32 = 0x4354_5843; // "CTXC"
+const CTRL_SIZE: usize = 256;
+const RING_HDR: usize = 256;
+/// Smallest ring capacity accepted.
+pub const MIN_CAPACITY: usize = 64;
+/// Largest ring capacity accepted (1 GiB).
+pub const MAX_CAPACITY: usize = 1 << 30;
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+const SPIN_MIN: u32 = 64;
+const SPIN_MAX: u32 = 1 << 15;
+
+/// Errors of channel operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The deadline passed.
+    #[error("timed out")]
+    TimedOut,
+    /// The peer process died (its liveness token no longer matches a running process).
+    #[error("the peer process (pid {pid}) died")]
+    PeerDead {
+        /// The dead peer's PID.
+        pid: u32,
+    },
+    /// The peer closed its end (and, on receive, every frame it sent has been received).
+    #[error("the peer closed the channel")]
+    Closed,
+    /// The frame does not fit the ring even when empty.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The largest frame this channel carries.
+        max: usize,
+    },
+    /// The caller's buffer is smaller than the next frame; the frame stays queued.
+    #[error("receive buffer too small: the next frame has {needed} bytes")]
+    BufferTooSmall {
+        /// The next frame's length.
+        needed: usize,
+    },
+    /// The shared ring state is inconsistent (a misbehaving peer, or memory corruption).
+    #[error("channel state is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// That side is already attached by a live process.
+    #[error("that side of the channel is taken by a live process")]
+    SideTaken,
+    /// Setting up the channel failed.
+    #[error(transparent)]
+    Setup(#[from] Error),
+}
+
+/// One end of a [`Channel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Sends on ring 0, receives on ring 1.
+    A,
+    /// Sends on ring 1, receives on ring 0.
+    B,
+}
+
+/// The channel's control block at payload offset 0.
+#[repr(C)]
+struct Ctrl {
+    magic: AtomicU32,
+    _r: AtomicU32,
+    cap: AtomicU64,
+    tokens: [AtomicU64; 2],
+    closed: [AtomicU32; 2],
+}
+
+/// A ring's header; fields on separate cache lines by role.
+#[repr(C, align(64))]
+struct RingHdr {
+    /// Consumer position (bytes consumed, ever). Written by the consumer.
+    head: AtomicU64,
+    _p0: [u64; 7],
+    /// Producer position (bytes published, ever). Written by the producer.
+    tail: AtomicU64,
+    _p1: [u64; 7],
+    /// Futex: bumped by the producer to wake a sleeping consumer.
+    data_seq: AtomicU32,
+    /// 1 while the consumer is (about to be) asleep.
+    consumer_sleeping: AtomicU32,
+    _p2: [u32; 14],
+    /// Futex: bumped by the consumer to wake a producer waiting for space.
+    space_seq: AtomicU32,
+    /// 1 while the producer is (about to be) asleep.
+    producer_sleeping: AtomicU32,
+    _p3: [u32; 14],
+}
+
+const _: () = assert!(std::mem::size_of::<RingHdr>() == RING_HDR);
+const _: () = assert!(std::mem::size_of::<Ctrl>() <= CTRL_SIZE);
+
+/// A duplex frame channel in a sealed memfd segment. Create it, share it (fork, or send
+/// [`Self::segment`]'s descriptor), and have each process attach one [`Side`] with
+/// [`Self::endpoint`].
+#[derive(Clone, Debug)]
+pub struct Channel {
+    seg: Arc<Segment>,
+    // INVARIANTS: `cap` is a power of two in [MIN_CAPACITY, MAX_CAPACITY], computed from this
+    // process's own view of the segment size, and the segment holds CTRL_SIZE + 2 * (RING_HDR + cap)
+    // payload bytes.
+    cap: usize,
+}
+
+fn seg_payload(cap: usize) -> usize {
+    CTRL_SIZE + 2 * (RING_HDR + cap)
+}
+
+impl Channel {
+    /// A new channel whose rings hold `capacity` bytes each (a power of two, 64 B to 1 GiB).
+    /// The largest frame is `capacity - 4` bytes.
+    ///
+    /// # Errors
+    /// A bad capacity, or OS errors creating the segment.
+    pub fn create(capacity: usize) -> Result<Self, ChannelError> {
+        if !capacity.is_power_of_two() || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+            return Err(ChannelError::Setup(Error::BadHeader(
+                "channel capacity must be a power of two in 64..=1GiB",
+            )));
+        }
+        let seg = Arc::new(Segment::create_memfd(seg_payload(capacity), CHANNEL_TYPE)?);
+        let ch = Self { seg, cap: capacity };
+        let ctrl = ch.ctrl();
+        ctrl.cap.store(capacity as u64, Ordering::SeqCst);
+        ctrl.magic.store(CHANNEL_MAGIC, Ordering::SeqCst);
+        Ok(ch)
+    }
+
+    /// Opens a channel segment received from another process. The capacity is derived from this
+    /// process's view of the segment size and must match the one stored inside.
+    ///
+    /// # Errors
+    /// Wrong type, or an inconsistent control block.
+    pub fn from_segment(seg: Arc<Segment>) -> Result<Self, ChannelError> {
+        if seg.type_id() != CHANNEL_TYPE {
+            return Err(Error::WrongType {
+                expected: CHANNEL_TYPE,
+                found: seg.type_id(),
+            }
+            .into());
+        }
+        let cap = seg
+            .payload_len()
+            .checked_sub(CTRL_SIZE + 2 * RING_HDR)
+            .ok_or(ChannelError::Corrupt("segment too small"))?
+            / 2;
+        if !cap.is_power_of_two() || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&cap) {
+            return Err(ChannelError::Corrupt(
+                "segment size does not describe a channel",
+            ));
+        }
+        let ch = Self { seg, cap };
+        let ctrl = ch.ctrl();
+        if ctrl.magic.load(Ordering::SeqCst) != CHANNEL_MAGIC
+            || ctrl.cap.load(Ordering::SeqCst) != cap as u64
+        {
+            return Err(ChannelError::Corrupt(
+                "control block does not match the segment",
+            ));
+        }
+        Ok(ch)
+    }
+
+    /// The type id of channel segments.
+    #[must_use]
+    pub fn type_id() -> TypeId {
+        CHANNEL_TYPE
+    }
+
+    /// The segment (to send its descriptor to the peer process).
+    #[must_use]
+    pub fn segment(&self) -> &Arc<Segment> {
+        &self.seg
+    }
+
+    /// Bytes per ring.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The largest frame payload.
+    #[must_use]
+    pub fn max_frame(&self) -> usize {
+        self.cap - 4
+    }
+
+    fn ctrl(&self) -> &Ctrl {
+        let p = self
+            .seg
+            .payload_ptr(0, std::mem::size_of::<Ctrl>(), 8)
+            .unwrap_or_else(|_| unreachable!());
+        // SAFETY: in bounds and aligned (checked; the INVARIANTS guarantee it fits, so the unwrap
+        // cannot fail), kept mapped by `self.seg`; all fields are atomics.
+        unsafe { p.cast::<Ctrl>().as_ref() }
+    }
+
+    fn ring(&self, i: usize) -> (&RingHdr, *mut u8) {
+        let off = CTRL_SIZE + i * (RING_HDR + self.cap);
+        let p = self
+            .seg
+            .payload_ptr(off, RING_HDR + self.cap, 64)
+            .unwrap_or_else(|_| unreachable!());
+        // SAFETY: in bounds and 64-aligned (payload starts 64-aligned; CTRL_SIZE, RING_HDR and cap
+        // are multiples of 64), kept mapped by `self.seg`; the header is all atomics (padding
+        // arrays are never read).
+        let hdr = unsafe { p.cast::<RingHdr>().as_ref() };
+        // SAFETY: RING_HDR + cap bytes are in bounds (checked above).
+        let data = unsafe { p.as_ptr().add(RING_HDR) };
+        (hdr, data)
+    }
+
+    /// Attaches this process as `side`. A side held by a dead process may be taken over (its
+    /// rings are consistent: frames become visible only when complete).
+    ///
+    /// # Errors
+    /// [`ChannelError::SideTaken`] if a live process holds that side; setup errors if `/proc` is
+    /// unavailable.
+    pub fn endpoint(&self, side: Side) -> Result<Endpoint, ChannelError> {
+        let me = ProcessToken::current().map_err(|source| Error::Io {
+            op: "/proc/self/stat",
+            source,
+        })?;
+        let i = side as usize;
+        let slot = &self.ctrl().tokens[i];
+        let old = slot.load(Ordering::SeqCst);
+        let free = match ProcessToken::from_bits(old) {
+            None => true,
+            Some(t) => t != me && !t.is_alive(),
+        };
+        if !free
+            || slot
+                .compare_exchange(old, me.to_bits(), Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return Err(ChannelError::SideTaken);
+        }
+        self.ctrl().closed[i].store(0, Ordering::SeqCst);
+        let (tx, rx) = if side == Side::A { (0, 1) } else { (1, 0) };
+        Ok(Endpoint {
+            ch: self.clone(),
+            side: i,
+            tx,
+            rx,
+            spin: 2048,
+        })
+    }
+}
+
+/// One process's end of a [`Channel`]: sends frames on one ring, receives on the other.
+/// Methods take `&mut self`: one sender and one receiver per direction.
+#[derive(Debug)]
+pub struct Endpoint {
+    ch: Channel,
+    side: usize,
+    tx: usize,
+    rx: usize,
+    /// Current spin budget (adaptive).
+    spin: u32,
+}
+
+enum Wait {
+    Data,
+    Space,
+}
+
+impl Endpoint {
+    fn peer(&self) -> usize {
+        1 - self.side
+    }
+
+    /// The largest frame payload.
+    #[must_use]
+    pub fn max_frame(&self) -> usize {
+        self.ch.max_frame()
+    }
+
+    /// Sends one frame, waiting for space until `deadline` (backpressure).
+    ///
+    /// # Errors
+    /// `FrameTooLarge`, `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    pub fn send(&mut self, frame: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
+        let cap = self.ch.cap;
+        let need = frame.len().checked_add(4).filter(|&n| n <= cap).ok_or(
+            ChannelError::FrameTooLarge {
+                len: frame.len(),
+                max: cap - 4,
+            },
+        )?;
+        let len32 = u32::try_from(frame.len()).map_err(|_| ChannelError::FrameTooLarge {
+            len: frame.len(),
+            max: cap - 4,
+        })?;
+        let peer = self.peer();
+        let ch = &self.ch;
+        let spin = &mut self.spin;
+        let (hdr, data) = ch.ring(self.tx);
+        loop {
+            if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
+                return Err(ChannelError::Closed);
+            }
+            let tail = hdr.tail.load(Ordering::Relaxed); // only we write it
+            let head = hdr.head.load(Ordering::Acquire);
+            let used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
+            if used > cap {
+                return Err(ChannelError::Corrupt("ring positions out of range"));
+            }
+            if cap - used >= need {
+                let pos = (tail as usize) & (cap - 1);
+                // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS); `pos < cap`;
+                // the bytes [tail, tail + need) are free (the consumer has released them: head
+                // Acquire above), so nobody reads or writes them until we publish `tail`.
+                unsafe {
+                    ring_write(data, cap, pos, &len32.to_le_bytes());
+                }
+                // SAFETY: as above, for the following `frame.len()` bytes.
+                unsafe {
+                    ring_write(data, cap, (pos + 4) & (cap - 1), frame);
+                }
+                hdr.tail
+                    .store(tail.wrapping_add(need as u64), Ordering::SeqCst);
+                if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
+                    hdr.data_seq.fetch_add(1, Ordering::SeqCst);
+                    sync::futex_wake(&hdr.data_seq, 1);
+                }
+                return Ok(());
+            }
+            wait(ch, peer, spin, Wait::Space, hdr, head, deadline)?;
+        }
+    }
+
+    /// Receives one frame into `buf`, waiting until `deadline`; returns its length. Frames the
+    /// peer sent before closing or dying are still delivered.
+    ///
+    /// # Errors
+    /// `BufferTooSmall` (the frame stays queued), `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    pub fn recv(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<usize, ChannelError> {
+        let cap = self.ch.cap;
+        let peer = self.peer();
+        let ch = &self.ch;
+        let spin = &mut self.spin;
+        let (hdr, data) = ch.ring(self.rx);
+        loop {
+            let head = hdr.head.load(Ordering::Relaxed); // only we write it
+            let tail = hdr.tail.load(Ordering::Acquire);
+            let avail = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
+            if avail > cap {
+                return Err(ChannelError::Corrupt("ring positions out of range"));
+            }
+            if avail > 0 {
+                if avail < 4 {
+                    return Err(ChannelError::Corrupt("partial frame header published"));
+                }
+                let pos = (head as usize) & (cap - 1);
+                let mut lb = [0u8; 4];
+                // SAFETY: `pos < cap`, ring of `cap` bytes; [head, head + 4) is published (tail
+                // Acquire above) and the producer does not touch it until we advance head.
+                unsafe { ring_read(data, cap, pos, &mut lb) };
+                let len = u32::from_le_bytes(lb) as usize;
+                if len > avail - 4 {
+                    return Err(ChannelError::Corrupt(
+                        "frame length exceeds published bytes",
+                    ));
+                }
+                if len > buf.len() {
+                    return Err(ChannelError::BufferTooSmall { needed: len });
+                }
+                // SAFETY: as above for [head + 4, head + 4 + len), checked to be published;
+                // `buf[..len]` is a private destination.
+                unsafe { ring_read(data, cap, (pos + 4) & (cap - 1), &mut buf[..len]) };
+                hdr.head
+                    .store(head.wrapping_add(4 + len as u64), Ordering::SeqCst);
+                if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
+                    hdr.space_seq.fetch_add(1, Ordering::SeqCst);
+                    sync::futex_wake(&hdr.space_seq, 1);
+                }
+                return Ok(len);
+            }
+            if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
+                // Re-check: frames sent just before the close must still be delivered.
+                if hdr.tail.load(Ordering::SeqCst) == head {
+                    return Err(ChannelError::Closed);
+                }
+                continue;
+            }
+            wait(ch, peer, spin, Wait::Data, hdr, tail, deadline)?;
+        }
+    }
+}
+
+/// Waits until the ring position `seen` (tail for data, head for space) changes.
+fn wait(
+    ch: &Channel,
+    peer: usize,
+    spin: &mut u32,
+    what: Wait,
+    hdr: &RingHdr,
+    seen: u64,
+    deadline: Option<Instant>,
+) -> Result<(), ChannelError> {
+    let (pos, seq, sleeping) = match what {
+        Wait::Data => (&hdr.tail, &hdr.data_seq, &hdr.consumer_sleeping),
+        Wait::Space => (&hdr.head, &hdr.space_seq, &hdr.producer_sleeping),
+    };
+    for _ in 0..*spin {
+        if pos.load(Ordering::Acquire) != seen {
+            *spin = (*spin * 2).min(SPIN_MAX);
+            return Ok(());
+        }
+        sync::spin_pause();
+    }
+    *spin = (*spin / 2).max(SPIN_MIN);
+    loop {
+        let left = sync::remaining(deadline);
+        if left == Some(Duration::ZERO) {
+            return Err(ChannelError::TimedOut);
+        }
+        if check_peer(ch, peer)? {
+            return Ok(());
+        }
+        let s = seq.load(Ordering::SeqCst);
+        sleeping.store(1, Ordering::SeqCst);
+        if pos.load(Ordering::SeqCst) != seen {
+            sleeping.store(0, Ordering::SeqCst);
+            return Ok(());
+        }
+        let slice = left.map_or(SLEEP_SLICE, |l| l.min(SLEEP_SLICE));
+        sync::futex_wait(seq, s, Some(slice));
+        sleeping.store(0, Ordering::SeqCst);
+        if pos.load(Ordering::SeqCst) != seen {
+            return Ok(());
+        }
+    }
+}
+
+/// `Ok(true)` if the peer closed (the caller's loop delivers what is left, then reports
+/// Closed), `Err(PeerDead)` if it died.
+fn check_peer(ch: &Channel, peer: usize) -> Result<bool, ChannelError> {
+    let ctrl = ch.ctrl();
+    if ctrl.closed[peer].load(Ordering::SeqCst) != 0 {
+        return Ok(true);
+    }
+    if let Some(t) = ProcessToken::from_bits(ctrl.tokens[peer].load(Ordering::SeqCst)) {
+        if !t.is_alive() {
+            return Err(ChannelError::PeerDead { pid: t.pid() });
+        }
+    }
+    Ok(false)
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.ch.ctrl().closed[self.side].store(1, Ordering::SeqCst);
+        for i in 0..2 {
+            let (hdr, _) = self.ch.ring(i);
+            hdr.data_seq.fetch_add(1, Ordering::SeqCst);
+            sync::futex_wake(&hdr.data_seq, i32::MAX);
+            hdr.space_seq.fetch_add(1, Ordering::SeqCst);
+            sync::futex_wake(&hdr.space_seq, i32::MAX);
+        }
+    }
+}
+
+/// Copies `src` into the ring at `pos`, wrapping at `cap`.
+///
+/// # Safety
+/// `data` points to `cap` writable bytes, `pos < cap`, `src.len() <= cap`, and no other party
+/// accesses the destination bytes during the call.
+unsafe fn ring_write(data: *mut u8, cap: usize, pos: usize, src: &[u8]) {
+    let first = src.len().min(cap - pos);
+    // SAFETY: `pos + first <= cap` (caller: pos < cap), destination exclusive (caller); the source
+    // is a private slice.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), data.wrapping_add(pos), first) };
+    // SAFETY: the rest (`src.len() - first <= cap - first`... at most `pos` bytes since
+    // `src.len() <= cap`) goes to the start of the ring, also exclusive.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr().wrapping_add(first), data, src.len() - first)
+    };
+}
+
+/// Copies from the ring at `pos`, wrapping at `cap`, into `dst`.
+///
+/// # Safety
+/// `data` points to `cap` readable bytes, `pos < cap`, `dst.len() <= cap`, and nobody writes the
+/// source bytes during the call.
+unsafe fn ring_read(data: *const u8, cap: usize, pos: usize, dst: &mut [u8]) {
+    let first = dst.len().min(cap - pos);
+    // SAFETY: `pos + first <= cap`, source not written concurrently (caller), private destination.
+    unsafe { std::ptr::copy_nonoverlapping(data.wrapping_add(pos), dst.as_mut_ptr(), first) };
+    // SAFETY: the wrapped rest, from the ring's start, within `cap` (caller).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            data,
+            dst.as_mut_ptr().wrapping_add(first),
+            dst.len() - first,
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_wrap_and_keep_boundaries() {
+        let ch = Channel::create(64).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        assert!(matches!(ch.endpoint(Side::A), Err(ChannelError::SideTaken)));
+        // Same process may not take B either? It may: B is free. (Tests run both ends here.)
+        let mut b = ch.endpoint(Side::B).unwrap();
+        let mut buf = [0u8; 64];
+        for i in 0..200u32 {
+            let msg: Vec<u8> = (0..(i % 37) as u8).collect();
+            a.send(&msg, None).unwrap();
+            let n = b.recv(&mut buf, None).unwrap();
+            assert_eq!(&buf[..n], &msg[..]);
+        }
+        assert!(matches!(
+            a.send(&[0u8; 61], None),
+            Err(ChannelError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn backpressure_times_out_and_small_buffer_keeps_frame() {
+        let ch = Channel::create(64).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        a.send(&[1u8; 40], None).unwrap();
+        let soon = Some(Instant::now() + Duration::from_millis(20));
+        assert!(matches!(
+            a.send(&[2u8; 40], soon),
+            Err(ChannelError::TimedOut)
+        ));
+        let mut small = [0u8; 8];
+        assert!(matches!(
+            b.recv(&mut small, None),
+            Err(ChannelError::BufferTooSmall { needed: 40 })
+        ));
+        let mut big = [0u8; 64];
+        assert_eq!(b.recv(&mut big, None).unwrap(), 40);
+        let soon = Some(Instant::now() + Duration::from_millis(20));
+        assert!(matches!(
+            b.recv(&mut big, soon),
+            Err(ChannelError::TimedOut)
+        ));
+    }
+
+    #[test]
+    fn close_delivers_pending_then_reports_closed() {
+        let ch = Channel::create(256).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        a.send(b"last words", None).unwrap();
+        drop(a);
+        let mut buf = [0u8; 32];
+        assert_eq!(b.recv(&mut buf, None).unwrap(), 10);
+        assert!(matches!(b.recv(&mut buf, None), Err(ChannelError::Closed)));
+        assert!(matches!(b.send(b"x", None), Err(ChannelError::Closed)));
+    }
+
+    #[test]
+    fn threads_stream_many_frames() {
+        let ch = Channel::create(1024).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        let t = std::thread::spawn(move || {
+            for i in 0..20_000u32 {
+                let len = (i % 100) as usize;
+                let msg = vec![(i % 251) as u8; len];
+                a.send(&msg, None).unwrap();
+            }
+        });
+        let mut buf = [0u8; 128];
+        for i in 0..20_000u32 {
+            let n = b.recv(&mut buf, None).unwrap();
+            assert_eq!(n, (i % 100) as usize);
+            assert!(buf[..n].iter().all(|&x| x == (i % 251) as u8));
+        }
+        t.join().unwrap();
+    }
+}

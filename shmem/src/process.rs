@@ -1,0 +1,250 @@
+//! Process identity that survives PID reuse: a [`ProcessToken`] is `(pid, start time)`.
+//!
+//! A PID alone is not an identity: after a process dies its PID is recycled. The kernel's start time
+//! of a process (field 22 of `/proc/<pid>/stat`, in clock ticks since boot) does not change while it
+//! lives, and a new process that reuses the PID has a different one. So "token `(pid, start)` is
+//! alive" means "`/proc/<pid>/stat` exists, shows the same start time, and the process is not a
+//! zombie". This works for any observer, needs nothing from the (possibly dead) process itself, and
+//! is what every liveness decision in this crate is based on.
+//!
+//! The token packs into one `u64` (`pid << 32 | start & 0xffff_ffff`) so it can be published with a
+//! single atomic store or compare-and-swap. Keeping 32 bits of start time means a recycled PID is
+//! mistaken for the dead process only if it started an exact multiple of 2^32 ticks (about 497 days
+//! at 100 Hz) later, to the tick.
+//!
+//! Reading `/proc` here uses raw `open`/`read` into a stack buffer: no allocation, so it is usable in
+//! a forked child of a multi-threaded parent.
+
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// A process identity that is not fooled by PID reuse (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessToken(u64);
+
+impl ProcessToken {
+    /// Builds a token from a PID and a start time (clock ticks since boot).
+    #[must_use]
+    pub fn new(pid: u32, start_ticks: u64) -> Self {
+        Self((u64::from(pid) << 32) | (start_ticks & 0xffff_ffff))
+    }
+
+    /// The packed form stored in shared memory (never 0 for a real process, whose PID is > 0).
+    #[must_use]
+    pub fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    /// Rebuilds a token from its packed form (`None` for 0, the "nobody" value).
+    #[must_use]
+    pub fn from_bits(bits: u64) -> Option<Self> {
+        if bits >> 32 == 0 {
+            None
+        } else {
+            Some(Self(bits))
+        }
+    }
+
+    /// The PID part.
+    #[must_use]
+    pub fn pid(self) -> u32 {
+        // The high half of a u64 always fits a u32.
+        u32::try_from(self.0 >> 32).unwrap_or(u32::MAX)
+    }
+
+    /// The (truncated) start time part.
+    #[must_use]
+    pub fn start_ticks(self) -> u32 {
+        u32::try_from(self.0 & 0xffff_ffff).unwrap_or(u32::MAX)
+    }
+
+    /// The token of the process with this PID right now (`None` if there is none, or it is a zombie).
+    #[must_use]
+    pub fn of_pid(pid: u32) -> Option<Self> {
+        match read_stat(pid)? {
+            StatInfo {
+                state: b'Z' | b'X' | b'x',
+                ..
+            } => None,
+            StatInfo { start, .. } => Some(Self::new(pid, start)),
+        }
+    }
+
+    /// The calling process's token (cached; recomputed after `fork`).
+    ///
+    /// # Errors
+    /// If `/proc/self/stat` cannot be read (no procfs mounted).
+    pub fn current() -> std::io::Result<Self> {
+        install_fork_hook();
+        let cached = MY_TOKEN.load(Ordering::Relaxed);
+        if let Some(t) = Self::from_bits(cached) {
+            return Ok(t);
+        }
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        let pid = u32::try_from(pid).map_err(|_| std::io::Error::other("negative pid"))?;
+        let t = Self::of_pid(pid).ok_or_else(|| {
+            std::io::Error::other("cannot read /proc/<pid>/stat for this process")
+        })?;
+        MY_TOKEN.store(t.0, Ordering::Relaxed);
+        Ok(t)
+    }
+
+    /// Whether the process this token names is still running (not dead, not a zombie, PID not
+    /// reused). A token whose status cannot be read is reported dead.
+    #[must_use]
+    pub fn is_alive(self) -> bool {
+        Self::of_pid(self.pid()) == Some(self)
+    }
+}
+
+/// Our own token, 0 until computed; reset to 0 in a forked child.
+static MY_TOKEN: AtomicU64 = AtomicU64::new(0);
+/// Bumped in every forked child, so per-process caches (lock slot registrations) know to redo work.
+static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
+static FORK_HOOK: Once = Once::new();
+
+extern "C" fn after_fork_in_child() {
+    MY_TOKEN.store(0, Ordering::Relaxed);
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+fn install_fork_hook() {
+    FORK_HOOK.call_once(|| {
+        // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches atomics (it is
+        // async-signal-safe, as a child handler of a multi-threaded parent must be). The return value
+        // (ENOMEM) leaves the hook uninstalled; see `fork_generation` for the consequence.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+}
+
+/// A number that changes in each forked child (via `pthread_atfork`, so forks through libc's
+/// `fork()`; a raw `clone` syscall bypasses it). Caches of per-process state compare it.
+pub(crate) fn fork_generation() -> u32 {
+    install_fork_hook();
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// What this crate needs from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StatInfo {
+    /// The state letter (R, S, D, Z, ...).
+    pub(crate) state: u8,
+    /// Field 22: start time in clock ticks after boot.
+    pub(crate) start: u64,
+}
+
+/// Parses the contents of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may
+/// itself contain spaces and parentheses, so fields are counted from the *last* `)`.
+/// Returns `None` for anything malformed.
+pub(crate) fn parse_stat(buf: &[u8]) -> Option<StatInfo> {
+    let close = buf.iter().rposition(|&b| b == b')')?;
+    let rest = buf.get(close + 1..)?;
+    let mut fields = rest.split(|&b| b == b' ').filter(|f| !f.is_empty());
+    let state = *fields.next()?.first()?;
+    // After the state (field 3), field 22 is the 19th next field.
+    let start = fields.nth(18)?;
+    let start = std::str::from_utf8(start)
+        .ok()?
+        .trim_end()
+        .parse::<u64>()
+        .ok()?;
+    Some(StatInfo { state, start })
+}
+
+/// Reads and parses `/proc/<pid>/stat` without allocating.
+pub(crate) fn read_stat(pid: u32) -> Option<StatInfo> {
+    let mut path = [0u8; 32];
+    let mut n = 0;
+    for &b in b"/proc/" {
+        path[n] = b;
+        n += 1;
+    }
+    let mut digits = [0u8; 10];
+    let mut d = 0;
+    let mut p = pid;
+    loop {
+        digits[d] = b'0' + u8::try_from(p % 10).unwrap_or(0);
+        d += 1;
+        p /= 10;
+        if p == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        path[n] = digits[d];
+        n += 1;
+    }
+    for &b in b"/stat" {
+        path[n] = b;
+        n += 1;
+    }
+    // `path` is NUL-terminated: at most 6 + 10 + 5 = 21 bytes were written into 32 zeroed bytes.
+    // SAFETY:
+    // - `path` is a NUL-terminated byte string that lives across the call.
+    // - O_RDONLY|O_CLOEXEC opens without side effects.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 1024];
+    let mut len = 0usize;
+    while len < buf.len() {
+        let spare = &mut buf[len..];
+        // SAFETY:
+        // - `fd` is the descriptor opened above and not yet closed.
+        // - `spare` is writable for `spare.len()` bytes.
+        let r = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        match usize::try_from(r) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(_) => {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                len = 0;
+                break;
+            }
+        }
+    }
+    // SAFETY: `fd` was opened above, is owned by this function and is closed exactly once.
+    unsafe { libc::close(fd) };
+    parse_stat(&buf[..len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_real_stat_line_with_awkward_name() {
+        let line = b"1234 (a) b (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 18446744073709551615\n";
+        assert_eq!(
+            parse_stat(line),
+            Some(StatInfo {
+                state: b'S',
+                start: 987_654
+            })
+        );
+    }
+
+    #[test]
+    fn own_token_is_alive_and_stable() {
+        let t = ProcessToken::current().unwrap();
+        assert!(t.is_alive());
+        assert_eq!(t.pid(), std::process::id());
+        assert_eq!(ProcessToken::current().unwrap(), t);
+        // The same PID with another start time is not us.
+        let other = ProcessToken::new(t.pid(), u64::from(t.start_ticks()) + 1);
+        assert!(!other.is_alive());
+        assert_eq!(ProcessToken::from_bits(0), None);
+    }
+
+    #[test]
+    fn truncated_or_garbage_stat_is_none() {
+        assert_eq!(parse_stat(b""), None);
+        assert_eq!(parse_stat(b"12 (x) S 1 2 3"), None);
+        assert_eq!(parse_stat(b"no paren at all"), None);
+    }
+}

@@ -1,0 +1,829 @@
+//! Shared-memory segments: sealed memfd, named, file-backed.
+//!
+//! Every segment starts with a 64-byte [header](SegmentHeader) (magic, layout version, kind, total
+//! size, type id, nonce) followed by the payload. The header is written once, before anybody else can
+//! see the segment, and validated (copied out, then checked against sizes this process holds
+//! privately) by everybody who opens it.
+//!
+//! # Truncation and SIGBUS
+//!
+//! Touching a page of a `MAP_SHARED` mapping beyond the end of its file raises `SIGBUS`. So a peer
+//! that could shrink the file under us could crash us. What actually protects each kind:
+//!
+//! - **memfd** ([`Segment::create_memfd`], [`Segment::from_fd`]): sealed with `F_SEAL_SHRINK |
+//!   F_SEAL_GROW | F_SEAL_SEAL` before anybody else gets the descriptor. `ftruncate` on it fails with
+//!   `EPERM` for every process, and seals cannot be removed. Receivers refuse a descriptor without
+//!   these seals. This is a kernel guarantee, not a convention.
+//! - **named** ([`Segment::create_named`], [`Segment::open_named`]): the *data* is a sealed memfd too.
+//!   The name in `/dev/shm` (`ctxshm-<tag>-<128 random bits>`, created `O_EXCL`, mode 0600) is a
+//!   small record file that says which process created the memfd and under which descriptor number;
+//!   openers reach the memfd through `/proc/<creator>/fd/<n>` (the same inode, seals included) after
+//!   checking the creator's liveness token and then the nonce in the memfd's own header. Nobody maps
+//!   the record file, so truncating or scribbling on it cannot fault anyone: later opens get a clear
+//!   error. Consequences, by design: a named segment can be *opened* only while its creator lives
+//!   (mappings stay valid afterwards; the memory is freed by the kernel with its last mapping), the
+//!   creator unlinks the name when it drops the segment, and a crashed creator leaves only the small
+//!   record file, which [`crate::registry::gc`] removes.
+//! - **file-backed** ([`Segment::create_file`], [`Segment::open_file`]): regular files cannot be
+//!   sealed. Opening checks the size with `fstat` before mapping, but a process that truncates the
+//!   file *afterwards* can still cause `SIGBUS`. Use file-backed segments only for files no untrusted
+//!   process can write (for example in a 0700 directory you own); use memfd or named segments
+//!   otherwise. This crate installs no SIGBUS handler (nothing global).
+
+use std::fmt;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::{Error, ProcessToken};
+
+const SEGMENT_MAGIC: [u8; 8] = *b"CTXSHM\0\x01";
+const LAYOUT_VERSION: u32 = 1;
+/// Bytes of header before the payload (also the payload's alignment guarantee).
+pub const HEADER_SIZE: usize = 64;
+/// Largest segment this crate creates or opens (1 TiB): a sanity bound on sizes read from outside.
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 40;
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A 64-bit identifier of the type (layout) stored in a segment, checked on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TypeId(pub u64);
+
+impl TypeId {
+    /// A stable id from a name (FNV-1a 64). Put a version in the name when the layout changes.
+    #[must_use]
+    pub const fn of_name(name: &str) -> Self {
+        let b = name.as_bytes();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0;
+        while i < b.len() {
+            h ^= b[i] as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        Self(h)
+    }
+}
+
+impl fmt::Display for TypeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#018x}", self.0)
+    }
+}
+
+/// Which kind of segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentKind {
+    /// Anonymous sealed memfd.
+    Memfd,
+    /// Sealed memfd reachable by a name under `/dev/shm`.
+    Named,
+    /// A regular file mapped with memmap2.
+    File,
+}
+
+impl SegmentKind {
+    fn code(self) -> u32 {
+        match self {
+            Self::Memfd => 1,
+            Self::Named => 2,
+            Self::File => 3,
+        }
+    }
+
+    fn from_code(c: u32) -> Option<Self> {
+        match c {
+            1 => Some(Self::Memfd),
+            2 => Some(Self::Named),
+            3 => Some(Self::File),
+            _ => None,
+        }
+    }
+}
+
+/// The decoded segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Kind recorded at creation.
+    pub kind: SegmentKind,
+    /// Total size in bytes, header included.
+    pub total_size: u64,
+    /// Type id of the payload.
+    pub type_id: TypeId,
+    /// Random bytes chosen at creation (ties a name record to its memfd).
+    pub nonce: [u8; 16],
+}
+
+impl SegmentHeader {
+    /// Encodes into the on-segment form.
+    #[must_use]
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        b[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.kind.code().to_le_bytes());
+        b[16..24].copy_from_slice(&self.total_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.type_id.0.to_le_bytes());
+        b[32..48].copy_from_slice(&self.nonce);
+        let sum = fnv(&b[..56]);
+        b[56..64].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates a header read from a segment.
+    ///
+    /// # Errors
+    /// [`Error::BadHeader`] for a short buffer, wrong magic, unknown version or kind, bad checksum,
+    /// or a size out of range.
+    pub fn decode(b: &[u8]) -> Result<Self, Error> {
+        let b: &[u8; HEADER_SIZE] = b
+            .get(..HEADER_SIZE)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(Error::BadHeader("header too short"))?;
+        if b[0..8] != SEGMENT_MAGIC {
+            return Err(Error::BadHeader("not a context-shmem segment (bad magic)"));
+        }
+        if le32(&b[8..12]) != LAYOUT_VERSION {
+            return Err(Error::BadHeader("unsupported layout version"));
+        }
+        if le64(&b[56..64]) != fnv(&b[..56]) {
+            return Err(Error::BadHeader("header checksum mismatch"));
+        }
+        let kind = SegmentKind::from_code(le32(&b[12..16]))
+            .ok_or(Error::BadHeader("unknown segment kind"))?;
+        let total_size = le64(&b[16..24]);
+        if total_size < HEADER_SIZE as u64 || total_size > MAX_SEGMENT_SIZE {
+            return Err(Error::BadHeader("segment size out of range"));
+        }
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&b[32..48]);
+        Ok(Self {
+            kind,
+            total_size,
+            type_id: TypeId(le64(&b[24..32])),
+            nonce,
+        })
+    }
+}
+
+pub(crate) fn le32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+pub(crate) fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h ^= u64::from(x);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Owner-side state of a named segment: the record file to unlink.
+struct NamedOwner {
+    path: PathBuf,
+    creator_pid: u32,
+}
+
+/// A mapped shared-memory segment (see the [module docs](self) for the kinds and their guarantees).
+///
+/// The payload is reached only through the typed views of this crate ([`crate::SharedLock`],
+/// [`crate::SharedBuf`], [`crate::AtomicArray`], [`crate::Channel`]): the segment itself never
+/// hands out references to bytes another process may be writing.
+pub struct Segment {
+    map: memmap2::MmapRaw,
+    // INVARIANTS: `len` is the mapped length, read from our own `fstat` (not from shared memory),
+    // `>= HEADER_SIZE`; the mapping starts page-aligned.
+    len: usize,
+    file: File,
+    kind: SegmentKind,
+    header: SegmentHeader,
+    name: Option<String>,
+    owner: Option<NamedOwner>,
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment")
+            .field("kind", &self.kind)
+            .field("len", &self.len)
+            .field("type_id", &self.header.type_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { op, source }
+}
+
+fn last_err(op: &'static str) -> Error {
+    Error::Io {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn random_nonce() -> Result<[u8; 16], Error> {
+    let mut n = [0u8; 16];
+    let mut got = 0;
+    while got < n.len() {
+        let rest = &mut n[got..];
+        // SAFETY: `rest` is writable for `rest.len()` bytes; flags 0 = urandom source, may block
+        // only before the pool is initialized at boot.
+        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(r) {
+            Ok(k) => got += k,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(Error::Io {
+                        op: "getrandom",
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn total_for(payload_len: usize) -> Result<usize, Error> {
+    let total = payload_len
+        .checked_add(HEADER_SIZE)
+        .ok_or(Error::TooLarge)?;
+    if total as u64 > MAX_SEGMENT_SIZE {
+        return Err(Error::TooLarge);
+    }
+    Ok(total)
+}
+
+fn new_memfd(total: usize) -> Result<File, Error> {
+    // SAFETY: the name is a NUL-terminated literal; the flags are valid for memfd_create.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"context-shmem".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(last_err("memfd_create"));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    file.set_len(total as u64).map_err(io("ftruncate memfd"))?;
+    Ok(file)
+}
+
+fn seal(file: &File) -> Result<(), Error> {
+    // SAFETY: `file` is an open memfd created with MFD_ALLOW_SEALING; F_ADD_SEALS takes an int.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) };
+    if r < 0 {
+        return Err(last_err("F_ADD_SEALS"));
+    }
+    Ok(())
+}
+
+fn check_sealed(file: &File) -> Result<(), Error> {
+    // SAFETY: `file` is an open descriptor; F_GET_SEALS has no argument and fails with EINVAL on
+    // files that do not support seals.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(Error::Unsealed);
+    }
+    Ok(())
+}
+
+fn map(file: &File, len: usize) -> Result<memmap2::MmapRaw, Error> {
+    memmap2::MmapOptions::new()
+        .len(len)
+        .map_raw(file)
+        .map_err(io("mmap"))
+}
+
+fn fstat_len(file: &File) -> Result<usize, Error> {
+    let len = file.metadata().map_err(io("fstat"))?.len();
+    if len < HEADER_SIZE as u64 || len > MAX_SEGMENT_SIZE {
+        return Err(Error::BadHeader("segment file size out of range"));
+    }
+    usize::try_from(len).map_err(|_| Error::TooLarge)
+}
+
+impl Segment {
+    fn finish_create(
+        file: File,
+        kind: SegmentKind,
+        total: usize,
+        type_id: TypeId,
+    ) -> Result<Self, Error> {
+        let header = SegmentHeader {
+            kind,
+            total_size: total as u64,
+            type_id,
+            nonce: random_nonce()?,
+        };
+        let map = map(&file, total)?;
+        let seg = Self {
+            map,
+            len: total,
+            file,
+            kind,
+            header,
+            name: None,
+            owner: None,
+        };
+        let bytes = header.encode();
+        // SAFETY:
+        // - the destination is the first HEADER_SIZE bytes of our own mapping (`len >= HEADER_SIZE`
+        //   by construction in `total_for`), writable (mapped read-write);
+        // - nobody else can reach the segment yet (fresh memfd or O_EXCL file not yet published), so
+        //   this plain copy races with nothing.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), seg.map.as_mut_ptr(), HEADER_SIZE) };
+        Ok(seg)
+    }
+
+    /// Copies the header out of the mapping.
+    fn read_header_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        for (i, out) in b.iter_mut().enumerate() {
+            // SAFETY: `i < HEADER_SIZE <= len` (INVARIANTS), the mapping is readable; a volatile
+            // byte read of shared memory is the sanctioned way to read memory another process may
+            // write, and any value is a valid u8.
+            *out = unsafe { self.map.as_ptr().wrapping_add(i).read_volatile() };
+        }
+        b
+    }
+
+    fn open_validated(file: File, kind: SegmentKind, type_id: TypeId) -> Result<Self, Error> {
+        let len = fstat_len(&file)?;
+        let map = map(&file, len)?;
+        let mut seg = Self {
+            map,
+            len,
+            file,
+            kind,
+            header: SegmentHeader {
+                kind,
+                total_size: 0,
+                type_id,
+                nonce: [0; 16],
+            },
+            name: None,
+            owner: None,
+        };
+        let header = SegmentHeader::decode(&seg.read_header_bytes())?;
+        if header.total_size != len as u64 {
+            return Err(Error::WrongSize {
+                expected: len as u64,
+                found: header.total_size,
+            });
+        }
+        if header.type_id != type_id {
+            return Err(Error::WrongType {
+                expected: type_id,
+                found: header.type_id,
+            });
+        }
+        seg.header = header;
+        Ok(seg)
+    }
+
+    /// A new anonymous segment with `payload_len` bytes of zeroed payload, in a memfd sealed against
+    /// shrinking and growing.
+    ///
+    /// # Errors
+    /// Size too large, or the OS refused (`memfd_create`, `ftruncate`, sealing, `mmap`).
+    pub fn create_memfd(payload_len: usize, type_id: TypeId) -> Result<Self, Error> {
+        let total = total_for(payload_len)?;
+        let file = new_memfd(total)?;
+        seal(&file)?;
+        Self::finish_create(file, SegmentKind::Memfd, total, type_id)
+    }
+
+    /// Maps a memfd segment received from another process. Refuses descriptors that are not sealed
+    /// against shrinking and growing, and validates the header and its type id.
+    ///
+    /// # Errors
+    /// [`Error::Unsealed`], [`Error::BadHeader`], [`Error::WrongType`], [`Error::WrongSize`], or an
+    /// OS error.
+    pub fn from_fd(fd: OwnedFd, type_id: TypeId) -> Result<Self, Error> {
+        let file = File::from(fd);
+        check_sealed(&file)?;
+        Self::open_validated(file, SegmentKind::Memfd, type_id)
+    }
+
+    /// Sends this segment's descriptor over a Unix socket (SCM_RIGHTS), with one byte of data.
+    ///
+    /// # Errors
+    /// The send failed.
+    pub fn send_fd(&self, sock: &UnixStream) -> Result<(), Error> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let fds = [self.file.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [IoSlice::new(b"S")];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(|e| {
+            Error::Io {
+                op: "sendmsg",
+                source: e.into(),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Receives a segment descriptor sent with [`Self::send_fd`] and opens it with [`Self::from_fd`].
+    ///
+    /// # Errors
+    /// Nothing or not exactly one descriptor received, or any error of [`Self::from_fd`].
+    pub fn recv_fd(sock: &UnixStream, type_id: TypeId) -> Result<Self, Error> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut byte = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::Io {
+            op: "recvmsg",
+            source: e.into(),
+        })?;
+        let mut received: Vec<OwnedFd> = Vec::new();
+        for c in msg.cmsgs().map_err(|e| Error::Io {
+            op: "recvmsg cmsgs",
+            source: e.into(),
+        })? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: the kernel just installed `fd` in our table for this message; nobody
+                    // else owns it. Wrapping it at once means every received fd gets closed.
+                    received.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                }
+            }
+        }
+        if received.len() != 1 {
+            return Err(Error::BadHeader(
+                "expected exactly one descriptor in the message",
+            ));
+        }
+        let fd = received
+            .pop()
+            .ok_or(Error::BadHeader("no descriptor received"))?;
+        Self::from_fd(fd, type_id)
+    }
+
+    /// Creates a named segment: a sealed memfd holding the data plus a record file
+    /// `/dev/shm/ctxshm-<tag>-<32 hex digits>` (created `O_EXCL`, mode 0600) naming it. The creator
+    /// unlinks the name when it drops the segment. `tag` is 1 to 24 characters of `[a-z0-9_]`.
+    ///
+    /// # Errors
+    /// A bad tag, size too large, or an OS error.
+    pub fn create_named(tag: &str, payload_len: usize, type_id: TypeId) -> Result<Self, Error> {
+        Self::create_named_in(
+            Path::new(crate::registry::SHM_DIR),
+            tag,
+            payload_len,
+            type_id,
+        )
+    }
+
+    pub(crate) fn create_named_in(
+        dir: &Path,
+        tag: &str,
+        payload_len: usize,
+        type_id: TypeId,
+    ) -> Result<Self, Error> {
+        crate::registry::check_tag(tag)?;
+        let total = total_for(payload_len)?;
+        let file = new_memfd(total)?;
+        seal(&file)?;
+        let mut seg = Self::finish_create(file, SegmentKind::Named, total, type_id)?;
+        let me = ProcessToken::current().map_err(io("/proc/self/stat"))?;
+        let start = crate::process::read_stat(me.pid()).map_or(0, |s| s.start);
+        let hex: String = random_nonce()?.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("{}{tag}-{hex}", crate::registry::PREFIX);
+        let path = dir.join(&name);
+        let record = crate::registry::NameRecord {
+            total_size: total as u64,
+            type_id,
+            creator_pid: me.pid(),
+            creator_start: start,
+            fd: u32::try_from(seg.file.as_raw_fd()).map_err(|_| Error::BadHeader("negative fd"))?,
+            created_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            nonce: seg.header.nonce,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io("create name record"))?;
+        let write = f.write_all(&record.encode()).and_then(|()| f.sync_data());
+        if let Err(e) = write {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::Io {
+                op: "write name record",
+                source: e,
+            });
+        }
+        seg.name = Some(name);
+        seg.owner = Some(NamedOwner {
+            path,
+            creator_pid: me.pid(),
+        });
+        Ok(seg)
+    }
+
+    /// Opens a named segment by its full name (`ctxshm-...`), as listed by [`crate::registry::list`].
+    ///
+    /// # Errors
+    /// [`Error::BadName`], [`Error::NotFound`], [`Error::BadHeader`] (garbage or truncated record),
+    /// [`Error::CreatorGone`] (the creator exited: the name is stale), [`Error::WrongType`],
+    /// [`Error::WrongSize`], [`Error::Unsealed`].
+    pub fn open_named(name: &str, type_id: TypeId) -> Result<Self, Error> {
+        Self::open_named_in(Path::new(crate::registry::SHM_DIR), name, type_id)
+    }
+
+    pub(crate) fn open_named_in(dir: &Path, name: &str, type_id: TypeId) -> Result<Self, Error> {
+        crate::registry::check_name(name)?;
+        let rec = crate::registry::read_record(&dir.join(name), name)?;
+        if rec.type_id != type_id {
+            return Err(Error::WrongType {
+                expected: type_id,
+                found: rec.type_id,
+            });
+        }
+        if !rec.creator_token().is_alive() {
+            return Err(Error::CreatorGone {
+                pid: rec.creator_pid,
+            });
+        }
+        let proc_path = format!("/proc/{}/fd/{}", rec.creator_pid, rec.fd);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&proc_path)
+            .map_err(io("open /proc/<creator>/fd/<n>"))?;
+        check_sealed(&file)?;
+        let mut seg = Self::open_validated(file, SegmentKind::Named, type_id)?;
+        if seg.header.nonce != rec.nonce || seg.header.total_size != rec.total_size {
+            return Err(Error::BadHeader(
+                "name record does not match the segment it points to",
+            ));
+        }
+        seg.name = Some(name.to_owned());
+        Ok(seg)
+    }
+
+    /// Creates a file-backed segment at `path` (must not exist; mode 0600). See the
+    /// [module docs](self) on truncation: only for files no untrusted process can write.
+    ///
+    /// # Errors
+    /// The file exists, size too large, or an OS error.
+    pub fn create_file(path: &Path, payload_len: usize, type_id: TypeId) -> Result<Self, Error> {
+        let total = total_for(payload_len)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io("create segment file"))?;
+        file.set_len(total as u64)
+            .map_err(io("ftruncate segment file"))?;
+        Self::finish_create(file, SegmentKind::File, total, type_id)
+    }
+
+    /// Opens a file-backed segment, validating size (by `fstat`, before mapping) and header.
+    ///
+    /// # Errors
+    /// As for [`Self::from_fd`], except that files are not sealed.
+    pub fn open_file(path: &Path, type_id: TypeId) -> Result<Self, Error> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io("open segment file"))?;
+        Self::open_validated(file, SegmentKind::File, type_id)
+    }
+
+    /// The payload's size in bytes.
+    #[must_use]
+    pub fn payload_len(&self) -> usize {
+        self.len - HEADER_SIZE
+    }
+
+    /// The type id recorded in the header.
+    #[must_use]
+    pub fn type_id(&self) -> TypeId {
+        self.header.type_id
+    }
+
+    /// The kind of segment.
+    #[must_use]
+    pub fn kind(&self) -> SegmentKind {
+        self.kind
+    }
+
+    /// The name of a named segment.
+    #[must_use]
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The descriptor behind the mapping (memfd or file).
+    #[must_use]
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Reads the whole payload once, byte by byte with volatile reads, into `out`. For diagnostics
+    /// (`ctx shm inspect`); typed access goes through the views.
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] if `offset + out.len()` exceeds the payload.
+    pub fn snapshot(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
+        let p = self.payload_ptr(offset, out.len(), 1)?;
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: `payload_ptr` checked `offset + out.len()` against our private length, so
+            // `p + i` is in the mapping; a volatile u8 read of shared memory is sound for any value.
+            *b = unsafe { p.as_ptr().wrapping_add(i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// A pointer to `len` payload bytes at `offset`, checked against the privately held size and
+    /// for `align`.
+    pub(crate) fn payload_ptr(
+        &self,
+        offset: usize,
+        len: usize,
+        align: usize,
+    ) -> Result<NonNull<u8>, Error> {
+        let size = self.payload_len();
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfBounds { offset, len, size })?;
+        if end > size {
+            return Err(Error::OutOfBounds { offset, len, size });
+        }
+        let start = HEADER_SIZE + offset;
+        // SAFETY: `start <= HEADER_SIZE + size == self.len`, so the result is within (or one past)
+        // the mapping, which is a single allocation from mmap.
+        let p = unsafe { self.map.as_mut_ptr().add(start) };
+        if align == 0 || (p as usize) % align != 0 {
+            return Err(Error::Misaligned { offset, align });
+        }
+        NonNull::new(p).ok_or(Error::OutOfBounds { offset, len, size })
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Some(o) = &self.owner {
+            // Only the creating process unlinks (not a forked child that happens to drop a copy).
+            if o.creator_pid == std::process::id() {
+                let _ = std::fs::remove_file(&o.path);
+            }
+        }
+    }
+}
+
+/// Reads at most `limit` bytes of a small file (name records).
+pub(crate) fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let mut v = Vec::new();
+    f.take(limit).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: TypeId = TypeId::of_name("test-segment-v1");
+
+    #[test]
+    fn header_roundtrip_and_rejections() {
+        let h = SegmentHeader {
+            kind: SegmentKind::Memfd,
+            total_size: 4096,
+            type_id: T,
+            nonce: [7; 16],
+        };
+        assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[20] ^= 1;
+        assert!(matches!(
+            SegmentHeader::decode(&bad),
+            Err(Error::BadHeader(_))
+        ));
+        assert!(matches!(
+            SegmentHeader::decode(&[0u8; 10]),
+            Err(Error::BadHeader(_))
+        ));
+    }
+
+    #[test]
+    fn memfd_is_sealed_and_reopens_by_fd() {
+        let seg = Segment::create_memfd(1000, T).unwrap();
+        assert_eq!(seg.payload_len(), 1000);
+        check_sealed(&seg.file).unwrap();
+        // Truncation is refused by the kernel.
+        let e = seg.file.set_len(10).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        let again = Segment::from_fd(dup, T).unwrap();
+        assert_eq!(again.payload_len(), 1000);
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        assert!(matches!(
+            Segment::from_fd(dup, TypeId(1)),
+            Err(Error::WrongType { .. })
+        ));
+    }
+
+    #[test]
+    fn unsealed_fd_is_refused() {
+        let f = new_memfd(4096).unwrap();
+        assert!(matches!(
+            Segment::from_fd(OwnedFd::from(f), T),
+            Err(Error::Unsealed)
+        ));
+        let tmp = tempfile::tempfile().unwrap();
+        assert!(matches!(
+            Segment::from_fd(OwnedFd::from(tmp), T),
+            Err(Error::Unsealed)
+        ));
+    }
+
+    #[test]
+    fn bounds_are_checked_against_private_size() {
+        let seg = Segment::create_memfd(100, T).unwrap();
+        assert!(seg.payload_ptr(0, 100, 8).is_ok());
+        assert!(matches!(
+            seg.payload_ptr(1, 100, 1),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            seg.payload_ptr(usize::MAX, 2, 1),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            seg.payload_ptr(1, 4, 4),
+            Err(Error::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn fd_passing_over_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let seg = Segment::create_memfd(64, T).unwrap();
+        seg.send_fd(&a).unwrap();
+        let got = Segment::recv_fd(&b, T).unwrap();
+        assert_eq!(got.payload_len(), 64);
+        assert_eq!(got.kind(), SegmentKind::Memfd);
+    }
+
+    #[test]
+    fn file_backed_roundtrip_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seg");
+        let seg = Segment::create_file(&p, 512, T).unwrap();
+        drop(seg);
+        assert_eq!(Segment::open_file(&p, T).unwrap().payload_len(), 512);
+        let g = dir.path().join("garbage");
+        std::fs::write(&g, vec![0xabu8; 4096]).unwrap();
+        assert!(matches!(
+            Segment::open_file(&g, T),
+            Err(Error::BadHeader(_))
+        ));
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"tiny").unwrap();
+        assert!(matches!(
+            Segment::open_file(&short, T),
+            Err(Error::BadHeader(_))
+        ));
+    }
+}
