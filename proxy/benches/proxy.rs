@@ -1,1 +1,113 @@
-fn main() {}
+//! Criterion benches of proxied calls, each beside the baseline the issue names (run in the same
+//! process): `cargo bench -p context-proxy --bench proxy`. Ratios are printed by `ctx bench proxy`;
+//! here criterion reports each case's time.
+#![allow(missing_docs)] // bench-only service trait
+
+use std::hint::black_box;
+use std::thread;
+
+use context_core::Context;
+use context_proxy::{Bincode, Buffer, BufferService, Mode, Proxy, copy, service};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use parking_lot::Mutex;
+
+#[service]
+pub trait Counter {
+    fn add(&mut self, n: u64, tag: &str) -> u64;
+}
+
+#[derive(Default)]
+struct Tally {
+    total: u64,
+    tag_bytes: u64,
+}
+
+impl Counter for Tally {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        self.total = self.total.wrapping_add(n);
+        self.tag_bytes += tag.len() as u64;
+        self.total
+    }
+}
+
+const TAG: &str = "sixteen-byte-tag";
+
+/// A server thread that runs `Tally::add` for requests arriving over a channel.
+fn thread_hop() -> (Sender<(u64, &'static str)>, Receiver<u64>) {
+    let (req_tx, req_rx) = bounded::<(u64, &'static str)>(1);
+    let (rep_tx, rep_rx) = bounded::<u64>(1);
+    thread::spawn(move || {
+        let mut t = Tally::default();
+        for (n, tag) in req_rx {
+            if rep_tx.send(t.add(n, tag)).is_err() {
+                break;
+            }
+        }
+    });
+    (req_tx, rep_rx)
+}
+
+fn calls(c: &mut Criterion) {
+    let mut g = c.benchmark_group("call_small");
+    let mutex = Mutex::new(Tally::default());
+    g.bench_function("direct_call_mutex", |b| {
+        b.iter(|| mutex.lock().add(black_box(5), black_box(TAG)))
+    });
+
+    let ctx = Context::new("target");
+    let p: Proxy<CounterService> = Proxy::adopt(&ctx, Tally::default()).expect("adopt");
+    g.bench_function("call_small_idle", |b| {
+        b.iter(|| p.add(black_box(5), black_box(TAG)).expect("call"))
+    });
+
+    let m = p.clone().with_mode(Mode::Move).expect("move mode");
+    g.bench_function("call_small_move_idle", |b| {
+        b.iter(|| m.add(black_box(5), black_box(TAG)).expect("call"))
+    });
+
+    let pinned_ctx = Context::pinned("pinned").expect("pinned");
+    let pp: Proxy<CounterService> = Proxy::adopt(&pinned_ctx, Tally::default()).expect("adopt");
+    g.bench_function("call_small_pinned", |b| {
+        b.iter(|| pp.add(black_box(5), black_box(TAG)).expect("call"))
+    });
+
+    let (tx, rx) = thread_hop();
+    g.bench_function("thread_hop_roundtrip", |b| {
+        b.iter(|| {
+            tx.send((black_box(5), black_box(TAG))).expect("send");
+            rx.recv().expect("recv")
+        })
+    });
+    g.finish();
+}
+
+const N: usize = 64 << 20;
+type Big = Bincode<{ 128 << 20 }>;
+
+fn copies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("copy_64mib");
+    g.throughput(Throughput::Bytes(N as u64));
+    g.sample_size(10);
+    let src = vec![7u8; N];
+    let mut dst = vec![0u8; N];
+    g.bench_function("memcpy", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&src)))
+    });
+
+    let (a, bctx) = (Context::new("a"), Context::new("b"));
+    let s: Proxy<BufferService<u8>, Big> =
+        Proxy::adopt(&a, Buffer::from(vec![7u8; N])).expect("adopt");
+    let d: Proxy<BufferService<u8>, Big> =
+        Proxy::adopt(&bctx, Buffer::<u8>::zeroed(N)).expect("adopt");
+    g.bench_function("copy_cheat_64mib", |b| {
+        b.iter(|| copy(&s, 0..N, &d, 0).expect("copy"))
+    });
+    g.bench_function("copy_serialized_64mib", |b| {
+        b.iter(|| d.write(0, &s.read(0..N).expect("read")).expect("write"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, calls, copies);
+criterion_main!(benches);

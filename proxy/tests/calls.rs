@@ -1,0 +1,414 @@
+//! End-to-end calls through proxies: free and pinned targets, threads, re-entrancy, every error.
+// Test-only service traits; their methods explain themselves.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use context_core::{Context, Handle};
+use context_proxy::{
+    Buffer, BufferService, CallError, Exports, FrameError, FrameKind, Mode, ObjectId, Postcard,
+    Proxy, Transport, frame, service,
+};
+
+#[service]
+pub trait Counter {
+    /// Adds `n`; returns the new total.
+    fn add(&mut self, n: u64, tag: &str) -> u64;
+    fn total(&self) -> u64;
+    fn last_tag(&self) -> String;
+    fn checksum(&self, data: &[u8]) -> u64;
+    fn explode(&mut self);
+    fn reset(&mut self, to: u64);
+}
+
+#[derive(Default)]
+struct Tally {
+    total: u64,
+    last: String,
+}
+
+impl Counter for Tally {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        self.total += n;
+        tag.clone_into(&mut self.last);
+        self.total
+    }
+    fn total(&self) -> u64 {
+        self.total
+    }
+    fn last_tag(&self) -> String {
+        self.last.clone()
+    }
+    fn checksum(&self, data: &[u8]) -> u64 {
+        data.iter().map(|&b| u64::from(b)).sum()
+    }
+    fn explode(&mut self) {
+        self.total = u64::MAX;
+        panic!("boom");
+    }
+    fn reset(&mut self, to: u64) {
+        self.total = to;
+    }
+}
+
+/// A service whose method calls into another object through a proxy: for re-entrancy.
+#[service]
+pub trait Relay {
+    /// Calls `target.add(n)` from inside this object's context and returns what it answered.
+    fn relay(&mut self, n: u64) -> Result<u64, String>;
+}
+
+struct Relayer {
+    target: Proxy<CounterService>,
+}
+
+impl Relay for Relayer {
+    fn relay(&mut self, n: u64) -> Result<u64, String> {
+        self.target.add(n, "relayed").map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn calls_free_context_from_anywhere() -> anyhow::Result<()> {
+    let b = Context::new("b");
+    let counter: Proxy<CounterService> = Proxy::adopt(&b, Tally::default())?;
+    assert_eq!(counter.add(5, "sixteen-byte-tag")?, 5);
+    assert_eq!(counter.last_tag()?, "sixteen-byte-tag");
+    assert_eq!(counter.checksum(&[1, 2, 3, 250])?, 256);
+
+    // From inside another context, and from other threads (in none).
+    let a = Context::new("a");
+    let c = counter.clone();
+    assert_eq!(a.enter(move |_| c.add(1, "a"))??, 6);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let c = counter.clone();
+            std::thread::spawn(move || (0..250).try_for_each(|_| c.add(1, "t").map(drop)))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread")?;
+    }
+    assert_eq!(counter.total()?, 1006);
+    assert_eq!(b.stats().panics, 0);
+    Ok(())
+}
+
+#[test]
+fn calls_pinned_context_and_non_send_objects() -> anyhow::Result<()> {
+    struct RcTally(std::rc::Rc<std::cell::Cell<u64>>);
+    impl Counter for RcTally {
+        fn add(&mut self, n: u64, _tag: &str) -> u64 {
+            self.0.set(self.0.get() + n);
+            self.0.get()
+        }
+        fn total(&self) -> u64 {
+            self.0.get()
+        }
+        fn last_tag(&self) -> String {
+            String::new()
+        }
+        fn checksum(&self, _data: &[u8]) -> u64 {
+            0
+        }
+        fn explode(&mut self) {}
+        fn reset(&mut self, to: u64) {
+            self.0.set(to);
+        }
+    }
+    let p = Context::pinned("home")?;
+    let counter: Proxy<CounterService> = Proxy::adopt_local(&p, || RcTally(Default::default()))?;
+    assert_eq!(counter.add(2, "x")?, 2);
+    let c = counter.clone();
+    let a = Context::new("a");
+    assert_eq!(a.enter(move |_| c.add(3, "y"))??, 5);
+    assert!(p.stats().shipped_calls >= 2);
+    // Move mode into a pinned context: the request moves to the home thread and back.
+    let moving = counter.with_mode(Mode::Move)?;
+    assert_eq!(moving.add(1, "z")?, 6);
+    Ok(())
+}
+
+#[test]
+fn reentrant_a_b_a() -> anyhow::Result<()> {
+    let a = Context::new("a");
+    let b = Context::new("b");
+    let in_a: Proxy<CounterService> = Proxy::adopt(&a, Tally::default())?;
+    let relay: Proxy<RelayService> = Proxy::adopt(
+        &b,
+        Relayer {
+            target: in_a.clone(),
+        },
+    )?;
+    // Caller holds A, calls into B, whose method calls back into A.
+    let r = relay.clone();
+    let got = a.enter(move |_| r.relay(4))??;
+    assert_eq!(got, Ok(4));
+    assert_eq!(in_a.total()?, 4);
+
+    // The same on pinned contexts: P -> Q -> P.
+    let p = Context::pinned("p")?;
+    let q = Context::pinned("q")?;
+    let in_p: Proxy<CounterService> = Proxy::adopt(&p, Tally::default())?;
+    let relay_q: Proxy<RelayService> = Proxy::adopt(
+        &q,
+        Relayer {
+            target: in_p.clone(),
+        },
+    )?;
+    let r = relay_q.clone();
+    assert_eq!(p.enter(move |_| r.relay(9))??, Ok(9));
+    assert_eq!(in_p.total()?, 9);
+
+    // Calling back into the very object whose method is running is refused, not a deadlock.
+    struct SelfCaller(Option<Proxy<CounterService>>);
+    impl Counter for SelfCaller {
+        fn add(&mut self, _n: u64, _tag: &str) -> u64 {
+            0
+        }
+        fn total(&self) -> u64 {
+            0
+        }
+        fn last_tag(&self) -> String {
+            match &self.0 {
+                Some(me) => format!("{:?}", me.total()),
+                None => String::new(),
+            }
+        }
+        fn checksum(&self, _data: &[u8]) -> u64 {
+            0
+        }
+        fn explode(&mut self) {}
+        fn reset(&mut self, _to: u64) {}
+    }
+    let c = Context::new("c");
+    let me: Proxy<CounterService> = Proxy::adopt(&c, SelfCaller(None))?;
+    let h: Handle<SelfCaller> = me.handle().expect("handle");
+    let me2 = me.clone();
+    c.enter(move |cx| cx.with(h, |s| s.0 = Some(me2)))??;
+    let answer = me.last_tag()?;
+    assert!(answer.starts_with("Err(Busy("), "{answer}");
+    Ok(())
+}
+
+#[test]
+fn typed_errors() -> anyhow::Result<()> {
+    let b = Context::new("b");
+    let counter: Proxy<CounterService> = Proxy::adopt(&b, Tally::default())?;
+
+    // Method panicked: typed error; the context stays usable; the object is poisoned.
+    match counter.explode() {
+        Err(CallError::Panicked { message, .. }) => assert!(message.contains("boom")),
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert!(matches!(counter.total(), Err(CallError::Poisoned(_))));
+    let other: Proxy<CounterService> = Proxy::adopt(&b, Tally::default())?;
+    assert_eq!(other.add(1, "still usable")?, 1);
+    let h: Handle<Tally> = counter.handle().expect("handle");
+    b.enter(|cx| cx.clear_poison(h))??;
+    counter.reset(0)?;
+    assert_eq!(counter.total()?, 0);
+
+    // Object removed.
+    b.enter(|cx| cx.remove(h))??;
+    assert!(matches!(counter.total(), Err(CallError::Removed(_))));
+
+    // Wrong service: a proxy over an object of another type.
+    let buf: Proxy<BufferService> = Proxy::adopt(&b, Buffer::<u8>::zeroed(8))?;
+    let bh: Handle<Buffer<u8>> = buf.handle().expect("handle");
+    let wrong: Proxy<CounterService> = Proxy::new(&b, bh.cast::<Tally>())?;
+    assert!(matches!(wrong.total(), Err(CallError::WrongService { .. })));
+    assert_eq!(buf.len()?, 8, "the buffer is untouched");
+
+    // Wrong context at construction.
+    let a = Context::new("a");
+    assert!(matches!(
+        Proxy::<CounterService>::new(&a, h),
+        Err(CallError::WrongContext { .. })
+    ));
+
+    // Timeout: another thread holds the target.
+    let busy = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let (b2, busy2, release2) = (b.clone(), Arc::clone(&busy), Arc::clone(&release));
+    let holder = std::thread::spawn(move || {
+        b2.enter(|_| {
+            busy2.store(true, Ordering::Release);
+            while !release2.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+        })
+    });
+    while !busy.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let timed = other.clone().with_timeout(Duration::from_millis(30));
+    assert!(matches!(timed.total(), Err(CallError::TimedOut(_))));
+    release.store(true, Ordering::Release);
+    holder.join().expect("holder")?;
+    assert_eq!(timed.total()?, 1);
+
+    // Target closed.
+    b.close()?;
+    assert!(matches!(other.total(), Err(CallError::Closed(_))));
+    let moving = Proxy::<CounterService>::adopt(&a, Tally::default())?.with_mode(Mode::Move)?;
+    a.close()?;
+    assert!(matches!(moving.total(), Err(CallError::Closed(_))));
+    Ok(())
+}
+
+#[test]
+fn move_mode_and_postcard_give_the_same_answers() -> anyhow::Result<()> {
+    let b = Context::new("b");
+    let serial: Proxy<CounterService> = Proxy::adopt(&b, Tally::default())?;
+    let moving = serial.clone().with_mode(Mode::Move)?;
+    assert_eq!(moving.mode(), Mode::Move);
+    let h: Handle<Tally> = serial.handle().expect("handle");
+    let post: Proxy<CounterService, Postcard> = Proxy::new(&b, h)?;
+    assert_eq!(serial.add(1, "s")?, 1);
+    assert_eq!(moving.add(2, "m")?, 3);
+    assert_eq!(post.add(3, "p")?, 6);
+    assert_eq!(moving.last_tag()?, "p");
+    assert!(matches!(moving.explode(), Err(CallError::Panicked { .. })));
+    assert!(matches!(post.total(), Err(CallError::Poisoned(_))));
+    Ok(())
+}
+
+/// A transport that only moves bytes: the request frame goes to a server thread over a channel,
+/// which answers it with `Exports::serve` inside the target context. What a cross-process transport
+/// does, minus the shared memory.
+struct Loopback {
+    tx: crossbeam_channel::Sender<(Vec<u8>, crossbeam_channel::Sender<Vec<u8>>)>,
+    mangle: Option<fn(&mut Vec<u8>)>,
+}
+
+impl Transport for Loopback {
+    fn round_trip(
+        &self,
+        request: &[u8],
+        reply: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<(), CallError> {
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        let mut req = request.to_vec();
+        if let Some(m) = self.mangle {
+            m(&mut req);
+        }
+        self.tx
+            .send((req, rtx))
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        let got = match timeout {
+            Some(t) => rrx
+                .recv_timeout(t)
+                .map_err(|e| CallError::Transport(e.to_string()))?,
+            None => rrx
+                .recv()
+                .map_err(|e| CallError::Transport(e.to_string()))?,
+        };
+        *reply = got;
+        Ok(())
+    }
+}
+
+fn serve_loopback(
+    ctx: Context,
+    exports: Exports,
+) -> crossbeam_channel::Sender<(Vec<u8>, crossbeam_channel::Sender<Vec<u8>>)> {
+    let (tx, rx) = crossbeam_channel::unbounded::<(Vec<u8>, crossbeam_channel::Sender<Vec<u8>>)>();
+    std::thread::spawn(move || {
+        for (req, reply_to) in rx {
+            let mut reply = Vec::new();
+            let r = ctx.enter(|cx| exports.serve(cx, &req, &mut reply));
+            if r.is_err() {
+                reply.clear();
+            }
+            let _ = reply_to.send(reply);
+        }
+    });
+    tx
+}
+
+#[test]
+fn frames_through_another_transport() -> anyhow::Result<()> {
+    let ctx = Context::new("server");
+    let h = ctx.enter(|cx| cx.adopt(Tally::default()))??;
+    let mut exports = Exports::new();
+    let id = exports.export::<CounterService, Tally>(h);
+    let tx = serve_loopback(ctx.clone(), exports);
+
+    let p: Proxy<CounterService> = Proxy::over(
+        Arc::new(Loopback {
+            tx: tx.clone(),
+            mangle: None,
+        }),
+        id,
+    );
+    assert_eq!(p.add(7, "remote")?, 7);
+    assert!(matches!(
+        p.clone().with_mode(Mode::Move),
+        Err(CallError::Unsupported(_))
+    ));
+    assert!(matches!(
+        p.explode(),
+        Err(CallError::Panicked { .. }) | Err(CallError::Frame(_))
+    ));
+
+    // An object that is not exported.
+    let ghost = ObjectId { slot: 99, ..id };
+    let g: Proxy<CounterService> = Proxy::over(
+        Arc::new(Loopback {
+            tx: tx.clone(),
+            mangle: None,
+        }),
+        ghost,
+    );
+    assert!(matches!(g.total(), Err(CallError::Removed(_))));
+
+    // Frames damaged in transit: each is caught by the header check or the codec, never a panic.
+    type Mangle = fn(&mut Vec<u8>);
+    let cases: [(Mangle, &str); 5] = [
+        (|f| f[0] = b'X', "magic"),
+        (|f| f[2] = 9, "version"),
+        (
+            |f| f[4..8].copy_from_slice(&u32::MAX.to_le_bytes()),
+            "length bomb",
+        ),
+        (|f| f.truncate(f.len() - 1), "truncated"),
+        (
+            |f| {
+                let n = f.len();
+                f[n - 1] ^= 0xFF;
+                f[frame::HEADER_LEN] = 0xEE;
+            },
+            "body",
+        ),
+    ];
+    for (mangle, what) in cases {
+        let bad: Proxy<CounterService> = Proxy::over(
+            Arc::new(Loopback {
+                tx: tx.clone(),
+                mangle: Some(mangle),
+            }),
+            id,
+        );
+        match bad.add(1, "sixteen-byte-tag") {
+            Err(CallError::Frame(_) | CallError::Codec(_)) => {}
+            other => panic!("{what}: expected a frame or codec error, got {other:?}"),
+        }
+    }
+    // A wrong service id in the header.
+    let mut wrong = Vec::new();
+    frame::encode::<context_proxy::Bincode, _>(&mut wrong, FrameKind::Request, 12345, id, &0u8)?;
+    let mut reply = Vec::new();
+    Loopback { tx, mangle: None }.round_trip(&wrong, &mut reply, None)?;
+    let (h, _) = frame::parse(&reply, 1 << 20)?;
+    assert_eq!(h.kind, FrameKind::Error);
+    assert_ne!(frame::parse(&reply[..8], 1 << 20), Ok((h, &[][..])));
+    assert!(matches!(
+        frame::parse(&reply[..8], 1 << 20),
+        Err(FrameError::Short(8))
+    ));
+    Ok(())
+}
