@@ -49,7 +49,12 @@ impl Interpreter for Lua {
 }
 
 /// `threads` threads each make `calls` calls of `fib(n)`, thread `t` using interpreter `t % len`.
-fn run(proxies: &[Proxy<InterpreterService>], threads: usize, calls: usize, n: u32) -> anyhow::Result<f64> {
+fn run(
+    proxies: &[Proxy<InterpreterService>],
+    threads: usize,
+    calls: usize,
+    n: u32,
+) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..threads)
@@ -65,7 +70,8 @@ fn run(proxies: &[Proxy<InterpreterService>], threads: usize, calls: usize, n: u
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("caller thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("caller thread panicked"))??;
         }
         Ok(())
     })?;
@@ -73,22 +79,28 @@ fn run(proxies: &[Proxy<InterpreterService>], threads: usize, calls: usize, n: u
 }
 
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let calls: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let threads = cores * 2;
     let n = 20;
 
     // One interpreter per core, each in its own pinned context (its own GIL).
-    let contexts: Vec<Context> =
-        (0..cores).map(|i| Context::pinned(&format!("lua-{i}"))).collect::<Result<_, _>>()?;
+    let contexts: Vec<Context> = (0..cores)
+        .map(|i| Context::pinned(&format!("lua-{i}")))
+        .collect::<Result<_, _>>()?;
     let mut independent = Vec::new();
     for c in &contexts {
-        let p: Proxy<InterpreterService> = Proxy::adopt_local(c, || Lua::new().expect("Lua state"))?;
+        let p: Proxy<InterpreterService> =
+            Proxy::adopt_local(c, || Lua::new().expect("Lua state"))?;
         independent.push(p);
     }
     // The baseline: one interpreter that every thread shares, behind one lock.
     let shared_ctx = Context::pinned("lua-shared")?;
-    let shared: Proxy<InterpreterService> = Proxy::adopt_local(&shared_ctx, || Lua::new().expect("Lua state"))?;
+    let shared: Proxy<InterpreterService> =
+        Proxy::adopt_local(&shared_ctx, || Lua::new().expect("Lua state"))?;
 
     // Same answers from every interpreter, and errors come back as values.
     assert_eq!(independent[0].fib(20)?, Ok(6765));
@@ -103,8 +115,16 @@ fn main() -> anyhow::Result<()> {
 
     let total = threads * calls;
     println!("{threads} threads x {calls} calls of Lua fib({n}) = {total} calls");
-    println!("  one interpreter behind one lock : {:>8.1} ms  ({:.0} calls/s)", one_lock * 1e3, total as f64 / one_lock);
-    println!("  {cores} interpreters, own contexts  : {:>8.1} ms  ({:.0} calls/s)", many * 1e3, total as f64 / many);
+    println!(
+        "  one interpreter behind one lock : {:>8.1} ms  ({:.0} calls/s)",
+        one_lock * 1e3,
+        total as f64 / one_lock
+    );
+    println!(
+        "  {cores} interpreters, own contexts  : {:>8.1} ms  ({:.0} calls/s)",
+        many * 1e3,
+        total as f64 / many
+    );
     println!("  speedup: {:.2}x on {cores} cores", one_lock / many);
     Ok(())
 }

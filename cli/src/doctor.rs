@@ -23,13 +23,25 @@ pub struct Check {
 
 fn from_probe(name: &'static str, r: std::io::Result<String>, consequence: &'static str) -> Check {
     match r {
-        Ok(detail) => Check { name, status: Status::Ok, detail, consequence },
-        Err(e) => Check { name, status: Status::Fail, detail: e.to_string(), consequence },
+        Ok(detail) => Check {
+            name,
+            status: Status::Ok,
+            detail,
+            consequence,
+        },
+        Err(e) => Check {
+            name,
+            status: Status::Fail,
+            detail: e.to_string(),
+            consequence,
+        },
     }
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// Runs every check.
@@ -38,7 +50,11 @@ pub fn run_checks() -> Vec<Check> {
     let kernel = read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".to_owned());
     checks.push(Check {
         name: "kernel",
-        status: if cfg!(target_os = "linux") { Status::Ok } else { Status::Fail },
+        status: if cfg!(target_os = "linux") {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
         detail: format!("Linux {kernel}"),
         consequence: "the workspace targets Linux only (futex, memfd, pidfd)",
     });

@@ -171,18 +171,24 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{text}")?;
         } else {
-            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     if let Some(path) = &args.svg {
-        std::fs::write(path, report::svg(&rows)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, report::svg(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.markdown {
-        std::fs::write(path, report::markdown(&rows)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, report::markdown(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let missed = rows.iter().filter(|r| r.target_met == Some(false)).count();
     if missed > 0 {
-        eprintln!("ctx bench: {missed} of {} rows miss their target (marked NO)", rows.len());
+        eprintln!(
+            "ctx bench: {missed} of {} rows miss their target (marked NO)",
+            rows.len()
+        );
     }
     if failures.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -19,9 +19,18 @@ fn doctor_passes_on_this_machine() {
 
 #[test]
 fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
-    let out = ctx().args(["bench", "--quick", "--json", "-"]).timeout(std::time::Duration::from_secs(600)).output().unwrap();
-    assert!(out.status.success(), "ctx bench failed: {}", String::from_utf8_lossy(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let out = ctx()
+        .args(["bench", "--quick", "--json", "-"])
+        .timeout(std::time::Duration::from_secs(600))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctx bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     let rows = doc["rows"].as_array().expect("rows array");
     let listed = ctx().args(["bench", "--list"]).output().unwrap();
     let suites: Vec<String> = String::from_utf8_lossy(&listed.stdout)
@@ -30,7 +39,10 @@ fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
         .collect();
     assert!(!suites.is_empty());
     for suite in &suites {
-        assert!(rows.iter().any(|r| r["suite"] == suite.as_str()), "suite {suite} produced no rows");
+        assert!(
+            rows.iter().any(|r| r["suite"] == suite.as_str()),
+            "suite {suite} produced no rows"
+        );
     }
     for r in rows {
         for field in ["suite", "case", "metric", "baseline", "better"] {
@@ -57,8 +69,16 @@ fn unknown_suite_is_a_clear_error() {
 
 #[test]
 fn help_has_examples() {
-    ctx().args(["bench", "--help"]).assert().success().stdout(predicate::str::contains("Examples:"));
-    ctx().args(["doctor", "--help"]).assert().success().stdout(predicate::str::contains("Example:"));
+    ctx()
+        .args(["bench", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Examples:"));
+    ctx()
+        .args(["doctor", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Example:"));
 }
 
 #[test]

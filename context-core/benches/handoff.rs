@@ -12,10 +12,15 @@ fn idle(c: &mut Criterion) {
     let b = Context::new("b");
     let mutex = parking_lot::Mutex::new(0u64);
     let mut g = c.benchmark_group("idle");
-    g.bench_function("parking_lot_mutex", |bench| bench.iter(|| drop(black_box(mutex.lock()))));
-    g.bench_function("enter_exit_idle", |bench| bench.iter(|| black_box(b.enter(|_| ()))));
+    g.bench_function("parking_lot_mutex", |bench| {
+        bench.iter(|| drop(black_box(mutex.lock())))
+    });
+    g.bench_function("enter_exit_idle", |bench| {
+        bench.iter(|| black_box(b.enter(|_| ())))
+    });
     g.bench_function("handoff_idle_roundtrip", |bench| {
-        a.enter(|_| bench.iter(|| black_box(b.enter(|_| ())))).unwrap();
+        a.enter(|_| bench.iter(|| black_box(b.enter(|_| ()))))
+            .unwrap();
     });
     g.finish();
 }
@@ -68,7 +73,9 @@ fn cross_thread(c: &mut Criterion) {
             t0.elapsed()
         });
     });
-    g.bench_function("handoff_pinned_roundtrip", |bench| bench.iter(|| black_box(p.enter(|_| ()))));
+    g.bench_function("handoff_pinned_roundtrip", |bench| {
+        bench.iter(|| black_box(p.enter(|_| ())))
+    });
     g.bench_function("handoff_busy_roundtrip", |bench| {
         bench.iter_custom(|n| {
             let t0 = std::time::Instant::now();

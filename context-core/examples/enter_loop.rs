@@ -13,7 +13,10 @@ fn time(n: u64, f: impl Fn()) -> f64 {
 }
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000_000);
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000_000);
     let a = context_core::Context::new("a");
     let b = context_core::Context::new("b");
     let m = parking_lot::Mutex::new(());
@@ -23,6 +26,10 @@ fn main() {
             .enter(|_| time(n, || drop(black_box(b.enter(|_| ())))))
             .unwrap_or(f64::NAN);
         let mutex = time(n, || drop(black_box(m.lock())));
-        println!("enter {enter:.2} ns ({:.2}x)  roundtrip {round:.2} ns ({:.2}x)  mutex {mutex:.2} ns", enter / mutex, round / mutex);
+        println!(
+            "enter {enter:.2} ns ({:.2}x)  roundtrip {round:.2} ns ({:.2}x)  mutex {mutex:.2} ns",
+            enter / mutex,
+            round / mutex
+        );
     }
 }

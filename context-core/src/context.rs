@@ -155,7 +155,10 @@ impl<L: RawContextLock> Lockable for Inner<L> {
     }
 
     fn reacquire(&self) -> Result<(), EnterError> {
-        self.lock.lock(None).map(|_| ()).map_err(|e| EnterError::from_lock(self.id, e))
+        self.lock
+            .lock(None)
+            .map(|_| ())
+            .map_err(|e| EnterError::from_lock(self.id, e))
     }
 
     #[inline]
@@ -186,7 +189,10 @@ pub struct Context<L: RawContextLock = LocalLock> {
 
 impl<L: RawContextLock> Clone for Context<L> {
     fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner), _owner: self._owner.clone() }
+        Self {
+            inner: Arc::clone(&self.inner),
+            _owner: self._owner.clone(),
+        }
     }
 }
 
@@ -231,7 +237,10 @@ impl<L: RawContextLock> Context<L> {
             stats: RawStats::default(),
             home: None,
         };
-        Self { inner: Arc::new(inner), _owner: None }
+        Self {
+            inner: Arc::new(inner),
+            _owner: None,
+        }
     }
 
     /// A new pinned context over the given lock.
@@ -249,7 +258,10 @@ impl<L: RawContextLock> Context<L> {
             stats: RawStats::default(),
             home: Some(home),
         })?;
-        Ok(Self { inner: home, _owner: Some(owner) })
+        Ok(Self {
+            inner: home,
+            _owner: Some(owner),
+        })
     }
 
     /// This context's id (also its place in the global lock order).
@@ -392,9 +404,10 @@ impl<L: RawContextLock> Context<L> {
     pub fn close(&self) -> Result<(), CloseError> {
         let inner = &*self.inner;
         let run = || -> Result<(), CloseError> {
-            let closed = handoff::run_in(&[inner as &dyn Lockable], Wait::Until(None), true, || {
-                inner.close_held()
-            })?;
+            let closed =
+                handoff::run_in(&[inner as &dyn Lockable], Wait::Until(None), true, || {
+                    inner.close_held()
+                })?;
             closed.map_err(|_| CloseError::InUse(inner.id))
         };
         match &inner.home {
@@ -410,7 +423,6 @@ impl<L: RawContextLock> Context<L> {
             None => run(),
         }
     }
-
 }
 
 /// Enters `inner` on the calling thread (the caller has checked it may: free, or its home thread).
@@ -446,7 +458,10 @@ pub enum CloseError {
 /// # Errors
 /// [`EnterError::NotHomeThread`] if one of them is pinned to another thread, and everything
 /// [`Context::enter`] returns.
-pub fn enter_all<L, R>(contexts: &[&Context<L>], f: impl FnOnce(&mut [Cx<'_>]) -> R) -> Result<R, EnterError>
+pub fn enter_all<L, R>(
+    contexts: &[&Context<L>],
+    f: impl FnOnce(&mut [Cx<'_>]) -> R,
+) -> Result<R, EnterError>
 where
     L: RawContextLock,
 {
@@ -575,7 +590,11 @@ impl<'a> Cx<'a> {
     /// # Errors
     /// [`AccessError::NotHeld`], [`AccessError::WrongContext`], [`AccessError::Stale`],
     /// [`AccessError::WrongType`], [`AccessError::Busy`], [`AccessError::Poisoned`].
-    pub fn with<T: 'static, R>(&self, h: Handle<T>, f: impl FnOnce(&mut T) -> R) -> Result<R, AccessError> {
+    pub fn with<T: 'static, R>(
+        &self,
+        h: Handle<T>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R, AccessError> {
         let ptr = self.table(|t| t.begin_borrow(h))??;
         struct EndBorrow<'c, 'a, T: 'static> {
             cx: &'c Cx<'a>,
@@ -619,6 +638,9 @@ impl<'a> Cx<'a> {
 
 impl fmt::Debug for Cx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cx").field("id", &self.id).field("name", &self.name).finish()
+        f.debug_struct("Cx")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish()
     }
 }

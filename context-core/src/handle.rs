@@ -54,7 +54,12 @@ pub struct Handle<T: ?Sized> {
 
 impl<T: ?Sized> Handle<T> {
     pub(crate) fn new(context: ContextId, slot: u32, generation: u32) -> Self {
-        Self { context, slot, generation, _type: PhantomData }
+        Self {
+            context,
+            slot,
+            generation,
+            _type: PhantomData,
+        }
     }
 
     /// The context that owns the object.
@@ -103,6 +108,13 @@ impl<T: ?Sized> Hash for Handle<T> {
 }
 impl<T: ?Sized> fmt::Debug for Handle<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Handle<{}>({}:{}v{})", std::any::type_name::<T>(), self.context, self.slot, self.generation)
+        write!(
+            f,
+            "Handle<{}>({}:{}v{})",
+            std::any::type_name::<T>(),
+            self.context,
+            self.slot,
+            self.generation
+        )
     }
 }

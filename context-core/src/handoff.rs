@@ -62,7 +62,12 @@ pub(crate) struct FrameEntry<'a> {
 
 impl<'a> FrameEntry<'a> {
     fn new(ctx: &'a dyn Lockable) -> Self {
-        Self { ctx, id: ctx.id(), held: Cell::new(true), suspended: Cell::new(false) }
+        Self {
+            ctx,
+            id: ctx.id(),
+            held: Cell::new(true),
+            suspended: Cell::new(false),
+        }
     }
 }
 
@@ -102,8 +107,14 @@ pub(crate) fn holds(id: ContextId) -> bool {
 /// The contexts the calling thread holds right now, in ascending id order.
 pub(crate) fn held_ids() -> Vec<ContextId> {
     with_current(|f| {
-        f.map(|f| f.entries.iter().filter(|e| e.held.get()).map(|e| e.id).collect())
-            .unwrap_or_default()
+        f.map(|f| {
+            f.entries
+                .iter()
+                .filter(|e| e.held.get())
+                .map(|e| e.id)
+                .collect()
+        })
+        .unwrap_or_default()
     })
 }
 
@@ -220,13 +231,18 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
         // Step 1: a re-entrant call into exactly what the thread holds runs directly.
         let reentrant = with_frame(prev, |cur| {
             cur.is_some_and(|cur| {
-                entries.iter().all(|t| cur.entries.iter().any(|e| e.held.get() && e.id == t.id))
+                entries
+                    .iter()
+                    .all(|t| cur.entries.iter().any(|e| e.held.get() && e.id == t.id))
             })
         });
         if reentrant {
             return catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
                 first.record_panic();
-                EnterError::Panicked { context: first.id(), message: panic_message(&*p) }
+                EnterError::Panicked {
+                    context: first.id(),
+                    message: panic_message(&*p),
+                }
             });
         }
         // Step 2.
@@ -269,7 +285,10 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     if !prev.is_null() {
         resume(prev)?;
     }
-    outcome.map_err(|p| EnterError::Panicked { context: first.id(), message: panic_message(&*p) })
+    outcome.map_err(|p| EnterError::Panicked {
+        context: first.id(),
+        message: panic_message(&*p),
+    })
 }
 
 #[inline]

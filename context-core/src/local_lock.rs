@@ -61,7 +61,10 @@ impl LocalLock {
     /// A new, idle lock.
     #[must_use]
     pub fn new() -> Self {
-        Self { state: AtomicU8::new(IDLE), queue: Mutex::new(VecDeque::new()) }
+        Self {
+            state: AtomicU8::new(IDLE),
+            queue: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// How many threads are queued waiting (a snapshot, for tests and diagnostics).
@@ -78,7 +81,12 @@ impl LocalLock {
             loop {
                 if s == IDLE {
                     // Released while we took the queue mutex, and nobody is queued: take it.
-                    match self.state.compare_exchange(IDLE, LOCKED, Ordering::Acquire, Ordering::Relaxed) {
+                    match self.state.compare_exchange(
+                        IDLE,
+                        LOCKED,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => return Ok(Acquired::Contended),
                         Err(now) => s = now,
                     }
@@ -87,14 +95,21 @@ impl LocalLock {
                 } else {
                     // Relaxed: the queue mutex orders this against the holder's slow unlock; the
                     // holder's fast unlock CAS fails once QUEUED is set and falls into the slow path.
-                    match self.state.compare_exchange(s, s | QUEUED, Ordering::Relaxed, Ordering::Relaxed)
-                    {
+                    match self.state.compare_exchange(
+                        s,
+                        s | QUEUED,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => break,
                         Err(now) => s = now,
                     }
                 }
             }
-            let waiter = Arc::new(Waiter { granted: AtomicBool::new(false), thread: sync::current() });
+            let waiter = Arc::new(Waiter {
+                granted: AtomicBool::new(false),
+                thread: sync::current(),
+            });
             queue.push_back(Arc::clone(&waiter));
             waiter
         };
@@ -184,7 +199,9 @@ impl Default for LocalLock {
 
 impl fmt::Debug for LocalLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalLock").field("locked", &self.is_locked()).finish_non_exhaustive()
+        f.debug_struct("LocalLock")
+            .field("locked", &self.is_locked())
+            .finish_non_exhaustive()
     }
 }
 
@@ -200,7 +217,10 @@ impl fmt::Debug for LocalLock {
 unsafe impl RawContextLock for LocalLock {
     #[inline]
     fn try_lock(&self) -> Result<Acquired, LockError> {
-        match self.state.compare_exchange(IDLE, LOCKED, Ordering::Acquire, Ordering::Relaxed) {
+        match self
+            .state
+            .compare_exchange(IDLE, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+        {
             Ok(_) => Ok(Acquired::Fast),
             Err(_) => Err(LockError::WouldBlock),
         }
@@ -216,7 +236,11 @@ unsafe impl RawContextLock for LocalLock {
 
     #[inline]
     unsafe fn unlock(&self) {
-        if self.state.compare_exchange(LOCKED, IDLE, Ordering::Release, Ordering::Relaxed).is_err() {
+        if self
+            .state
+            .compare_exchange(LOCKED, IDLE, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
             self.unlock_slow();
         }
     }

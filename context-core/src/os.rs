@@ -29,7 +29,11 @@ pub mod probe {
     use std::sync::atomic::AtomicU32;
 
     fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
     }
 
     /// Closes a descriptor this module opened.
@@ -45,7 +49,12 @@ pub mod probe {
     /// The OS error of the first step that failed.
     pub fn memfd_seals() -> io::Result<String> {
         // SAFETY: the name is a valid NUL-terminated string; the flags are valid for memfd_create.
-        let fd = unsafe { libc::memfd_create(c"ctx-doctor".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"ctx-doctor".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -79,7 +88,14 @@ pub mod probe {
         // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen address; no existing
         // mapping is affected.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), LEN, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -110,9 +126,13 @@ pub mod probe {
             // SAFETY: `over` is a mapping the call above just created and nobody else uses.
             unsafe { libc::munmap(over, 4096) };
             if ignored {
-                Err(io::Error::other("kernel ignores MAP_FIXED_NOREPLACE (older than 4.17)"))
+                Err(io::Error::other(
+                    "kernel ignores MAP_FIXED_NOREPLACE (older than 4.17)",
+                ))
             } else {
-                Err(io::Error::other("MAP_FIXED_NOREPLACE replaced an existing mapping"))
+                Err(io::Error::other(
+                    "MAP_FIXED_NOREPLACE replaced an existing mapping",
+                ))
             }
         };
         // SAFETY: `base` is the reservation made above, unmapped once.
@@ -127,10 +147,23 @@ pub mod probe {
     /// The OS error.
     pub fn futex_shared() -> io::Result<String> {
         let word = AtomicU32::new(0);
-        let ts = libc::timespec { tv_sec: 0, tv_nsec: 1_000 };
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000,
+        };
         // SAFETY: FUTEX_WAIT on a valid, aligned u32 we own, with a valid timeout; the value (0)
         // matches, so it sleeps at most 1 us and returns ETIMEDOUT.
-        let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, 0u32, &raw const ts, 0, 0) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT,
+                0u32,
+                &raw const ts,
+                0,
+                0,
+            )
+        };
         if rc != 0 {
             let e = io::Error::last_os_error();
             // Timing out is the expected outcome; a signal may also cut the wait short.
@@ -139,8 +172,20 @@ pub mod probe {
             }
         }
         // SAFETY: FUTEX_WAKE on a valid, aligned u32 we own; no waiters.
-        let woken = check(unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, 1u32, 0, 0, 0) })?;
-        Ok(format!("wait (timed out) and wake ({woken} woken) on a shared word"))
+        let woken = check(unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAKE,
+                1u32,
+                0,
+                0,
+                0,
+            )
+        })?;
+        Ok(format!(
+            "wait (timed out) and wake ({woken} woken) on a shared word"
+        ))
     }
 
     /// `pidfd_open` on this process (Linux 5.3+): the liveness token that survives PID reuse.

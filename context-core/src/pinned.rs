@@ -93,7 +93,11 @@ where
     R: Send,
 {
     fn run(&self) {
-        if self.state.compare_exchange(QUEUED, RUNNING, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if self
+            .state
+            .compare_exchange(QUEUED, RUNNING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             return;
         }
         // SAFETY: we won QUEUED -> RUNNING, so the home thread owns `work` (INVARIANT).
@@ -112,7 +116,11 @@ where
 
     fn reject(&self) {
         let caller = self.caller.clone();
-        if self.state.compare_exchange(QUEUED, REJECTED, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if self
+            .state
+            .compare_exchange(QUEUED, REJECTED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             caller.unpark();
         }
@@ -179,7 +187,9 @@ thread_local! {
 fn serve_one_if_home() -> bool {
     let p = HOME.with(Cell::get);
     // SAFETY: by the INVARIANT on HOME, null or live for this call.
-    let Some(local) = (unsafe { p.as_ref() }) else { return false };
+    let Some(local) = (unsafe { p.as_ref() }) else {
+        return false;
+    };
     match local.rx.try_recv() {
         Ok(Msg::Job(job)) => {
             job.0.run();
@@ -263,7 +273,9 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>, local: HomeLocal) {
 
     // Close: drop every object here, on the home thread. A borrow cannot be live at the top of the
     // loop, so `close_held` cannot find one.
-    let _ = enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| inner.close_held());
+    let _ = enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| {
+        inner.close_held()
+    });
     drop(reset);
     // Reject whatever is still queued; anything sent after this is dropped with the receiver, which
     // rejects it too (`JobRef::drop`).
@@ -271,7 +283,12 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>, local: HomeLocal) {
 }
 
 /// Runs `f` in the pinned context `inner` on its home thread, from another thread.
-pub(crate) fn ship<L, R, F>(inner: &Inner<L>, home: &Home, wait: Wait, f: F) -> Result<R, EnterError>
+pub(crate) fn ship<L, R, F>(
+    inner: &Inner<L>,
+    home: &Home,
+    wait: Wait,
+    f: F,
+) -> Result<R, EnterError>
 where
     L: RawContextLock,
     F: FnOnce(&mut Cx<'_>) -> R + Send,
@@ -286,14 +303,21 @@ where
         }
         Wait::Until(d) => d,
     };
-    ship_work(inner, home, deadline, move || enter_inner(inner, Wait::Until(None), false, f))
+    ship_work(inner, home, deadline, move || {
+        enter_inner(inner, Wait::Until(None), false, f)
+    })
 }
 
 /// Closes the pinned context `inner` from another thread: its objects are dropped on the home
 /// thread, which then exits.
-pub(crate) fn ship_close<L: RawContextLock>(inner: &Inner<L>, home: &Home) -> Result<(), crate::CloseError> {
+pub(crate) fn ship_close<L: RawContextLock>(
+    inner: &Inner<L>,
+    home: &Home,
+) -> Result<(), crate::CloseError> {
     let closed = ship_work(inner, home, None, move || {
-        enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| inner.close_held())
+        enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| {
+            inner.close_held()
+        })
     });
     let _ = home.send(Msg::Exit);
     match closed {
@@ -305,7 +329,12 @@ pub(crate) fn ship_close<L: RawContextLock>(inner: &Inner<L>, home: &Home) -> Re
     }
 }
 
-fn ship_work<L, R, G>(inner: &Inner<L>, home: &Home, deadline: Option<Instant>, work: G) -> Result<R, EnterError>
+fn ship_work<L, R, G>(
+    inner: &Inner<L>,
+    home: &Home,
+    deadline: Option<Instant>,
+    work: G,
+) -> Result<R, EnterError>
 where
     L: RawContextLock,
     G: FnOnce() -> Result<R, EnterError> + Send,
@@ -341,7 +370,11 @@ where
     })?
 }
 
-fn wait_for<G, R>(cell: &JobCell<G, R>, deadline: Option<Instant>, id: ContextId) -> Result<R, EnterError> {
+fn wait_for<G, R>(
+    cell: &JobCell<G, R>,
+    deadline: Option<Instant>,
+    id: ContextId,
+) -> Result<R, EnterError> {
     let mut polls = 0u32;
     loop {
         match cell.state.load(Ordering::Acquire) {
@@ -359,7 +392,10 @@ fn wait_for<G, R>(cell: &JobCell<G, R>, deadline: Option<Instant>, id: ContextId
         }
         if let Some(d) = deadline {
             if Instant::now() >= d
-                && cell.state.compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+                && cell
+                    .state
+                    .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
             {
                 cell.pending.fetch_sub(1, Ordering::Relaxed);
                 // SAFETY: we won QUEUED -> CANCELLED, so the home thread will never run the job.

@@ -40,7 +40,12 @@ pub(crate) struct Table {
 
 impl Table {
     pub(crate) fn new(context: ContextId) -> Self {
-        Self { context, slots: Vec::new(), free: Vec::new(), live: 0 }
+        Self {
+            context,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -51,11 +56,15 @@ impl Table {
         let slot_index = match self.free.pop() {
             Some(i) => i,
             None => {
-                let i = u32::try_from(self.slots.len()).map_err(|_| AccessError::Full(self.context))?;
+                let i =
+                    u32::try_from(self.slots.len()).map_err(|_| AccessError::Full(self.context))?;
                 if i == u32::MAX {
                     return Err(AccessError::Full(self.context));
                 }
-                self.slots.push(Slot { generation: 0, entry: None });
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
                 i
             }
         };
@@ -75,10 +84,16 @@ impl Table {
 
     fn entry_mut<T: ?Sized>(&mut self, h: Handle<T>) -> Result<&mut Entry, AccessError> {
         if h.context != self.context {
-            return Err(AccessError::WrongContext { handle: h.context, context: self.context });
+            return Err(AccessError::WrongContext {
+                handle: h.context,
+                context: self.context,
+            });
         }
         match self.slots.get_mut(h.slot as usize) {
-            Some(Slot { generation, entry: Some(e) }) if *generation == h.generation => Ok(e),
+            Some(Slot {
+                generation,
+                entry: Some(e),
+            }) if *generation == h.generation => Ok(e),
             _ => Err(AccessError::Stale(self.context)),
         }
     }
@@ -87,17 +102,24 @@ impl Table {
         if e.type_id == TypeId::of::<T>() {
             Ok(())
         } else {
-            Err(AccessError::WrongType { expected: std::any::type_name::<T>(), found: e.type_name })
+            Err(AccessError::WrongType {
+                expected: std::any::type_name::<T>(),
+                found: e.type_name,
+            })
         }
     }
 
     pub(crate) fn contains<T: 'static>(&mut self, h: Handle<T>) -> bool {
-        self.entry_mut(h).is_ok_and(|e| Self::check_type::<T>(e).is_ok())
+        self.entry_mut(h)
+            .is_ok_and(|e| Self::check_type::<T>(e).is_ok())
     }
 
     /// Marks the object borrowed and returns a pointer to it. The caller must call
     /// [`Table::end_borrow`] with the same handle when done (a drop guard does).
-    pub(crate) fn begin_borrow<T: 'static>(&mut self, h: Handle<T>) -> Result<NonNull<T>, AccessError> {
+    pub(crate) fn begin_borrow<T: 'static>(
+        &mut self,
+        h: Handle<T>,
+    ) -> Result<NonNull<T>, AccessError> {
         let context = self.context;
         let e = self.entry_mut(h)?;
         Self::check_type::<T>(e)?;
@@ -161,8 +183,15 @@ impl Table {
 
     /// Fails with `Busy` if any object is borrowed (closing then would free it under its user).
     pub(crate) fn check_no_borrows(&self) -> Result<(), AccessError> {
-        let busy = self.slots.iter().any(|s| s.entry.as_ref().is_some_and(|e| e.borrowed));
-        if busy { Err(AccessError::Busy(self.context)) } else { Ok(()) }
+        let busy = self
+            .slots
+            .iter()
+            .any(|s| s.entry.as_ref().is_some_and(|e| e.borrowed));
+        if busy {
+            Err(AccessError::Busy(self.context))
+        } else {
+            Ok(())
+        }
     }
 
     /// Drops every object (closing a context). Borrowed objects are dropped too: closing happens only
@@ -224,9 +253,18 @@ mod tests {
         let mut t = table();
         let h = t.insert(5u8).unwrap();
         let err = t.begin_borrow(h.cast::<u16>()).unwrap_err();
-        assert!(matches!(err, AccessError::WrongType { expected: "u16", found: "u8" }));
+        assert!(matches!(
+            err,
+            AccessError::WrongType {
+                expected: "u16",
+                found: "u8"
+            }
+        ));
         let mut other = table();
-        assert!(matches!(other.begin_borrow(h), Err(AccessError::WrongContext { .. })));
+        assert!(matches!(
+            other.begin_borrow(h),
+            Err(AccessError::WrongContext { .. })
+        ));
     }
 
     #[test]

@@ -30,7 +30,11 @@ fn idle_handoffs_make_no_voluntary_context_switches() {
         })
         .unwrap();
         let (after, _) = os::thread_context_switches().unwrap();
-        assert_eq!(after - before, 0, "idle handoffs must never block in the kernel");
+        assert_eq!(
+            after - before,
+            0,
+            "idle handoffs must never block in the kernel"
+        );
         assert_eq!(b.stats().contended_entries, 0);
         assert_eq!(b.stats().fast_entries, 101_000);
     });
@@ -64,7 +68,10 @@ fn nested_chain_releases_and_reacquires() {
         })
         .unwrap();
     assert_eq!(out, "a");
-    assert_eq!(a.enter(|cx| cx.with(ha, |s| s.clone())).unwrap().unwrap(), "a!");
+    assert_eq!(
+        a.enter(|cx| cx.with(ha, |s| s.clone())).unwrap().unwrap(),
+        "a!"
+    );
     assert!(held_contexts().is_empty());
 }
 
@@ -105,7 +112,8 @@ fn reentrant_access_to_a_borrowed_object_is_busy() {
             cx.with(h, |v| {
                 v.push(4);
                 // While `v` is borrowed, a call chain that comes back into A cannot reach it.
-                b2.enter(|_| a2.enter(|cx| cx.with(h, |v| v.len())).unwrap()).unwrap()
+                b2.enter(|_| a2.enter(|cx| cx.with(h, |v| v.len())).unwrap())
+                    .unwrap()
             })
         })
         .unwrap()
@@ -123,7 +131,9 @@ fn handles_give_typed_errors() {
     let r = b.enter(|cx| cx.with(h, |v| *v)).unwrap();
     assert!(matches!(r, Err(AccessError::WrongContext { .. })));
     // Wrong type.
-    let r = a.enter(|cx| cx.with(h.cast::<String>(), |v| v.len())).unwrap();
+    let r = a
+        .enter(|cx| cx.with(h.cast::<String>(), |v| v.len()))
+        .unwrap();
     assert!(matches!(r, Err(AccessError::WrongType { .. })));
     // Stale after removal.
     assert_eq!(a.enter(|cx| cx.remove(h)).unwrap(), Ok(7));
@@ -131,16 +141,23 @@ fn handles_give_typed_errors() {
     assert!(matches!(r, Err(AccessError::Stale(_))));
     // A forged handle from raw numbers is just as harmless.
     let forged = context_core::Handle::<u64>::from_raw(a.id().get(), 12345, 0).unwrap();
-    assert!(matches!(a.enter(|cx| cx.with(forged, |v| *v)).unwrap(), Err(AccessError::Stale(_))));
+    assert!(matches!(
+        a.enter(|cx| cx.with(forged, |v| *v)).unwrap(),
+        Err(AccessError::Stale(_))
+    ));
     // A value that is not Send cannot go into a free context.
-    let r = a.enter_local(|cx| cx.adopt_local(std::rc::Rc::new(1)).map(|_| ())).unwrap();
+    let r = a
+        .enter_local(|cx| cx.adopt_local(std::rc::Rc::new(1)).map(|_| ()))
+        .unwrap();
     assert!(matches!(r, Err(AccessError::NotPinned(_))));
 }
 
 #[test]
 fn panic_is_an_error_and_poisons_only_the_object() {
     let a = Context::new("a");
-    let (h, other) = a.enter(|cx| (cx.adopt(0u32).unwrap(), cx.adopt(10u32).unwrap())).unwrap();
+    let (h, other) = a
+        .enter(|cx| (cx.adopt(0u32).unwrap(), cx.adopt(10u32).unwrap()))
+        .unwrap();
     let r = a.enter(move |cx| {
         cx.with(h, |v| {
             *v = 1;
@@ -156,14 +173,22 @@ fn panic_is_an_error_and_poisons_only_the_object() {
     }
     // The context is released and usable; the other object is fine; the borrowed one is poisoned.
     assert_eq!(a.enter(|cx| cx.with(other, |v| *v)).unwrap(), Ok(10));
-    assert!(matches!(a.enter(|cx| cx.with(h, |v| *v)).unwrap(), Err(AccessError::Poisoned(_))));
+    assert!(matches!(
+        a.enter(|cx| cx.with(h, |v| *v)).unwrap(),
+        Err(AccessError::Poisoned(_))
+    ));
     assert_eq!(a.enter(|cx| cx.clear_poison(h)).unwrap(), Ok(true));
     assert_eq!(a.enter(|cx| cx.with(h, |v| *v)).unwrap(), Ok(1));
     assert_eq!(a.stats().panics, 1);
     // A panic in a nested context does not unwind into the caller's context.
     let b = Context::new("b");
     let b2 = b.clone();
-    let outer = a.enter(move |_| matches!(b2.enter(|_| panic!("inner")), Err(EnterError::Panicked { .. })));
+    let outer = a.enter(move |_| {
+        matches!(
+            b2.enter(|_| panic!("inner")),
+            Err(EnterError::Panicked { .. })
+        )
+    });
     assert_eq!(outer, Ok(true));
 }
 
@@ -188,7 +213,10 @@ fn try_enter_and_timeout_on_a_busy_context() {
         entered.wait();
         assert_eq!(a.try_enter(|_| ()), Err(EnterError::WouldBlock(a.id())));
         let t0 = Instant::now();
-        assert_eq!(a.enter_timeout(Duration::from_millis(50), |_| ()), Err(EnterError::TimedOut(a.id())));
+        assert_eq!(
+            a.enter_timeout(Duration::from_millis(50), |_| ()),
+            Err(EnterError::TimedOut(a.id()))
+        );
         assert!(t0.elapsed() >= Duration::from_millis(50));
         // The timed-out waiter left the queue: the holder can still release normally.
         assert_eq!(a.lock().queued_waiters(), 0);
@@ -213,7 +241,9 @@ fn waiters_are_served_first_come_first_served() {
         let mut waiters = Vec::new();
         for i in 0..6 {
             let (a2, order) = (a.clone(), order.clone());
-            waiters.push(std::thread::spawn(move || a2.enter(move |_| order.lock().unwrap().push(i)).unwrap()));
+            waiters.push(std::thread::spawn(move || {
+                a2.enter(move |_| order.lock().unwrap().push(i)).unwrap()
+            }));
             // Queue them one at a time so arrival order is known.
             wait_until("waiter queued", || a.lock().queued_waiters() == i + 1);
         }
@@ -248,7 +278,9 @@ fn stress_mutual_exclusion_with_handoffs() {
                 std::thread::spawn(move || {
                     let mut seed = t as u64 * 7919 + 1;
                     for _ in 0..ITERS {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let i = (seed >> 33) as usize % 4;
                         let j = (seed >> 40) as usize % 4;
                         let (ci, cj) = (&counters[i], &counters[j]);
@@ -305,8 +337,14 @@ fn enter_all_uses_one_global_order_and_cannot_deadlock() {
                         let set = if t % 2 == 0 { [&a, &b] } else { [&b, &a] };
                         enter_all(&set, |cxs| {
                             let (x, y) = cxs.split_at_mut(1);
-                            let (cx_a, cx_b) = if t % 2 == 0 { (&x[0], &y[0]) } else { (&y[0], &x[0]) };
-                            cx_a.with(ha, |src| cx_b.with(hb, |dst| dst.copy_from_slice(src))).unwrap().unwrap();
+                            let (cx_a, cx_b) = if t % 2 == 0 {
+                                (&x[0], &y[0])
+                            } else {
+                                (&y[0], &x[0])
+                            };
+                            cx_a.with(ha, |src| cx_b.with(hb, |dst| dst.copy_from_slice(src)))
+                                .unwrap()
+                                .unwrap();
                         })
                         .unwrap();
                         // And mix in a single handoff between them.
@@ -321,7 +359,10 @@ fn enter_all_uses_one_global_order_and_cannot_deadlock() {
             t.join().unwrap();
         }
         assert_eq!(done.load(Ordering::Relaxed), 4);
-        assert_eq!(b.enter(|cx| cx.with(hb, |v| v.clone())).unwrap().unwrap(), vec![1u8; 16]);
+        assert_eq!(
+            b.enter(|cx| cx.with(hb, |v| v.clone())).unwrap().unwrap(),
+            vec![1u8; 16]
+        );
     });
 }
 
@@ -339,7 +380,10 @@ fn close_drops_objects_and_refuses_entry() {
     let h = a.enter(move |cx| cx.adopt(flag)).unwrap().unwrap();
     // Closing from inside a borrow of one of its objects is refused.
     let a2 = a.clone();
-    let r = a.enter(move |cx| cx.with(h, |_| a2.close())).unwrap().unwrap();
+    let r = a
+        .enter(move |cx| cx.with(h, |_| a2.close()))
+        .unwrap()
+        .unwrap();
     assert_eq!(r, Err(CloseError::InUse(a.id())));
     assert!(!dropped.load(Ordering::SeqCst));
     a.close().unwrap();

@@ -23,11 +23,19 @@ struct Guarded {
 
 impl Guarded {
     fn new() -> Arc<Self> {
-        Arc::new(Self { lock: LocalLock::new(), value: UnsafeCell::new(0), inside: AtomicUsize::new(0) })
+        Arc::new(Self {
+            lock: LocalLock::new(),
+            value: UnsafeCell::new(0),
+            inside: AtomicUsize::new(0),
+        })
     }
 
     fn critical(&self) {
-        assert_eq!(self.inside.fetch_add(1, Ordering::SeqCst), 0, "two owners at once");
+        assert_eq!(
+            self.inside.fetch_add(1, Ordering::SeqCst),
+            0,
+            "two owners at once"
+        );
         self.value.with_mut(|v| {
             // SAFETY: loom checks that this access is ordered by the lock.
             unsafe { *v += 1 }

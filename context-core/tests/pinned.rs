@@ -17,7 +17,10 @@ fn calls_run_on_the_home_thread_and_hold_non_send_values() {
         let p = Context::pinned("p").unwrap();
         let home = p.enter(|_| std::thread::current().id()).unwrap();
         assert_ne!(home, std::thread::current().id());
-        let h = p.enter(|cx| cx.adopt_local(Rc::new(std::cell::RefCell::new(vec![1])))).unwrap().unwrap();
+        let h = p
+            .enter(|cx| cx.adopt_local(Rc::new(std::cell::RefCell::new(vec![1]))))
+            .unwrap()
+            .unwrap();
         let threads: Vec<_> = (0..4)
             .map(|i| {
                 let p = p.clone();
@@ -37,10 +40,16 @@ fn calls_run_on_the_home_thread_and_hold_non_send_values() {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(p.enter(move |cx| cx.with(h, |v| v.borrow().len())).unwrap(), Ok(2001));
+        assert_eq!(
+            p.enter(move |cx| cx.with(h, |v| v.borrow().len())).unwrap(),
+            Ok(2001)
+        );
         assert_eq!(p.stats().shipped_calls, 2003);
         // enter_local from a foreign thread is refused rather than run on the wrong thread.
-        assert_eq!(p.enter_local(|_| ()), Err(EnterError::NotHomeThread(p.id())));
+        assert_eq!(
+            p.enter_local(|_| ()),
+            Err(EnterError::NotHomeThread(p.id()))
+        );
     });
 }
 
@@ -55,16 +64,23 @@ fn pinned_reentrancy_across_home_threads() {
         let v = p
             .enter(move |_| {
                 let p3 = p2.clone();
-                q2.enter(move |_| p3.enter(move |cx| cx.with(hp, |v| *v + 1)).unwrap()).unwrap()
+                q2.enter(move |_| p3.enter(move |cx| cx.with(hp, |v| *v + 1)).unwrap())
+                    .unwrap()
             })
             .unwrap();
         assert_eq!(v, Ok(11));
         // Free -> pinned -> the same free context again.
         let f = Context::new("f");
-        let hf = f.enter(|cx| cx.adopt(String::from("free"))).unwrap().unwrap();
+        let hf = f
+            .enter(|cx| cx.adopt(String::from("free")))
+            .unwrap()
+            .unwrap();
         let (f2, p4) = (f.clone(), p.clone());
         let s = f
-            .enter(move |_| p4.enter(move |_| f2.enter(move |cx| cx.with(hf, |s| s.clone())).unwrap()).unwrap())
+            .enter(move |_| {
+                p4.enter(move |_| f2.enter(move |cx| cx.with(hf, |s| s.clone())).unwrap())
+                    .unwrap()
+            })
             .unwrap();
         assert_eq!(s, Ok("free".to_owned()));
     });
@@ -99,7 +115,10 @@ fn timeout_while_the_home_thread_is_busy() {
             })
         };
         started.wait();
-        assert_eq!(p.enter_timeout(Duration::from_millis(30), |_| ()), Err(EnterError::TimedOut(p.id())));
+        assert_eq!(
+            p.enter_timeout(Duration::from_millis(30), |_| ()),
+            Err(EnterError::TimedOut(p.id()))
+        );
         assert_eq!(p.try_enter(|_| ()), Err(EnterError::WouldBlock(p.id())));
         release.store(true, Ordering::Release);
         busy.join().unwrap();
@@ -121,7 +140,9 @@ fn close_and_last_drop_free_objects_on_the_home_thread() {
         let p = Context::pinned("p").unwrap();
         let home = p.enter(|_| std::thread::current().id()).unwrap();
         let tx2 = tx.clone();
-        p.enter(move |cx| cx.adopt_local(ReportDrop(tx2)).map(|_| ())).unwrap().unwrap();
+        p.enter(move |cx| cx.adopt_local(ReportDrop(tx2)).map(|_| ()))
+            .unwrap()
+            .unwrap();
         p.close().unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), home);
         assert_eq!(p.enter(|_| ()), Err(EnterError::Closed(p.id())));
@@ -129,7 +150,9 @@ fn close_and_last_drop_free_objects_on_the_home_thread() {
         // Dropping the last clone closes it too, on the home thread.
         let q = Context::pinned("q").unwrap();
         let home_q = q.enter(|_| std::thread::current().id()).unwrap();
-        q.enter(move |cx| cx.adopt_local(ReportDrop(tx)).map(|_| ())).unwrap().unwrap();
+        q.enter(move |cx| cx.adopt_local(ReportDrop(tx)).map(|_| ()))
+            .unwrap()
+            .unwrap();
         drop(q);
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), home_q);
     });

@@ -104,7 +104,11 @@ impl Config {
     /// How long one trial of a timed loop should run.
     #[must_use]
     pub fn trial_time(&self) -> Duration {
-        if self.quick { Duration::from_millis(15) } else { Duration::from_millis(120) }
+        if self.quick {
+            Duration::from_millis(15)
+        } else {
+            Duration::from_millis(120)
+        }
     }
 }
 
@@ -119,7 +123,12 @@ pub struct Runner {
 impl Runner {
     /// A runner; `progress` is told the name of each case as it starts.
     pub fn new(config: Config, progress: Box<dyn FnMut(&str)>) -> Self {
-        Self { config, suite: "", rows: Vec::new(), progress }
+        Self {
+            config,
+            suite: "",
+            rows: Vec::new(),
+            progress,
+        }
     }
 
     /// The run's options.
@@ -155,7 +164,11 @@ impl Runner {
         baseline_value: f64,
         target: Option<Target>,
     ) {
-        let ratio = if baseline_value == 0.0 { 0.0 } else { value / baseline_value };
+        let ratio = if baseline_value == 0.0 {
+            0.0
+        } else {
+            value / baseline_value
+        };
         let target_met = target.map(|t| t.met(value, ratio));
         self.rows.push(Row {
             suite: self.suite.to_owned(),
@@ -215,7 +228,11 @@ impl Runner {
 
     /// Median nanoseconds per operation of a case and of its baseline, measured in alternating trials
     /// so that both see the same machine. Returns `(case, baseline)`.
-    pub fn compare_ns(&mut self, mut case: impl FnMut(u64), mut baseline: impl FnMut(u64)) -> (f64, f64) {
+    pub fn compare_ns(
+        &mut self,
+        mut case: impl FnMut(u64),
+        mut baseline: impl FnMut(u64),
+    ) -> (f64, f64) {
         let ci = self.calibrate(&mut case);
         let bi = self.calibrate(&mut baseline);
         let mut cs = Vec::with_capacity(self.config.trials());
@@ -246,5 +263,9 @@ pub fn median(samples: &mut [f64]) -> f64 {
     }
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
-    if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    }
 }

@@ -49,7 +49,11 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".to_owned());
-        Self { cpus, cpu_model, kernel }
+        Self {
+            cpus,
+            cpu_model,
+            kernel,
+        }
     }
 }
 
@@ -68,14 +72,29 @@ fn fmt_value(v: f64) -> String {
 }
 
 fn fmt_ratio(r: f64) -> String {
-    if r == 0.0 { "-".to_owned() } else if r >= 100.0 { format!("{r:.0}x") } else { format!("{r:.2}x") }
+    if r == 0.0 {
+        "-".to_owned()
+    } else if r >= 100.0 {
+        format!("{r:.0}x")
+    } else {
+        format!("{r:.2}x")
+    }
 }
 
 /// The table printed by `ctx bench`.
 #[must_use]
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
-    let headers = ["case", "metric", "value", "baseline", "baseline value", "ratio", "target", "met"];
+    let headers = [
+        "case",
+        "metric",
+        "value",
+        "baseline",
+        "baseline value",
+        "ratio",
+        "target",
+        "met",
+    ];
     let mut suites: Vec<&str> = Vec::new();
     for r in rows {
         if !suites.contains(&r.suite.as_str()) {
@@ -142,7 +161,9 @@ pub fn table(rows: &[Row]) -> String {
 /// A Markdown table of the rows (for the README).
 #[must_use]
 pub fn markdown(rows: &[Row]) -> String {
-    let mut out = String::from("| suite | case | metric | value | baseline | baseline value | ratio | target | met |\n");
+    let mut out = String::from(
+        "| suite | case | metric | value | baseline | baseline value | ratio | target | met |\n",
+    );
     out.push_str("|---|---|---|---:|---|---:|---:|---|---|\n");
     for r in rows {
         let _ = writeln!(
@@ -167,7 +188,10 @@ pub fn markdown(rows: &[Row]) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// An SVG chart: one horizontal bar per row with a ratio, on a log scale centred on 1x, grouped by
@@ -183,7 +207,8 @@ pub fn svg(rows: &[Row]) -> String {
     let mut body = String::new();
     // log10 scale from 1/1000x to 1000x.
     let span = 3.0f64;
-    let x_of = |ratio: f64| label_w + (ratio.log10().clamp(-span, span) + span) / (2.0 * span) * chart_w;
+    let x_of =
+        |ratio: f64| label_w + (ratio.log10().clamp(-span, span) + span) / (2.0 * span) * chart_w;
     let mut last_suite = "";
     for r in &rows {
         if r.suite != last_suite {
@@ -204,7 +229,11 @@ pub fn svg(rows: &[Row]) -> String {
         };
         let x1 = x_of(1.0);
         let x2 = x_of(r.ratio);
-        let (x, w) = if x2 >= x1 { (x1, x2 - x1) } else { (x2, x1 - x2) };
+        let (x, w) = if x2 >= x1 {
+            (x1, x2 - x1)
+        } else {
+            (x2, x1 - x2)
+        };
         let better = match r.better {
             Better::Lower => "lower is better",
             Better::Higher => "higher is better",
@@ -222,7 +251,9 @@ pub fn svg(rows: &[Row]) -> String {
             xml_escape(&r.metric),
             fmt_ratio(r.ratio),
             better,
-            r.target.map(|t| t.describe()).unwrap_or_else(|| "none".to_owned()),
+            r.target
+                .map(|t| t.describe())
+                .unwrap_or_else(|| "none".to_owned()),
             label_w + chart_w + 8.0,
             y + 13.0,
             fmt_ratio(r.ratio),
@@ -240,7 +271,11 @@ pub fn svg(rows: &[Row]) -> String {
             r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#ccc"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}x</text>"##,
             height - 26.0,
             height - 10.0,
-            if p < 0 { format!("{ratio}") } else { format!("{ratio:.0}") }
+            if p < 0 {
+                format!("{ratio}")
+            } else {
+                format!("{ratio:.0}")
+            }
         );
     }
     format!(

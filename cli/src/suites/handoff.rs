@@ -28,7 +28,15 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
             }
         },
     );
-    r.row("enter_exit_idle", "ns_per_op", enter, Better::Lower, "parking_lot_mutex", lock, Some(Target::RatioAtMost(1.5)));
+    r.row(
+        "enter_exit_idle",
+        "ns_per_op",
+        enter,
+        Better::Lower,
+        "parking_lot_mutex",
+        lock,
+        Some(Target::RatioAtMost(1.5)),
+    );
 
     r.step("handoff_idle_roundtrip");
     let (handoff, lock) = r.compare_ns(
@@ -83,7 +91,9 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         Some(Target::RatioAtMost(1.5)),
     );
     let contended = b.stats().contended_entries;
-    r.note(format!("{contended} contended entries so far in the busy context"));
+    r.note(format!(
+        "{contended} contended entries so far in the busy context"
+    ));
 
     r.step("handoff_pinned_roundtrip");
     let p = Context::pinned("bench-pinned")?;
@@ -134,6 +144,8 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         baseline as f64,
         Some(Target::ValueAtMost(0.0)),
     );
-    r.note(format!("voluntary context switches across {IDLE_HANDOFFS} idle A -> B -> A handoffs"));
+    r.note(format!(
+        "voluntary context switches across {IDLE_HANDOFFS} idle A -> B -> A handoffs"
+    ));
     Ok(())
 }

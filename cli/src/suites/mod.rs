@@ -20,6 +20,14 @@ pub struct Suite {
 
 /// Every suite, in the order `ctx bench` runs them.
 pub const ALL: &[Suite] = &[
-    Suite { name: "handoff", about: "context entry and lock handoff: idle, busy, pinned", run: handoff::run },
-    Suite { name: "scaling", about: "isolated contexts vs shared Arc counts on 1 and 2 threads", run: scaling::run },
+    Suite {
+        name: "handoff",
+        about: "context entry and lock handoff: idle, busy, pinned",
+        run: handoff::run,
+    },
+    Suite {
+        name: "scaling",
+        about: "isolated contexts vs shared Arc counts on 1 and 2 threads",
+        run: scaling::run,
+    },
 ];

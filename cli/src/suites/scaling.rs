@@ -25,7 +25,9 @@ fn work(objects: &[Arc<[u64; 4]>]) -> u64 {
 }
 
 fn objects() -> Vec<Arc<[u64; 4]>> {
-    (0..OBJECTS as u64).map(|i| Arc::new([i, i + 1, i + 2, i + 3])).collect()
+    (0..OBJECTS as u64)
+        .map(|i| Arc::new([i, i + 1, i + 2, i + 3]))
+        .collect()
 }
 
 /// Runs `per_thread` on `threads` threads started together; returns the wall time of the slowest.
@@ -102,7 +104,9 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         shared_speedup,
         Some(Target::ValueAtLeast(1.8)),
     );
-    r.note(format!("{units} units of work per thread, {OBJECTS} Arc clone+drop each"));
+    r.note(format!(
+        "{units} units of work per thread, {OBJECTS} Arc clone+drop each"
+    ));
     r.row(
         "shared_arc",
         "speedup",
