@@ -1,8 +1,87 @@
 //! # context-forkpool
 //!
-//! **Not yet implemented** (tracked by the forkpool issue). This crate will hold fixed-address shared
-//! regions mapped before fork, a supervised pool of forked workers, and a process-shared allocator whose
-//! pointers are valid in every process of the pool.
+//! The design note's "evil trick", as a supervised worker pool: the master reserves a large range of
+//! address space, maps blank shared files into it at fixed addresses, and forks workers that inherit
+//! the mappings at the same addresses. Ordinary pointers stored in those regions are then valid in
+//! every process, so a structure built by the master can be walked by workers through plain pointers.
 //!
-//! It exposes nothing yet, on purpose: no API here pretends to work before it does.
-#![forbid(unsafe_code)]
+//! - **Regions** ([`Backing`]): one `PROT_NONE` reservation (16 GiB by default), memfd-backed regions
+//!   (sealed against resizing) or unnamed files in a directory, mapped `MAP_SHARED | MAP_FIXED`; sparse
+//!   until touched. [`Pool::grow`] maps a new region in every process before the allocator may use it;
+//!   [`Pool::release_region`] (unmap everywhere behind an epoch barrier, close the file) and
+//!   [`Pool::punch_free`] (`fallocate(PUNCH_HOLE)` / `MADV_REMOVE`) return memory. See `region` docs
+//!   for the limits.
+//! - **Allocator** ([`Heap`], [`RawHeap`]): process-shared, lock-free and crash-consistent by
+//!   construction (every step is one atomic operation; a process killed anywhere can at worst leak a
+//!   block). Size classes with occupancy bitmaps, large blocks of whole chunks, all bookkeeping in a
+//!   management area whose size is known up front ([`Geometry::management_size`]). Double free,
+//!   foreign pointers and exhaustion are errors. Statistics and a full checker scan the bookkeeping.
+//! - **Typed owners**: [`SharedBox`], [`SharedVec`] and [`SharedList`] (a linked list whose nodes any
+//!   process can walk and extend), for types that prove they are shareable ([`ShareSafe`]).
+//! - **Workers** ([`Pool`]): jobs are plain function pointers (valid after fork: same image) with
+//!   arguments in shared memory ([`Pool::run`], [`Pool::run_mut`], [`Pool::broadcast`]), waits with
+//!   timeouts, dead workers detected (exit status or signal), reported ([`Pool::take_deaths`]) and
+//!   replaced; a PostgreSQL-style [`Pool::reset`] when shared memory cannot be proven consistent.
+//!   Workers get `PR_SET_PDEATHSIG(SIGKILL)` and check their parent, so they die with the master.
+//!
+//! ## Threads and fork: the decision
+//!
+//! The pool forks only from a single-threaded process and otherwise refuses with
+//! [`PoolError::MultiThreaded`]: a child of a multi-threaded process may inherit locks held by threads
+//! that do not exist in it. Replacing a dead worker forks again, so the master must stay
+//! single-threaded while the pool lives. Multi-threaded hosts (cargo's test harness, a CLI with a
+//! progress thread) run the pool in a fresh single-threaded copy of their own binary with
+//! [`isolated::run`]: it re-executes `current_exe()` and a start-up hook of this crate runs the chosen
+//! entry function before `main`. No zygote is forked early, because a library cannot run before its
+//! host's threads exist except through exactly such a hook, and re-execution gives a clean process
+//! without inheriting anything. Between `fork` and its loop a worker allocates nothing.
+//!
+//! ## Layering
+//!
+//! forkpool sits above `context-shmem` (segments, the process-shared lock, the channel). It uses none
+//! of them yet: its allocator needs no lock (it is lock-free), and regions need fixed-address mapping
+//! that the segment type does not offer. The regions are built with `libc` directly in `sys`.
+//!
+//! ## Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use context_forkpool::{Pool, PoolError, SharedList};
+//!
+//! fn sum(_: &context_forkpool::JobContext, list: &context_forkpool::ListHead<u64>) -> u64 {
+//!     list.iter().sum()
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let mut pool = match Pool::builder().workers(2).reserve(1 << 30).initial_region(64 << 20).build() {
+//!         Ok(p) => p,
+//!         // A multi-threaded host must use context_forkpool::isolated instead.
+//!         Err(PoolError::MultiThreaded { .. }) => return Ok(()),
+//!         Err(e) => return Err(e.into()),
+//!     };
+//!     let mut list = SharedList::new(pool.heap())?;
+//!     for v in 1..=100u64 {
+//!         list.push_front(v)?;
+//!     }
+//!     // A worker walks the master's list through plain pointers.
+//!     assert_eq!(pool.run(0, sum, &list, Duration::from_secs(10))?, 5050);
+//!     Ok(())
+//! }
+//! ```
+
+mod alloc;
+mod error;
+mod heap;
+pub mod isolated;
+mod pool;
+mod region;
+mod sys;
+
+pub use alloc::{CLASSES, CheckReport, Geometry, MAX_SMALL, MIN_BLOCK, RawHeap, Stats};
+pub use error::{AllocError, DeathCause, PoolError, RegionError};
+pub use heap::{
+    Heap, JobArg, ListHead, ListIter, ListNode, ShareSafe, SharedBox, SharedList, SharedVec,
+};
+pub use pool::{DeathOutcome, DeathPolicy, DeathReport, JobContext, Pool, PoolBuilder};
+pub use region::Backing;
+pub use sys::{ExitKind, open_fd_count, open_memfd_count, resident_bytes};

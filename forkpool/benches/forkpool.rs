@@ -1,0 +1,145 @@
+//! Criterion benchmarks of context-forkpool, each beside its baseline in the same run:
+//! - `alloc_free_64b`: the shared allocator vs glibc malloc/free (`Box`);
+//! - `pointer_chase`: a worker walking a list built by the master vs the master walking it;
+//! - `parallel_sum`: summing a shared array with 2 workers vs 1;
+//! - `pool_start`: starting (and stopping) a 2-worker pool over a 1 GiB region vs two bare
+//!   fork + waitpid.
+//!
+//! Criterion's main is single-threaded, so the pool can fork here directly. `ctx bench forkpool`
+//! reports the same cases as ratios.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use context_forkpool::{JobContext, ListHead, Pool, SharedList, SharedVec};
+use criterion::{Criterion, criterion_main};
+
+const T: Duration = Duration::from_secs(60);
+
+fn alloc_free(c: &mut Criterion) {
+    let pool = Pool::builder()
+        .workers(0)
+        .reserve(1 << 30)
+        .initial_region(64 << 20)
+        .build()
+        .expect("heap");
+    let heap = pool.heap().raw();
+    let mut g = c.benchmark_group("alloc_free_64b");
+    g.bench_function("forkpool", |b| {
+        b.iter(|| {
+            let p = heap.alloc(black_box(64), 8).expect("alloc");
+            heap.free(black_box(p)).expect("free");
+        });
+    });
+    g.bench_function("glibc_box", |b| {
+        b.iter(|| drop(black_box(Box::new([0u8; 64]))));
+    });
+    g.finish();
+}
+
+fn walk(_: &JobContext, l: &ListHead<u64>) -> u64 {
+    l.iter().fold(0u64, |a, v| a.wrapping_add(*v))
+}
+
+fn pointer_chase(c: &mut Criterion) {
+    let mut pool = Pool::builder()
+        .workers(1)
+        .reserve(1 << 30)
+        .initial_region(256 << 20)
+        .build()
+        .expect("pool");
+    let mut list = SharedList::new(pool.heap()).expect("list");
+    for v in 0..200_000u64 {
+        list.push_front(v).expect("push");
+    }
+    let mut g = c.benchmark_group("pointer_chase_200k");
+    g.bench_function("worker", |b| {
+        b.iter(|| pool.run(0, walk, &list, T).expect("run"))
+    });
+    g.bench_function("master", |b| b.iter(|| walk_master(&list)));
+    g.finish();
+    drop(list);
+}
+
+fn walk_master(l: &ListHead<u64>) -> u64 {
+    l.iter().fold(0u64, |a, v| a.wrapping_add(*v))
+}
+
+fn sum_part(cx: &JobContext, v: &[u64]) -> u64 {
+    let n = v.len();
+    let (lo, hi) = (
+        n * cx.index() / cx.workers(),
+        n * (cx.index() + 1) / cx.workers(),
+    );
+    v[lo..hi].iter().fold(0u64, |a, x| a.wrapping_add(*x))
+}
+
+fn parallel_sum(c: &mut Criterion) {
+    let words = 32usize << 20; // 256 MiB
+    let mut g = c.benchmark_group("parallel_sum_256mib");
+    g.sample_size(10);
+    for workers in [1usize, 2] {
+        let mut pool = Pool::builder()
+            .workers(workers)
+            .reserve(2 << 30)
+            .initial_region(512 << 20)
+            .build()
+            .expect("pool");
+        let v = SharedVec::from_elem(pool.heap(), 1u64, words).expect("vec");
+        g.bench_function(format!("{workers}_workers"), |b| {
+            b.iter(|| {
+                pool.broadcast(sum_part, &v, T)
+                    .into_iter()
+                    .map(|r| r.expect("job"))
+                    .sum::<u64>()
+            });
+        });
+        drop(v);
+    }
+    g.finish();
+}
+
+fn bare_fork_wait() {
+    // SAFETY: criterion's main thread is the only thread; the child exits at once without touching
+    // anything.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: _exit in the child, no cleanup needed.
+        unsafe { libc::_exit(0) };
+    }
+    let mut st = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+}
+
+fn pool_start(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_start_2w_1gib");
+    g.sample_size(20);
+    g.bench_function("pool", |b| {
+        b.iter(|| {
+            drop(
+                Pool::builder()
+                    .workers(2)
+                    .reserve(2 << 30)
+                    .initial_region(1 << 30)
+                    .build()
+                    .expect("pool"),
+            )
+        });
+    });
+    g.bench_function("two_fork_waitpid", |b| {
+        b.iter(|| {
+            bare_fork_wait();
+            bare_fork_wait();
+        });
+    });
+    g.finish();
+}
+
+// criterion_group! generates an undocumented `pub fn`; keep the allow on that function only.
+mod group {
+    #![allow(missing_docs)]
+    use super::{alloc_free, parallel_sum, pointer_chase, pool_start};
+    criterion::criterion_group!(benches, alloc_free, pointer_chase, parallel_sum, pool_start);
+}
+criterion_main!(group::benches);

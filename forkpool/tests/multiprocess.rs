@@ -1,0 +1,646 @@
+//! Multi-process tests. Cargo's test harness is multi-threaded, so every test body that builds a pool
+//! runs in a fresh single-threaded copy of this test binary (`isolated::run`), with a watchdog: a
+//! hang fails the test instead of stalling CI.
+
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use context_forkpool::{
+    AllocError, Backing, DeathCause, DeathOutcome, DeathPolicy, Heap, JobContext, ListHead, Pool,
+    PoolError, SharedBox, SharedList, SharedVec, isolated, open_fd_count, open_memfd_count,
+    resident_bytes,
+};
+
+const T: Duration = Duration::from_secs(20);
+
+macro_rules! isolated_test {
+    ($name:ident, $body:ident, $secs:expr) => {
+        #[test]
+        fn $name() {
+            fn entry() -> i32 {
+                match $body() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("FAILED: {e:#}");
+                        1
+                    }
+                }
+            }
+            let out = isolated::run(entry, Duration::from_secs($secs)).expect("isolated run");
+            assert!(
+                out.success(),
+                "code {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}",
+                out.code,
+                out.signal,
+                out.stdout,
+                out.stderr
+            );
+        }
+    };
+}
+
+fn small_pool(workers: usize) -> context_forkpool::PoolBuilder {
+    Pool::builder()
+        .workers(workers)
+        .reserve(1 << 30)
+        .initial_region(64 << 20)
+        .control_timeout(T)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pointer structures built in one process, read and modified in others.
+
+fn sum_list(_: &JobContext, l: &ListHead<u64>) -> u64 {
+    l.iter().sum()
+}
+
+fn push_from_worker(cx: &JobContext, l: &mut ListHead<u64>) -> u64 {
+    for i in 0..100 {
+        if l.push_front(cx.heap(), 1_000_000 + i).is_err() {
+            return u64::MAX;
+        }
+    }
+    l.len()
+}
+
+fn double_all(_: &JobContext, l: &mut ListHead<u64>) -> u64 {
+    l.for_each_mut(|v| *v *= 2);
+    0
+}
+
+fn sum_slice(cx: &JobContext, v: &[u64]) -> u64 {
+    // Each worker sums its half; used by broadcast.
+    let n = v.len();
+    let (lo, hi) = (
+        n * cx.index() / cx.workers(),
+        n * (cx.index() + 1) / cx.workers(),
+    );
+    v[lo..hi].iter().sum()
+}
+
+fn bump_box(cx: &JobContext, b: &mut [u64; 4]) -> u64 {
+    b[cx.index()] += 7;
+    b.iter().sum()
+}
+
+fn pointer_structures() -> anyhow::Result<()> {
+    let mut pool = small_pool(2).build()?;
+    let mut list = SharedList::new(pool.heap())?;
+    for v in 1..=10_000u64 {
+        list.push_front(v)?;
+    }
+    let expect: u64 = (1..=10_000u64).sum();
+    ensure!(
+        pool.run(0, sum_list, &list, T)? == expect,
+        "worker 0 walked the master's list"
+    );
+    ensure!(
+        pool.run(1, sum_list, &list, T)? == expect,
+        "worker 1 walked the master's list"
+    );
+    // A worker extends the list with nodes it allocates itself; the master and the other worker see them.
+    ensure!(pool.run_mut(1, push_from_worker, &mut list, T)? == 10_100);
+    let added: u64 = (0..100).map(|i| 1_000_000 + i).sum();
+    ensure!(
+        list.iter().sum::<u64>() == expect + added,
+        "master sees the worker's nodes"
+    );
+    ensure!(
+        pool.run(0, sum_list, &list, T)? == expect + added,
+        "worker 0 sees worker 1's nodes"
+    );
+    pool.run_mut(0, double_all, &mut list, T)?;
+    ensure!(
+        list.iter().sum::<u64>() == 2 * (expect + added),
+        "master sees values changed by a worker"
+    );
+
+    let v = SharedVec::from_elem(pool.heap(), 3u64, 1 << 20)?;
+    let parts: Vec<u64> = pool
+        .broadcast(sum_slice, &v, T)
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        parts.iter().sum::<u64>() == 3 << 20,
+        "halves summed by two workers"
+    );
+
+    let mut b = SharedBox::new(pool.heap(), [0u64; 4])?;
+    pool.run_mut(0, bump_box, &mut b, T)?;
+    pool.run_mut(1, bump_box, &mut b, T)?;
+    ensure!(*b == [7, 7, 0, 0], "box modified by both workers: {:?}", *b);
+
+    drop(list);
+    drop(v);
+    drop(b);
+    let r = pool.heap().check();
+    ensure!(r.is_consistent(), "{:?}", r.problems);
+    ensure!(
+        r.stats.live_bytes == 0,
+        "everything freed, including worker-allocated nodes: {:?}",
+        r.stats
+    );
+    Ok(())
+}
+isolated_test!(pointer_structures_cross_process, pointer_structures, 60);
+
+// ---------------------------------------------------------------------------------------------
+// Allocation from every process at once, with pattern checks and the invariant checker.
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// Allocates and frees `iters` blocks of mixed sizes, writing a unique tag into each block and
+/// checking it before the free (two processes handed the same block would overwrite each other's
+/// tag). Returns the number of operations, or `u64::MAX` on a detected overlap or error.
+fn churn(heap: &Heap, who: u64, iters: u64, seed: u64) -> u64 {
+    let mut s = seed | 1;
+    let mut live: Vec<(NonNull<u8>, usize, u64)> = Vec::with_capacity(64);
+    let mut ops = 0;
+    for k in 0..iters {
+        let r = xorshift(&mut s);
+        if live.len() < 32 && (r & 1 == 0 || live.is_empty()) {
+            let size = if r % 29 == 0 {
+                70_000 + (r >> 8) as usize % 200_000
+            } else {
+                16 + (r >> 8) as usize % 3000
+            };
+            let Ok(p) = heap.alloc(std::alloc::Layout::from_size_align(size, 8).expect("layout"))
+            else {
+                continue; // exhaustion under pressure is allowed; corruption is not
+            };
+            let tag = (who << 48) | k;
+            // SAFETY: p is a fresh block of at least `size` >= 8 bytes, exclusively ours.
+            unsafe { p.as_ptr().cast::<u64>().write(tag) };
+            // SAFETY: the last 8 bytes of the block, 8-aligned because size >= 8 and reads unaligned.
+            unsafe {
+                p.as_ptr()
+                    .wrapping_add(size - 8)
+                    .cast::<u64>()
+                    .write_unaligned(!tag)
+            };
+            live.push((p, size, tag));
+        } else {
+            let (p, size, tag) = live.swap_remove((r >> 4) as usize % live.len());
+            // SAFETY: our live block, written above.
+            let a = unsafe { p.as_ptr().cast::<u64>().read() };
+            // SAFETY: as above.
+            let b = unsafe {
+                p.as_ptr()
+                    .wrapping_add(size - 8)
+                    .cast::<u64>()
+                    .read_unaligned()
+            };
+            if a != tag || b != !tag {
+                return u64::MAX;
+            }
+            // SAFETY: our block, not used after this.
+            if unsafe { heap.free(p) }.is_err() {
+                return u64::MAX;
+            }
+        }
+        ops += 1;
+    }
+    for (p, _, _) in live {
+        // SAFETY: our blocks.
+        if unsafe { heap.free(p) }.is_err() {
+            return u64::MAX;
+        }
+    }
+    ops
+}
+
+fn churn_job(cx: &JobContext, p: &[u64; 2]) -> u64 {
+    churn(
+        cx.heap(),
+        cx.index() as u64 + 1,
+        p[0],
+        p[1] + cx.index() as u64,
+    )
+}
+
+fn concurrent_alloc() -> anyhow::Result<()> {
+    let mut pool = small_pool(2).chunk_shift(16).build()?;
+    for round in 0..4u64 {
+        let params = SharedBox::new(pool.heap(), [60_000u64, 0x9e37_79b9 * (round + 1)])?;
+        let (res, mine) = pool.broadcast_during(churn_job, &params, T, |heap, _| {
+            churn(heap, 99, 60_000, 0x1234_5678 + round)
+        });
+        ensure!(mine != u64::MAX, "master detected an overlapping block");
+        for (w, r) in res.into_iter().enumerate() {
+            let ops = r.with_context(|| format!("worker {w}"))?;
+            ensure!(
+                ops != u64::MAX,
+                "worker {w} detected an overlapping block or a failed free"
+            );
+        }
+        drop(params);
+        let r = pool.heap().check();
+        ensure!(r.is_consistent(), "round {round}: {:?}", r.problems);
+        ensure!(
+            r.stats.live_bytes == 0,
+            "round {round}: all freed: {:?}",
+            r.stats
+        );
+    }
+    Ok(())
+}
+isolated_test!(allocation_from_all_processes_at_once, concurrent_alloc, 120);
+
+// ---------------------------------------------------------------------------------------------
+// SIGKILL a worker in the middle of allocating, many times.
+
+fn sigkill_mid_allocation() -> anyhow::Result<()> {
+    let mut pool = small_pool(2)
+        .chunk_shift(16)
+        .initial_region(256 << 20)
+        .build()?;
+    let mut repaired = 0;
+    let rounds = 30u64;
+    for round in 0..rounds {
+        let params = SharedBox::new(pool.heap(), [300_000u64, round * 7919 + 1])?;
+        let delay = Duration::from_micros(500 + (round * 331) % 4000);
+        let (res, ()) = pool.broadcast_during(churn_job, &params, T, |_, pids| {
+            std::thread::sleep(delay);
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(pids[0], libc::SIGKILL) };
+        });
+        drop(params);
+        match &res[0] {
+            Err(PoolError::WorkerDied {
+                cause: DeathCause::Ended(_),
+                ..
+            }) => {}
+            Ok(_) => {} // it finished before the signal landed
+            Err(e) => bail!("round {round}: unexpected result for the killed worker: {e}"),
+        }
+        let r1 = res[1]
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("worker 1: {e}"))?;
+        ensure!(
+            *r1 != u64::MAX,
+            "round {round}: worker 1 saw an overlapping block"
+        );
+        for d in pool.take_deaths() {
+            ensure!(d.outcome == DeathOutcome::Replaced, "round {round}: {d:?}");
+            repaired += d.repaired_chunks;
+        }
+        let r = pool.heap().check();
+        ensure!(r.is_consistent(), "round {round}: {:?}", r.problems);
+        ensure!(
+            pool.worker_pids().iter().all(|&p| p > 0),
+            "both workers alive after replacement"
+        );
+    }
+    let leaked = pool.heap().stats().live_bytes;
+    println!("{rounds} kills: {repaired} chunks repaired, {leaked} bytes leaked by killed workers");
+    // Leaked blocks of dead workers are not attributable; the PostgreSQL-style reset reclaims them.
+    pool.reset()?;
+    let s = pool.heap().stats();
+    ensure!(
+        s.live_bytes == 0 && s.transitional_chunks == 0,
+        "reset gives an empty heap: {s:?}"
+    );
+    let params = SharedBox::new(pool.heap(), [10_000u64, 5])?;
+    for r in pool.broadcast(churn_job, &params, T) {
+        ensure!(r? != u64::MAX);
+    }
+    Ok(())
+}
+isolated_test!(sigkill_workers_mid_allocation, sigkill_mid_allocation, 150);
+
+fn spin_alloc(cx: &JobContext) -> u64 {
+    churn(cx.heap(), 1, u64::MAX, 42)
+}
+
+fn reset_policy() -> anyhow::Result<()> {
+    let mut pool = small_pool(1).death_policy(DeathPolicy::Reset).build()?;
+    // With an owner alive, the death poisons the pool.
+    let keep = SharedBox::new(pool.heap(), 5u64)?;
+    let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    });
+    ensure!(
+        matches!(res[0], Err(PoolError::WorkerDied { .. })),
+        "{:?}",
+        res[0]
+    );
+    ensure!(
+        pool.poisoned().is_some(),
+        "poisoned while an owner is alive"
+    );
+    ensure!(matches!(
+        pool.run_fn(0, |_| 1, T),
+        Err(PoolError::Poisoned(_))
+    ));
+    ensure!(matches!(pool.reset(), Err(PoolError::HandlesAlive(1))));
+    drop(keep);
+    pool.reset()?;
+    ensure!(pool.run_fn(0, |_| 41, T)? == 41);
+    // Without owners, a death during a job resets at once.
+    let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    });
+    ensure!(res[0].is_err());
+    let d = pool.take_deaths();
+    ensure!(
+        d.last().map(|d| d.outcome.clone()) == Some(DeathOutcome::Reset),
+        "{d:?}"
+    );
+    ensure!(pool.heap().stats().live_bytes == 0);
+    ensure!(pool.run_fn(0, |_| 42, T)? == 42);
+    Ok(())
+}
+isolated_test!(death_policy_reset, reset_policy, 60);
+
+// ---------------------------------------------------------------------------------------------
+// Jobs: panics, timeouts, dead workers.
+
+fn jobs_fail_cleanly() -> anyhow::Result<()> {
+    let mut pool = small_pool(2).build()?;
+    ensure!(matches!(
+        pool.run_fn(0, |_| panic!("job panics on purpose"), T),
+        Err(PoolError::JobPanicked { worker: 0 })
+    ));
+    ensure!(
+        pool.run_fn(0, |cx| cx.index() as u64 + 10, T)? == 10,
+        "worker survives a panicking job"
+    );
+    let pid = pool.worker_pids()[1];
+    let r = pool.run(
+        1,
+        |_, _: &u64| loop {
+            std::thread::sleep(Duration::from_millis(10));
+        },
+        &SharedBox::new(pool.heap(), 1u64)?,
+        Duration::from_millis(200),
+    );
+    ensure!(
+        matches!(r, Err(PoolError::Timeout { worker: 1, .. })),
+        "{r:?}"
+    );
+    let d = pool.take_deaths();
+    ensure!(
+        d.len() == 1
+            && d[0].cause == DeathCause::KilledByPool
+            && d[0].outcome == DeathOutcome::Replaced,
+        "{d:?}"
+    );
+    ensure!(pool.worker_pids()[1] != pid, "replaced by a new process");
+    ensure!(pool.run_fn(1, |cx| cx.index() as u64, T)? == 1);
+    // A worker that exits by itself is detected with its status.
+    let r = pool.run_fn(0, |_| std::process::exit(7), T);
+    ensure!(
+        matches!(
+            r,
+            Err(PoolError::WorkerDied {
+                cause: DeathCause::Ended(context_forkpool::ExitKind::Exited(7)),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // Killed from outside while idle: found by supervision.
+    pool.kill_worker(1)?;
+    std::thread::sleep(Duration::from_millis(50));
+    ensure!(pool.supervise() == 1);
+    let d = pool.take_deaths();
+    ensure!(d.len() == 2, "{d:?}");
+    ensure!(
+        matches!(
+            d[1].cause,
+            DeathCause::Ended(context_forkpool::ExitKind::Signaled(9))
+        ),
+        "{d:?}"
+    );
+    ensure!(
+        pool.broadcast_fn(|cx| cx.index() as u64, T)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            == vec![0, 1]
+    );
+    ensure!(matches!(
+        pool.run_fn(5, |_| 0, T),
+        Err(PoolError::NoSuchWorker(5))
+    ));
+    Ok(())
+}
+isolated_test!(jobs_panics_timeouts_and_deaths, jobs_fail_cleanly, 60);
+
+// ---------------------------------------------------------------------------------------------
+// Growth and release in every process, with resident memory measured in each.
+
+fn rss_job(_: &JobContext) -> u64 {
+    resident_bytes().unwrap_or(0)
+}
+
+fn touch(_: &JobContext, v: &[u64]) -> u64 {
+    // Reads one word per page: maps every page into this process's resident set.
+    v.iter().step_by(512).sum()
+}
+
+fn all_rss(pool: &mut Pool) -> anyhow::Result<Vec<u64>> {
+    let mut v = vec![resident_bytes()?];
+    for r in pool.broadcast_fn(rss_job, T) {
+        v.push(r?);
+    }
+    Ok(v)
+}
+
+fn fill_region_zero(pool: &Pool) -> anyhow::Result<SharedVec<u8>> {
+    // Take every free chunk of the first region so that later blocks land in the grown ones.
+    let free = pool.heap().stats().free_chunks as usize * pool.heap().geometry().chunk_size();
+    Ok(SharedVec::with_capacity(pool.heap(), free)?)
+}
+
+fn growth_and_release() -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let mut pool = Pool::builder()
+        .workers(2)
+        .reserve(1 << 30)
+        .initial_region(16 * MIB)
+        .control_timeout(T)
+        .build()?;
+    let _filler = fill_region_zero(&pool)?;
+    ensure!(
+        matches!(
+            SharedVec::<u64>::with_capacity(pool.heap(), MIB),
+            Err(AllocError::OutOfMemory)
+        ),
+        "first region full"
+    );
+
+    for method in ["close+remap", "punch-hole"] {
+        let idx = pool.grow(64 * MIB)?;
+        // 48 MiB in the new region, written by the master, read by both workers.
+        let v = SharedVec::from_elem(pool.heap(), 1u64, 6 * MIB)?;
+        for r in pool.broadcast(touch, &v, T) {
+            ensure!(
+                r? == (6 * MIB / 512) as u64,
+                "worker reads the grown region"
+            );
+        }
+        let before = all_rss(&mut pool)?;
+        if method == "close+remap" {
+            ensure!(
+                matches!(
+                    pool.release_region(idx),
+                    Err(PoolError::Alloc(AllocError::InUse))
+                ),
+                "live block"
+            );
+            drop(v);
+            pool.release_region(idx)?;
+        } else {
+            drop(v);
+            ensure!(pool.punch_free() >= 48, "free chunks punched");
+        }
+        let after = all_rss(&mut pool)?;
+        println!("{method}: rss before {before:?} after {after:?}");
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            ensure!(
+                b.saturating_sub(*a) >= 40 * MIB as u64,
+                "{method}: process {i} rss {b} -> {a}"
+            );
+        }
+        let r = pool.heap().check();
+        ensure!(r.is_consistent(), "{:?}", r.problems);
+    }
+    // Released chunks are never handed out again; new growth still works after a release.
+    let s = pool.heap().stats();
+    ensure!(s.released_chunks == 64, "{s:?}");
+    pool.grow(16 * MIB)?;
+    let v = SharedVec::from_elem(pool.heap(), 2u64, MIB)?;
+    ensure!(pool.run(1, touch, &v, T)? == 2 * (MIB / 512) as u64);
+    Ok(())
+}
+isolated_test!(growth_and_release_in_every_process, growth_and_release, 90);
+
+// ---------------------------------------------------------------------------------------------
+// No descriptor or memfd leaks after drop or crashes; workers die with the master.
+
+fn no_children_left() -> bool {
+    // SAFETY: plain syscall; WNOHANG never blocks.
+    let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
+}
+
+fn fd_leaks() -> anyhow::Result<()> {
+    let (fds, memfds) = (open_fd_count()?, open_memfd_count()?);
+    {
+        let mut pool = small_pool(2).build()?;
+        ensure!(open_memfd_count()? == memfds + 1);
+        let a = pool.grow(16 << 20)?;
+        pool.grow(16 << 20)?;
+        pool.release_region(a)?;
+        ensure!(
+            open_memfd_count()? == memfds + 2,
+            "released region's memfd closed"
+        );
+        let _b = SharedBox::new(pool.heap(), 1u32)?;
+    }
+    ensure!(
+        open_fd_count()? == fds && open_memfd_count()? == memfds,
+        "after drop"
+    );
+    ensure!(no_children_left(), "every worker reaped");
+    {
+        let mut pool = small_pool(2).build()?;
+        pool.kill_worker(0)?;
+        pool.kill_worker(1)?;
+        std::thread::sleep(Duration::from_millis(50));
+        ensure!(pool.supervise() == 2);
+        ensure!(pool.run_fn(0, |_| 3, T)? == 3);
+        let _ = pool.run_fn(1, |_| std::process::abort(), T);
+    }
+    ensure!(
+        open_fd_count()? == fds && open_memfd_count()? == memfds,
+        "after crashes and drop"
+    );
+    ensure!(no_children_left(), "every worker reaped after crashes");
+    let dir = std::env::temp_dir();
+    {
+        let mut pool = small_pool(1).backing(Backing::TempDir(dir)).build()?;
+        let v = SharedVec::from_elem(pool.heap(), 9u64, 1000)?;
+        ensure!(
+            pool.run(0, |_, s: &[u64]| s.iter().sum(), &v, T)? == 9000,
+            "temp-file backing works"
+        );
+    }
+    ensure!(open_fd_count()? == fds, "temp-file backing closed");
+    Ok(())
+}
+isolated_test!(no_fd_or_memfd_leaks, fd_leaks, 60);
+
+fn master_dies() -> anyhow::Result<()> {
+    let pool = small_pool(2).build()?;
+    println!("{:?}", pool.worker_pids());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let me = std::process::id() as i32;
+    // SAFETY: plain syscall: the master kills itself without any cleanup.
+    unsafe { libc::kill(me, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(5));
+    bail!("still alive")
+}
+
+#[test]
+fn workers_die_with_the_master() {
+    fn entry() -> i32 {
+        master_dies().map_or(1, |()| 0)
+    }
+    let out = isolated::run(entry, Duration::from_secs(30)).expect("run");
+    assert_eq!(out.signal, Some(libc::SIGKILL), "{out:?}");
+    let pids: Vec<i32> = out
+        .stdout
+        .trim()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|p| p.trim().parse().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for pid in pids {
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie waiting for init to reap it.
+            let state = stat
+                .rsplit_once(") ")
+                .map(|(_, r)| r.chars().next().unwrap_or('?'));
+            if stat.is_empty() || state == Some('Z') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} outlived its master: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn refuses_to_fork_from_a_multi_threaded_process() {
+    // The harness runs this test on a thread of its own; make sure there is a second one anyway.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || rx.recv());
+    match small_pool(1).build() {
+        Err(PoolError::MultiThreaded { threads }) => assert!(threads >= 2),
+        other => panic!("expected MultiThreaded, got {other:?}"),
+    }
+    drop(tx);
+    let _ = t.join();
+    // A heap without workers needs no fork and is allowed anywhere.
+    let pool = small_pool(0).build().expect("no workers");
+    let b = SharedBox::new(pool.heap(), 5u8).expect("box");
+    assert_eq!(*b, 5);
+}
