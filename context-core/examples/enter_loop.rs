@@ -20,6 +20,9 @@ fn main() {
     let a = context_core::Context::new("a");
     let b = context_core::Context::new("b");
     let m = parking_lot::Mutex::new(());
+    let p = context_core::Context::pinned("p").expect("home thread");
+    let pinned = time(n / 50, || drop(black_box(p.enter(|_| ()))));
+    println!("pinned round trip {pinned:.0} ns");
     for _ in 0..3 {
         let enter = time(n, || drop(black_box(b.enter(|_| ()))));
         let round = a

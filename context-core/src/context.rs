@@ -89,6 +89,10 @@ impl<L: RawContextLock> Inner<L> {
         self.stats.shipped.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn record_gave_up(&self) {
+        self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
     }
@@ -249,7 +253,7 @@ impl<L: RawContextLock> Context<L> {
     /// The OS refused to spawn the home thread.
     pub fn pinned_with_lock(name: &str, lock: L) -> std::io::Result<Self> {
         let id = ContextId::fresh();
-        let (home, owner) = pinned::spawn(name, id, move |home| Inner {
+        let (inner, owner) = pinned::spawn(name, id, move |home| Inner {
             id,
             name: name.into(),
             lock,
@@ -259,7 +263,7 @@ impl<L: RawContextLock> Context<L> {
             home: Some(home),
         })?;
         Ok(Self {
-            inner: home,
+            inner,
             _owner: Some(owner),
         })
     }

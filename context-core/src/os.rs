@@ -160,8 +160,8 @@ pub mod probe {
                 libc::FUTEX_WAIT,
                 0u32,
                 &raw const ts,
-                0,
-                0,
+                std::ptr::null_mut::<u32>(),
+                0u32,
             )
         };
         if rc != 0 {
@@ -178,9 +178,9 @@ pub mod probe {
                 word.as_ptr(),
                 libc::FUTEX_WAKE,
                 1u32,
-                0,
-                0,
-                0,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null_mut::<u32>(),
+                0u32,
             )
         })?;
         Ok(format!(

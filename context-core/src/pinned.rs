@@ -1,33 +1,38 @@
 //! Pinned contexts: a home thread that runs every call made into the context.
 //!
-//! A caller on another thread *ships* its closure: it allocates a job cell, sends a pointer to it to
-//! the home thread's queue, releases its own context and waits (spinning briefly, then parked) until
-//! the home thread has run the closure inside the context. The closure borrows from the caller's
-//! stack; the job cell's state machine guarantees it is only touched while the caller waits:
+//! A caller on another thread *ships* its closure: it builds a job cell **on its own stack**, queues
+//! a pointer to it on the home's queue, releases its own context and waits (spinning briefly, then
+//! sleeping on a futex) until the home thread has run the closure inside the context. Nothing is
+//! allocated per call and nothing is reference-counted, so a round trip costs about what a
+//! thread-to-thread ping-pong costs.
 //!
-//! | state     | set by                     | meaning                                              |
-//! |-----------|----------------------------|------------------------------------------------------|
-//! | QUEUED    | caller, at creation        | in the queue; the caller waits                       |
-//! | RUNNING   | home: CAS from QUEUED      | the home thread owns the closure and runs it         |
-//! | DONE      | home: store after RUNNING  | the result is in the cell; the home never reads the  |
-//! |           |                            | closure or result again                              |
-//! | CANCELLED | caller: CAS from QUEUED    | the caller gave up (timeout) and took the closure    |
-//! |           |                            | back; the home will not run it                       |
-//! | REJECTED  | home: CAS from QUEUED      | the home thread is exiting; the caller takes the     |
-//! |           |                            | closure back and reports the context closed          |
+//! **Who may touch a job cell, and when:**
 //!
-//! The caller returns only from DONE, CANCELLED or REJECTED, and in all three the cell's closure and
-//! result slots have been emptied by the time it returns, so the home side's last reference (which
-//! may outlive the caller) only ever drops empty slots.
+//! | phase                      | the cell is accessed by                                             |
+//! |----------------------------|---------------------------------------------------------------------|
+//! | queued                     | nobody but through the queue mutex: the caller may remove it there  |
+//! |                            | (timeout), the home thread may pop it there (to run or reject it)   |
+//! | popped, not finished       | the home thread only (work, result); the caller only reads `state` |
+//! | finished (DONE / REJECTED) | the caller only: the home thread's last access is the `swap` that   |
+//! |                            | published the state                                                 |
 //!
-//! While a home thread itself waits for another pinned context, it keeps serving its own queue, so a
-//! chain P -> Q -> P cannot deadlock.
+//! The caller does not return while its cell is queued or popped-not-finished (its wait loop ends
+//! only on a finished state or after it removed the cell from the queue itself), so the pointer the
+//! home thread holds is always valid when used.
+//!
+//! **Waking.** `state` doubles as the caller's futex word: the caller moves it PENDING -> SLEEPING
+//! before it sleeps, and the finisher wakes it only if it saw SLEEPING. A caller that is itself a
+//! home thread sleeps on its own home's `sleep` word instead (so that new work for its own context
+//! wakes it too) and keeps serving its own queue meanwhile, so a chain P -> Q -> P cannot deadlock.
+//! The home thread sleeps on `sleep` when its queue stays empty; a caller that queues work wakes it
+//! only if it is asleep.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::thread::{self, Thread, ThreadId};
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, ThreadId};
 use std::time::Instant;
 
 use crate::context::{Cx, Inner, enter_inner};
@@ -35,57 +40,82 @@ use crate::error::EnterError;
 use crate::handle::ContextId;
 use crate::handoff::{self, Wait};
 use crate::lock::RawContextLock;
+use crate::sync::futex;
 
-const QUEUED: u8 = 0;
-const RUNNING: u8 = 1;
-const DONE: u8 = 2;
-const CANCELLED: u8 = 3;
-const REJECTED: u8 = 4;
+const PENDING: u32 = 0;
+const SLEEPING: u32 = 1;
+const DONE: u32 = 2;
+const REJECTED: u32 = 3;
 
-/// Polls before parking, for the caller waiting on its reply and for an idle home thread waiting for
-/// work: a short spin turns a round trip into a few hundred nanoseconds instead of two wake-ups at
-/// tens of microseconds each (see `shared/limits.md`).
+/// Polls before sleeping, for a caller waiting on its reply and for an idle home thread: a short
+/// spin turns a round trip into a few hundred nanoseconds instead of two wake-ups at tens of
+/// microseconds each (`shared/limits.md`).
 const SPIN_POLLS: u32 = 4_000;
 
-enum Msg {
-    Job(JobRef),
-    Exit,
-}
-
-trait JobRun: Send + Sync {
+trait JobRun {
+    /// Runs the job and finishes it. Called once, by the home thread, after popping it.
     fn run(&self);
+    /// Finishes the job unrun. Called once, by the home thread, after popping it.
     fn reject(&self);
 }
 
-/// The home side's reference to a job. Dropping it unrun (queue drained at exit, or the channel
-/// dropped with messages in it) rejects the job, so its caller is never left waiting.
-struct JobRef(Arc<dyn JobRun>);
+/// A queued job: a pointer to a cell on a waiting caller's stack.
+#[derive(Clone, Copy)]
+struct JobPtr(NonNull<dyn JobRun>);
 
-impl Drop for JobRef {
-    fn drop(&mut self) {
-        self.0.reject();
+// SAFETY: the pointee is `Sync` (`JobCell`'s impl) and stays valid while queued or running (module
+// docs); the pointer moves between threads only through the queue mutex.
+unsafe impl Send for JobPtr {}
+
+impl JobPtr {
+    fn same(self, other: Self) -> bool {
+        std::ptr::addr_eq(self.0.as_ptr(), other.0.as_ptr())
     }
 }
 
+/// How a finished job wakes its caller.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// The caller sleeps on the cell's own `state` word.
+    Own,
+    /// The caller is a home thread sleeping on its home's `sleep` word, at this address.
+    Home(*const AtomicU32),
+}
+
 struct JobCell<G, R> {
-    state: AtomicU8,
-    /// INVARIANT: touched by the home thread only after it won QUEUED -> RUNNING, and by the caller
-    /// only after it saw DONE/REJECTED or won QUEUED -> CANCELLED.
+    state: AtomicU32,
+    /// INVARIANT: touched only by the home thread between popping the cell and finishing it, or by
+    /// the caller after it removed the cell from the queue or saw it finished (module docs).
     work: UnsafeCell<Option<G>>,
-    /// INVARIANT: written by the home thread while RUNNING, read by the caller after DONE.
+    /// INVARIANT: written by the home thread before it finishes the cell; read by the caller after.
     result: UnsafeCell<Option<Result<R, EnterError>>>,
-    caller: Thread,
-    pending: Arc<AtomicUsize>,
+    wake: Wake,
     id: ContextId,
 }
 
-// SAFETY: `work` and `result` are accessed by one side at a time, as the state machine above
-// decides (INVARIANTs on the fields); the handover is a Release store / Acquire load or an AcqRel
-// CAS of `state`. `G` and `R` are `Send` because they move between the caller's thread and the home
-// thread.
+// SAFETY: `work` and `result` are accessed by one thread at a time, as the module docs' table says
+// (INVARIANTs on the fields); the hand-overs go through the queue mutex or the AcqRel `swap` of
+// `state`. `G` and `R` are `Send` because they move between the caller's and the home thread.
 unsafe impl<G: Send, R: Send> Sync for JobCell<G, R> {}
-// SAFETY: as for `Sync`.
-unsafe impl<G: Send, R: Send> Send for JobCell<G, R> {}
+
+impl<G, R> JobCell<G, R> {
+    /// Publishes a final state and wakes the caller. The `swap` is this side's last access to the
+    /// cell: the wake-up uses only addresses copied before it.
+    fn finish(&self, state: u32) {
+        let wake = self.wake;
+        let own_word = &raw const self.state;
+        let previous = self.state.swap(state, Ordering::AcqRel);
+        match wake {
+            Wake::Own if previous == SLEEPING => futex::wake_addr(own_word),
+            Wake::Own => {}
+            Wake::Home(word) => futex::wake_addr(word),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.state.load(Ordering::Acquire) >= DONE
+    }
+}
 
 impl<G, R> JobRun for JobCell<G, R>
 where
@@ -93,51 +123,60 @@ where
     R: Send,
 {
     fn run(&self) {
-        if self
-            .state
-            .compare_exchange(QUEUED, RUNNING, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        // SAFETY: we won QUEUED -> RUNNING, so the home thread owns `work` (INVARIANT).
+        // SAFETY: popped and not finished: the home thread owns `work` and `result` (INVARIANT).
         let work = unsafe { (*self.work.get()).take() };
         let result = match work {
             Some(g) => g(),
             None => Err(EnterError::Closed(self.id)),
         };
-        // SAFETY: still RUNNING: the caller does not read `result` before DONE (INVARIANT).
+        // SAFETY: as above.
         unsafe { *self.result.get() = Some(result) };
-        let caller = self.caller.clone();
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        self.state.store(DONE, Ordering::Release);
-        caller.unpark();
+        self.finish(DONE);
     }
 
     fn reject(&self) {
-        let caller = self.caller.clone();
-        if self
-            .state
-            .compare_exchange(QUEUED, REJECTED, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            caller.unpark();
-        }
+        self.finish(REJECTED);
     }
 }
 
-/// The home thread's address book, kept inside the context.
+struct Queue {
+    jobs: VecDeque<JobPtr>,
+    /// Set when the home thread has stopped taking work.
+    closed: bool,
+}
+
+/// The home thread's shared state, kept inside the context.
 pub(crate) struct Home {
-    thread: Thread,
     thread_id: ThreadId,
-    tx: Sender<Msg>,
-    exit: Arc<AtomicBool>,
-    /// Jobs shipped and not yet finished (for `try_enter`).
-    pending: Arc<AtomicUsize>,
+    queue: Mutex<Queue>,
+    /// Jobs in `queue` (read without the mutex by the polling home thread).
+    queued: AtomicUsize,
+    /// 1 while the home thread sleeps, or is about to, on this word.
+    sleep: AtomicU32,
+    /// Set when the home thread should close the context and exit.
+    exit: AtomicBool,
 }
 
 impl Home {
+    fn new(thread_id: ThreadId) -> Self {
+        Self {
+            thread_id,
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            queued: AtomicUsize::new(0),
+            sleep: AtomicU32::new(0),
+            exit: AtomicBool::new(false),
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // The queue is consistent after every single operation and nothing that can panic runs
+        // while it is held, so a poisoned mutex still guards valid data.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn is_current(&self) -> bool {
         thread::current().id() == self.thread_id
     }
@@ -145,13 +184,66 @@ impl Home {
     /// Asks the home loop to exit after the current job (used by `close` on the home thread).
     pub(crate) fn request_exit(&self) {
         self.exit.store(true, Ordering::Release);
+        self.wake_home();
     }
 
-    fn send(&self, msg: Msg) -> bool {
-        let ok = self.tx.send(msg).is_ok();
-        // Always unpark: cheap when the home thread is not parked (one atomic swap, no syscall).
-        self.thread.unpark();
-        ok
+    /// Wakes the home thread if it sleeps. Callers have just published work (a job, or `exit`).
+    fn wake_home(&self) {
+        // Pairs with the fence in the home thread's sleep path: either it sees our work before it
+        // sleeps, or we see `sleep == 1` here.
+        fence(Ordering::SeqCst);
+        if self.sleep.load(Ordering::Relaxed) == 1 {
+            self.sleep.store(0, Ordering::Relaxed);
+            futex::wake_addr(&raw const self.sleep);
+        }
+    }
+
+    fn push(&self, job: JobPtr) -> bool {
+        {
+            let mut q = self.lock_queue();
+            if q.closed {
+                return false;
+            }
+            q.jobs.push_back(job);
+            self.queued.fetch_add(1, Ordering::Release);
+        }
+        self.wake_home();
+        true
+    }
+
+    /// Removes `job` if it is still queued (the caller gave up). `true` if removed.
+    fn cancel(&self, job: JobPtr) -> bool {
+        let mut q = self.lock_queue();
+        match q.jobs.iter().position(|j| j.same(job)) {
+            Some(i) => {
+                q.jobs.remove(i);
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn pop(&self) -> Option<JobPtr> {
+        let mut q = self.lock_queue();
+        let job = q.jobs.pop_front();
+        if job.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        job
+    }
+
+    /// Runs one queued job, if any. Only the home thread calls this.
+    fn serve_one(&self) -> bool {
+        match self.pop() {
+            Some(job) => {
+                // SAFETY: the job was queued by a caller that waits until it is finished (module
+                // docs), and popping it made this thread its only user.
+                unsafe { job.0.as_ref() }.run();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -159,48 +251,40 @@ impl Home {
 /// to close the context (dropping its objects on the home thread) and exit. It does not join the
 /// thread: a drop must not wait on a job that might run for ever.
 pub(crate) struct Owner {
-    thread: Thread,
-    tx: Sender<Msg>,
+    home: Arc<dyn HomeRef>,
+}
+
+/// Type-erased access to a context's `Home` (the context's lock type does not matter here).
+trait HomeRef: Send + Sync {
+    fn home(&self) -> &Home;
+}
+
+impl<L: RawContextLock> HomeRef for Inner<L> {
+    fn home(&self) -> &Home {
+        // A pinned context's `Inner` always has a home (set at creation, never removed).
+        self.home
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("pinned context without a home"))
+    }
 }
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Exit);
-        self.thread.unpark();
+        self.home.home().request_exit();
     }
-}
-
-/// What a home thread keeps on its own stack, reachable from its thread-local slot.
-struct HomeLocal {
-    rx: Receiver<Msg>,
-    exit: Arc<AtomicBool>,
 }
 
 thread_local! {
-    /// INVARIANT: null, or the `HomeLocal` on this thread's stack in `home_main`, which outlives
-    /// every use (it is reset before `home_main` returns).
-    static HOME: Cell<*const HomeLocal> = const { Cell::new(std::ptr::null()) };
+    /// INVARIANT: null, or the `Home` of the context whose home thread this is; valid while
+    /// `home_main` runs (which holds the context alive) and reset before it returns.
+    static HOME: Cell<*const Home> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Serves one message from the calling thread's own home queue, if it is a home thread and one is
-/// waiting. `Exit` is remembered and acted on by the top-level loop.
-fn serve_one_if_home() -> bool {
+fn current_home<'a>() -> Option<&'a Home> {
     let p = HOME.with(Cell::get);
-    // SAFETY: by the INVARIANT on HOME, null or live for this call.
-    let Some(local) = (unsafe { p.as_ref() }) else {
-        return false;
-    };
-    match local.rx.try_recv() {
-        Ok(Msg::Job(job)) => {
-            job.0.run();
-            true
-        }
-        Ok(Msg::Exit) => {
-            local.exit.store(true, Ordering::Release);
-            true
-        }
-        Err(_) => false,
-    }
+    // SAFETY: by the INVARIANT on HOME, null or valid while this thread runs `home_main`, which is
+    // on this thread's stack below any caller of this function.
+    unsafe { p.as_ref() }
 }
 
 /// Spawns the home thread of a new pinned context.
@@ -209,77 +293,79 @@ pub(crate) fn spawn<L: RawContextLock>(
     id: ContextId,
     make: impl FnOnce(Home) -> Inner<L>,
 ) -> std::io::Result<(Arc<Inner<L>>, Arc<Owner>)> {
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let (inner_tx, inner_rx) = mpsc::sync_channel::<Arc<Inner<L>>>(1);
-    let exit = Arc::new(AtomicBool::new(false));
-    let exit2 = Arc::clone(&exit);
+    let (inner_tx, inner_rx) = std::sync::mpsc::sync_channel::<Arc<Inner<L>>>(1);
     let handle = thread::Builder::new()
         .name(format!("ctx-{name}-{id}"))
         .spawn(move || {
             // The creator sends the context right after spawning; if it failed to, there is nothing
             // to serve.
             if let Ok(inner) = inner_rx.recv() {
-                home_main(&inner, HomeLocal { rx, exit: exit2 });
+                home_main(&inner);
             }
         })?;
-    let thread = handle.thread().clone();
-    let home = Home {
-        thread: thread.clone(),
-        thread_id: thread.id(),
-        tx: tx.clone(),
-        exit,
-        pending: Arc::new(AtomicUsize::new(0)),
-    };
-    let inner = Arc::new(make(home));
+    let inner = Arc::new(make(Home::new(handle.thread().id())));
     // The receiver is alive (the thread waits on it), so this cannot fail.
     let _ = inner_tx.send(Arc::clone(&inner));
-    Ok((inner, Arc::new(Owner { thread, tx })))
+    let owner = Owner {
+        home: Arc::clone(&inner) as Arc<dyn HomeRef>,
+    };
+    Ok((inner, Arc::new(owner)))
 }
 
-fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>, local: HomeLocal) {
+fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>) {
+    let home = HomeRef::home(&**inner);
     struct ResetHome;
     impl Drop for ResetHome {
         fn drop(&mut self) {
             HOME.with(|h| h.set(std::ptr::null()));
         }
     }
-    HOME.with(|h| h.set(&raw const local));
+    HOME.with(|h| h.set(std::ptr::from_ref(home)));
     let reset = ResetHome;
 
-    'serve: while !local.exit.load(Ordering::Acquire) {
+    while !home.exit.load(Ordering::Acquire) {
+        if home.serve_one() {
+            continue;
+        }
         let mut polls = 0u32;
-        let msg = loop {
-            match local.rx.try_recv() {
-                Ok(m) => break m,
-                Err(TryRecvError::Disconnected) => break 'serve,
-                Err(TryRecvError::Empty) => {
-                    if local.exit.load(Ordering::Acquire) {
-                        break 'serve;
-                    }
-                    if polls < SPIN_POLLS {
-                        polls += 1;
-                        std::hint::spin_loop();
-                    } else {
-                        thread::park();
-                    }
-                }
-            }
-        };
-        match msg {
-            Msg::Job(job) => job.0.run(),
-            Msg::Exit => break,
+        while polls < SPIN_POLLS
+            && home.queued.load(Ordering::Acquire) == 0
+            && !home.exit.load(Ordering::Acquire)
+        {
+            polls += 1;
+            std::hint::spin_loop();
+        }
+        if polls == SPIN_POLLS {
+            sleep_home(home, || false);
         }
     }
 
-    // Close: drop every object here, on the home thread. A borrow cannot be live at the top of the
-    // loop, so `close_held` cannot find one.
+    // Stop taking work, reject what is queued, then drop every object here, on the home thread. A
+    // borrow cannot be live at the top of the loop, so `close_held` cannot find one.
+    let rejected: Vec<JobPtr> = {
+        let mut q = home.lock_queue();
+        q.closed = true;
+        home.queued.store(0, Ordering::Relaxed);
+        q.jobs.drain(..).collect()
+    };
+    for job in rejected {
+        // SAFETY: popped from the queue (drained under the mutex); its caller waits for it.
+        unsafe { job.0.as_ref() }.reject();
+    }
     let _ = enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| {
         inner.close_held()
     });
     drop(reset);
-    // Reject whatever is still queued; anything sent after this is dropped with the receiver, which
-    // rejects it too (`JobRef::drop`).
-    while local.rx.try_recv().is_ok() {}
+}
+
+/// The home thread's sleep: announce it, re-check for work (or `done`), then sleep on `sleep`.
+fn sleep_home(home: &Home, done: impl Fn() -> bool) {
+    home.sleep.store(1, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    if home.queued.load(Ordering::Relaxed) == 0 && !home.exit.load(Ordering::Relaxed) && !done() {
+        futex::wait(&home.sleep, 1, None);
+    }
+    home.sleep.store(0, Ordering::Relaxed);
 }
 
 /// Runs `f` in the pinned context `inner` on its home thread, from another thread.
@@ -296,7 +382,8 @@ where
 {
     let deadline = match wait {
         Wait::Try => {
-            if home.pending.load(Ordering::Relaxed) != 0 || inner.lock_is_locked() {
+            if home.queued.load(Ordering::Relaxed) != 0 || inner.lock_is_locked() {
+                inner.record_gave_up();
                 return Err(EnterError::WouldBlock(inner.id()));
             }
             None
@@ -319,7 +406,7 @@ pub(crate) fn ship_close<L: RawContextLock>(
             inner.close_held()
         })
     });
-    let _ = home.send(Msg::Exit);
+    home.request_exit();
     match closed {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(crate::CloseError::InUse(inner.id())),
@@ -340,86 +427,100 @@ where
     G: FnOnce() -> Result<R, EnterError> + Send,
     R: Send,
 {
-    if inner.is_closed() {
-        return Err(EnterError::Closed(inner.id()));
-    }
     let id = inner.id();
-    let cell = Arc::new(JobCell {
-        state: AtomicU8::new(QUEUED),
-        work: UnsafeCell::new(Some(work)),
-        result: UnsafeCell::new(None),
-        caller: thread::current(),
-        pending: Arc::clone(&home.pending),
-        id,
-    });
-    let erased: Arc<dyn JobRun + '_> = Arc::clone(&cell) as Arc<dyn JobRun + '_>;
-    // SAFETY: only the lifetime is changed. The home side may keep this reference after we return,
-    // but by the state machine in the module docs it touches `work` and `result` only between winning
-    // QUEUED -> RUNNING and storing DONE, and we do not return before DONE, CANCELLED or REJECTED; by
-    // then both slots are empty (we take `result`, or take `work` back), so the home side's final drop
-    // touches no borrowed data.
-    let erased: Arc<dyn JobRun + 'static> = unsafe { std::mem::transmute(erased) };
+    if inner.is_closed() {
+        return Err(EnterError::Closed(id));
+    }
     inner.stats_shipped();
-    home.pending.fetch_add(1, Ordering::Relaxed);
-
     handoff::while_suspended(|| {
-        if !home.send(Msg::Job(JobRef(erased))) {
-            // The message (and with it our JobRef) came back and was dropped: that rejected the job.
+        let caller_home = current_home();
+        let cell = JobCell {
+            state: AtomicU32::new(PENDING),
+            work: UnsafeCell::new(Some(work)),
+            result: UnsafeCell::new(None),
+            wake: caller_home.map_or(Wake::Own, |h| Wake::Home(&raw const h.sleep)),
+            id,
+        };
+        let erased: NonNull<dyn JobRun + '_> = NonNull::from(&cell as &dyn JobRun);
+        // SAFETY: only the lifetime bound is erased. The home thread dereferences this pointer
+        // only while the cell is queued or popped-not-finished, and `wait_for` below does not
+        // return (nor unwind: it calls nothing that panics) in those phases (module docs).
+        let job = JobPtr(unsafe {
+            std::mem::transmute::<NonNull<dyn JobRun + '_>, NonNull<dyn JobRun>>(erased)
+        });
+        if !home.push(job) {
+            return Err(EnterError::Closed(id));
         }
-        wait_for(&cell, deadline, id)
+        wait_for(&cell, job, home, caller_home, deadline)
     })?
 }
 
 fn wait_for<G, R>(
     cell: &JobCell<G, R>,
-    deadline: Option<Instant>,
-    id: ContextId,
+    job: JobPtr,
+    target: &Home,
+    caller_home: Option<&Home>,
+    mut deadline: Option<Instant>,
 ) -> Result<R, EnterError> {
     let mut polls = 0u32;
     loop {
-        match cell.state.load(Ordering::Acquire) {
-            DONE => {
-                // SAFETY: DONE: the home thread wrote `result` and will not touch it again (INVARIANT).
-                let r = unsafe { (*cell.result.get()).take() };
-                return r.unwrap_or(Err(EnterError::Closed(id)));
-            }
-            REJECTED => {
-                // SAFETY: REJECTED: the home thread never ran the job and will not (INVARIANT).
-                drop(unsafe { (*cell.work.get()).take() });
-                return Err(EnterError::Closed(id));
-            }
-            _ => {}
+        if cell.is_finished() {
+            return take_outcome(cell);
         }
         if let Some(d) = deadline {
-            if Instant::now() >= d
-                && cell
-                    .state
-                    .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                cell.pending.fetch_sub(1, Ordering::Relaxed);
-                // SAFETY: we won QUEUED -> CANCELLED, so the home thread will never run the job.
-                drop(unsafe { (*cell.work.get()).take() });
-                return Err(EnterError::TimedOut(id));
+            if Instant::now() >= d {
+                if target.cancel(job) {
+                    // Removed from the queue before the home thread saw it: it never will.
+                    // SAFETY: the cell is ours alone again (module docs).
+                    drop(unsafe { (*cell.work.get()).take() });
+                    return Err(EnterError::TimedOut(cell.id));
+                }
+                // Already running: a started call runs to completion.
+                deadline = None;
             }
         }
-        if serve_one_if_home() {
-            polls = 0;
-            continue;
+        if let Some(own) = caller_home {
+            if own.serve_one() {
+                polls = 0;
+                continue;
+            }
         }
         if polls < SPIN_POLLS {
             polls += 1;
             std::hint::spin_loop();
-        } else {
-            match deadline {
-                None => thread::park(),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now < d {
-                        thread::park_timeout(d - now);
-                    }
+            continue;
+        }
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match caller_home {
+            // A home thread sleeps on its own word, so that work for its own context wakes it too.
+            Some(own) => {
+                own.sleep.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                if !cell.is_finished() && own.queued.load(Ordering::Relaxed) == 0 {
+                    futex::wait(&own.sleep, 1, timeout);
+                }
+                own.sleep.store(0, Ordering::Relaxed);
+            }
+            None => {
+                if cell
+                    .state
+                    .compare_exchange(PENDING, SLEEPING, Ordering::Acquire, Ordering::Acquire)
+                    .is_ok()
+                    || cell.state.load(Ordering::Acquire) == SLEEPING
+                {
+                    futex::wait(&cell.state, SLEEPING, timeout);
                 }
             }
         }
     }
+}
+
+fn take_outcome<G, R>(cell: &JobCell<G, R>) -> Result<R, EnterError> {
+    if cell.state.load(Ordering::Acquire) == REJECTED {
+        // SAFETY: finished: the cell is ours alone (module docs).
+        drop(unsafe { (*cell.work.get()).take() });
+        return Err(EnterError::Closed(cell.id));
+    }
+    // SAFETY: finished: the home thread wrote `result` and will not touch the cell again.
+    unsafe { (*cell.result.get()).take() }.unwrap_or(Err(EnterError::Closed(cell.id)))
 }

@@ -43,3 +43,58 @@ pub(crate) fn spin_pause() {
     #[cfg(not(loom))]
     std::hint::spin_loop();
 }
+
+/// Futex wait and wake for **process-local** words (`FUTEX_PRIVATE_FLAG`). Every word passed here
+/// lives in this process's private memory (a stack or heap of this process): the private flag is
+/// right only for such words, never for a word in shared memory (context-shmem has its own).
+#[cfg(not(loom))]
+pub(crate) mod futex {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    /// Sleeps while `*word == expected`, at most `timeout`. Returns on a wake, a timeout, a signal,
+    /// or at once if the value differs: callers re-check their condition in a loop.
+    pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(d.subsec_nanos().min(999_999_999)),
+        });
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+        // SAFETY: FUTEX_WAIT_PRIVATE reads the aligned u32 behind `word` (a valid reference) and
+        // compares it with `expected`; `ts_ptr` is null or points to a timespec that outlives the
+        // call. The result is ignored on purpose: every outcome means "re-check" to the caller.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                expected,
+                ts_ptr,
+                std::ptr::null_mut::<u32>(),
+                0u32,
+            );
+        }
+    }
+
+    /// Wakes one thread sleeping on the word at `addr`.
+    ///
+    /// Takes an address, not a reference, and never reads or writes through it: callers may wake a
+    /// word whose owner has just returned (and whose memory may be reused). The kernel then wakes
+    /// nobody, or causes a spurious wake-up that every waiter here tolerates; this is the same
+    /// "wake after the waiter may have left" pattern std's own futex-based locks rely on.
+    pub(crate) fn wake_addr(addr: *const AtomicU32) {
+        // SAFETY: FUTEX_WAKE_PRIVATE only uses the address as a key into the kernel's wait queues;
+        // it does not access user memory, so a stale address is harmless (no fault, no UB).
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                addr.cast::<u32>().cast_mut(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1u32,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null_mut::<u32>(),
+                0u32,
+            );
+        }
+    }
+}

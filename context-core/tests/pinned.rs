@@ -157,3 +157,85 @@ fn close_and_last_drop_free_objects_on_the_home_thread() {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), home_q);
     });
 }
+
+#[test]
+fn a_queued_call_that_times_out_never_runs() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let started = Arc::new(Barrier::new(2));
+        let release = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (p, started, release) = (p.clone(), started.clone(), release.clone());
+            std::thread::spawn(move || {
+                p.enter(move |_| {
+                    started.wait();
+                    while !release.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+                .unwrap();
+            })
+        };
+        started.wait();
+        let ran = Arc::new(AtomicBool::new(false));
+        let ran2 = ran.clone();
+        let r = p.enter_timeout(Duration::from_millis(20), move |_| {
+            ran2.store(true, Ordering::SeqCst)
+        });
+        assert_eq!(r, Err(EnterError::TimedOut(p.id())));
+        release.store(true, Ordering::Release);
+        busy.join().unwrap();
+        // Later calls run, the timed-out one never does.
+        assert_eq!(p.enter(|_| 1), Ok(1));
+        assert!(!ran.load(Ordering::SeqCst));
+    });
+}
+
+#[test]
+fn a_home_thread_waiting_on_another_keeps_serving_its_own_calls() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let q = Context::pinned("q").unwrap();
+        let (tx, rx) = mpsc::channel::<&'static str>();
+        // P calls Q, and Q takes long enough for P's home thread to go to sleep while it waits.
+        let caller = {
+            let (p, q, tx) = (p.clone(), q.clone(), tx.clone());
+            std::thread::spawn(move || {
+                p.enter(move |_| {
+                    q.enter(move |_| {
+                        std::thread::sleep(Duration::from_millis(150));
+                        let _ = tx.send("q done");
+                    })
+                    .unwrap();
+                })
+                .unwrap();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        // Meanwhile another thread calls P: P's home thread serves it while it waits for Q.
+        let p2 = p.clone();
+        let tx2 = tx.clone();
+        let other = std::thread::spawn(move || {
+            p2.enter(move |_| {
+                let _ = tx2.send("p served");
+            })
+            .unwrap();
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "p served");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "q done");
+        caller.join().unwrap();
+        other.join().unwrap();
+    });
+}
+
+#[test]
+fn an_idle_home_thread_sleeps_and_is_woken() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        for i in 0..20u32 {
+            // Long enough between calls for the home thread to stop spinning and sleep.
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(p.enter(move |_| i * 2), Ok(i * 2));
+        }
+    });
+}
