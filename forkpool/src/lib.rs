@@ -84,4 +84,4 @@ pub use heap::{
 };
 pub use pool::{DeathOutcome, DeathPolicy, DeathReport, JobContext, Pool, PoolBuilder};
 pub use region::Backing;
-pub use sys::{ExitKind, open_fd_count, open_memfd_count, resident_bytes};
+pub use sys::{ExitKind, bare_fork_waitpid, open_fd_count, open_memfd_count, resident_bytes};

@@ -1045,24 +1045,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // Closing the sockets tells workers to exit; give them a moment, then make sure.
-        for w in &mut self.workers {
-            w.sock = None;
-        }
-        let deadline = Instant::now() + Duration::from_millis(500);
-        for w in &self.workers {
-            loop {
-                match sys::reap(w.pid, false) {
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_micros(200))
-                    }
-                    Ok(None) => {
-                        let _ = sys::kill(w.pid, libc::SIGKILL);
-                        let _ = sys::reap(w.pid, true);
-                        break;
-                    }
-                    _ => break,
-                }
+        // Closing the sockets tells workers to exit; give them a moment, then make sure. Workers
+        // without a socket are dead and already reaped (their pid may have been reused: never signal it).
+        let live: Vec<libc::pid_t> = self.workers.iter_mut().filter_map(|w| w.sock.take().map(|_| w.pid)).collect();
+        for pid in live {
+            // Exiting on EOF takes microseconds; a worker stuck in a job gets half a second.
+            if !matches!(sys::wait_exit(pid, 500), Ok(Some(_))) {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::reap(pid, true);
             }
         }
         if self.heap.handle_count() > 1 {

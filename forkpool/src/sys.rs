@@ -409,6 +409,52 @@ pub(crate) fn reap(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitKind>
     }
 }
 
+/// Waits up to `timeout_ms` for child `pid` to end (a pidfd polled for readability, Linux 5.3+;
+/// without pidfd, short sleeps), then reaps it if it has ended.
+pub(crate) fn wait_exit(pid: libc::pid_t, timeout_ms: i32) -> io::Result<Option<ExitKind>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r >= 0 {
+        // SAFETY: the kernel just returned this descriptor to us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(r as RawFd) };
+        poll_readable(pidfd.as_raw_fd(), timeout_ms)?;
+        return reap(pid, false);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    loop {
+        if let Some(k) = reap(pid, false)? {
+            return Ok(Some(k));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+}
+
+/// Forks `pairs` times a child that exits at once, and reaps it: the bare cost of fork + waitpid,
+/// the baseline of the pool's start-up. Returns the total time.
+///
+/// # Errors
+/// [`crate::PoolError::MultiThreaded`] if the process has more than one thread; OS errors.
+pub fn bare_fork_waitpid(pairs: usize) -> Result<std::time::Duration, crate::PoolError> {
+    let threads = thread_count().map_err(crate::PoolError::os("reading /proc/self/status"))?;
+    if threads != 1 {
+        return Err(crate::PoolError::MultiThreaded { threads });
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..pairs {
+        // SAFETY: the process was single-threaded above and starts no thread in this loop; the child
+        // calls only _exit.
+        let pid = unsafe { fork() }.map_err(crate::PoolError::os("fork"))?;
+        if pid == 0 {
+            exit_now(0);
+        }
+        reap(pid, true).map_err(crate::PoolError::os("waitpid"))?;
+    }
+    Ok(t0.elapsed())
+}
+
 /// Sends `sig` to `pid`.
 pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: plain syscall; `pid` is one of our own children (callers only pass those).

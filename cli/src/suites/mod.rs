@@ -4,6 +4,7 @@
 
 use crate::bench::Runner;
 
+pub mod forkpool;
 pub mod handoff;
 mod pingpong;
 pub mod scaling;
@@ -29,5 +30,10 @@ pub const ALL: &[Suite] = &[
         name: "scaling",
         about: "isolated contexts vs shared Arc counts on 1 and 2 threads",
         run: scaling::run,
+    },
+    Suite {
+        name: "forkpool",
+        about: "fork pool: shared allocator, 2-worker sum, cross-process pointer walk, releasing memory, start-up",
+        run: forkpool::run,
     },
 ];
