@@ -61,6 +61,18 @@ fn calls(c: &mut Criterion) {
         b.iter(|| p.add(black_box(5), black_box(TAG)).expect("call"))
     });
 
+    let h = p.handle::<Tally>().expect("handle");
+    g.bench_function("floor_enter_with", |b| {
+        b.iter(|| {
+            ctx.enter(|cx| cx.with(h, |t| t.add(black_box(5), black_box(TAG))))
+                .expect("enter")
+                .expect("with")
+        })
+    });
+    g.bench_function("floor_enter", |b| {
+        b.iter(|| ctx.enter(|_| black_box(5)).expect("enter"))
+    });
+
     let m = p.clone().with_mode(Mode::Move).expect("move mode");
     g.bench_function("call_small_move_idle", |b| {
         b.iter(|| m.add(black_box(5), black_box(TAG)).expect("call"))

@@ -109,33 +109,46 @@ impl fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 /// Truncates `out` back to `start` if the encoding grew past `limit`.
+#[inline]
 fn check_encoded(out: &mut Vec<u8>, start: usize, limit: usize) -> Result<(), CodecError> {
     let len = out.len() - start;
     if len > limit {
-        out.truncate(start);
-        return Err(CodecError::new(
-            CodecErrorKind::Limit,
-            format_args!("encoding is {len} bytes, limit {limit}"),
-        ));
+        return Err(over_limit(out, start, len, limit));
     }
     Ok(())
 }
 
+#[cold]
+fn over_limit(out: &mut Vec<u8>, start: usize, len: usize, limit: usize) -> CodecError {
+    out.truncate(start);
+    CodecError::new(
+        CodecErrorKind::Limit,
+        format_args!("encoding is {len} bytes, limit {limit}"),
+    )
+}
+
+#[inline]
 fn check_consumed(read: usize, total: usize) -> Result<(), CodecError> {
     if read == total {
         Ok(())
     } else {
-        Err(CodecError::new(
-            CodecErrorKind::TrailingBytes,
-            format_args!("{} of {total} bytes unread", total - read),
-        ))
+        Err(trailing(read, total))
     }
+}
+
+#[cold]
+fn trailing(read: usize, total: usize) -> CodecError {
+    CodecError::new(
+        CodecErrorKind::TrailingBytes,
+        format_args!("{} of {total} bytes unread", total - read),
+    )
 }
 
 impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
     const LIMIT: usize = LIMIT;
     const NAME: &'static str = "bincode-2";
 
+    #[inline]
     fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
         let start = out.len();
         let config = bincode::config::standard().with_limit::<LIMIT>();
@@ -146,6 +159,7 @@ impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
         check_encoded(out, start, LIMIT)
     }
 
+    #[inline]
     fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError> {
         if bytes.len() > LIMIT {
             return Err(CodecError::new(

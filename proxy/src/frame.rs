@@ -155,6 +155,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 ///
 /// # Errors
 /// The codec failed, or the body is over `C::LIMIT` (or over `u32::MAX`). `out` is then empty.
+#[inline]
 pub fn encode<C: Codec, T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
     kind: FrameKind,
@@ -198,6 +199,7 @@ pub enum EncodeFrameError {
     Frame(FrameError),
 }
 
+#[inline]
 fn write_header(h: &mut [u8], kind: FrameKind, len: u32, service: u64, object: ObjectId) {
     h[0..2].copy_from_slice(&MAGIC);
     h[2] = VERSION;
@@ -213,6 +215,7 @@ fn write_header(h: &mut [u8], kind: FrameKind, len: u32, service: u64, object: O
 ///
 /// # Errors
 /// Every check in the [module table](self) that fails, as a [`FrameError`]. Never panics.
+#[inline]
 pub fn parse(frame: &[u8], limit: usize) -> Result<(Header, &[u8]), FrameError> {
     if frame.len() < HEADER_LEN {
         return Err(FrameError::Short(frame.len()));
@@ -258,6 +261,7 @@ pub fn parse(frame: &[u8], limit: usize) -> Result<(Header, &[u8]), FrameError> 
 ///
 /// # Errors
 /// As for [`parse`], and [`FrameError::UnexpectedKind`].
+#[inline]
 pub fn parse_kind(
     frame: &[u8],
     limit: usize,

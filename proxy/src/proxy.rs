@@ -27,30 +27,38 @@ const POOL_MAX: usize = 8;
 const KEEP_MAX_CAPACITY: usize = 1 << 20;
 
 thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Pairs of (request, reply) buffers: one thread-local access per call each way.
+    static POOL: RefCell<Vec<(Vec<u8>, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A buffer from the pool, given back on drop.
-struct Pooled(Vec<u8>);
+/// A request and a reply buffer from the pool, given back on drop.
+struct Pooled {
+    req: Vec<u8>,
+    rep: Vec<u8>,
+}
 
 impl Pooled {
+    #[inline]
     fn take() -> Self {
-        let v = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
-        Self(v.unwrap_or_default())
+        let pair = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
+        let (req, rep) = pair.unwrap_or_default();
+        Self { req, rep }
     }
 }
 
 impl Drop for Pooled {
+    #[inline]
     fn drop(&mut self) {
-        let mut v = std::mem::take(&mut self.0);
-        if v.capacity() == 0 || v.capacity() > KEEP_MAX_CAPACITY {
+        let keep = |v: &Vec<u8>| v.capacity() <= KEEP_MAX_CAPACITY;
+        if !keep(&self.req) || !keep(&self.rep) {
             return;
         }
-        v.clear();
+        let pair = (std::mem::take(&mut self.req), std::mem::take(&mut self.rep));
         let _ = POOL.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(v);
+            if let Ok(mut p) = p.try_borrow_mut() {
+                if p.len() < POOL_MAX {
+                    p.push(pair);
+                }
             }
         });
     }
@@ -61,6 +69,7 @@ impl Drop for Pooled {
 
 /// Answers one request frame for objects of type `T` serving `S`, encoded with `C`: the function
 /// behind every [`ServeFn`]. Runs holding the target context; writes a reply or error frame.
+#[inline]
 fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
     cx: &Cx<'_>,
     request: &[u8],
@@ -93,6 +102,7 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
     }
 }
 
+#[cold]
 fn write_error<C: Codec>(reply: &mut Vec<u8>, service: u64, object: ObjectId, e: &CallError) {
     let wire = WireError::from_call(e);
     if frame::encode::<C, _>(reply, FrameKind::Error, service, object, &wire).is_err() {
@@ -120,6 +130,7 @@ fn serve_moved<S: Serve<T>, T: 'static>(
 }
 
 /// Decodes a reply frame for a request sent with `service` to `object`.
+#[inline]
 fn decode_reply<C: Codec, R: serde::de::DeserializeOwned>(
     reply: &[u8],
     service: u64,
@@ -398,11 +409,11 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         transport: &X,
         request: &S::Request<'_>,
     ) -> Result<S::Response, CallError> {
-        let mut req = Pooled::take();
-        let mut rep = Pooled::take();
-        frame::encode::<C, _>(&mut req.0, FrameKind::Request, S::ID, self.object, request)?;
-        transport.round_trip(&req.0, &mut rep.0, self.timeout)?;
-        decode_reply::<C, S::Response>(&rep.0, S::ID, self.object)
+        let mut bufs = Pooled::take();
+        let Pooled { req, rep } = &mut bufs;
+        frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)?;
+        transport.round_trip(req, rep, self.timeout)?;
+        decode_reply::<C, S::Response>(rep, S::ID, self.object)
     }
 }
 

@@ -7,6 +7,7 @@ use crate::bench::Runner;
 pub mod forkpool;
 pub mod handoff;
 mod pingpong;
+pub mod proxy;
 pub mod scaling;
 
 /// A registered suite.
@@ -35,5 +36,10 @@ pub const ALL: &[Suite] = &[
         name: "forkpool",
         about: "fork pool: shared allocator, 2-worker sum, cross-process pointer walk, releasing memory, start-up",
         run: forkpool::run,
+    },
+    Suite {
+        name: "proxy",
+        about: "proxied calls (serialized, move, pinned) and the plain-buffer cheat copy",
+        run: proxy::run,
     },
 ];

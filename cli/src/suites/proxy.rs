@@ -1,0 +1,238 @@
+//! `ctx bench proxy`: method calls through `context-proxy` proxies, and the plain-buffer cheat path,
+//! each beside the baseline issue 3 names, measured in the same run.
+
+use std::hint::black_box;
+use std::thread;
+use std::time::Instant;
+
+use context_core::Context;
+use context_proxy::{Bincode, Buffer, BufferService, Mode, Proxy, copy, service};
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::bench::{Better, Runner, Target, median};
+
+/// The small call of the issue: a u64 and a 16-byte string.
+#[service]
+pub trait Counter {
+    /// Adds `n`; returns the new total.
+    fn add(&mut self, n: u64, tag: &str) -> u64;
+}
+
+#[derive(Default)]
+struct Tally {
+    total: u64,
+    tag_bytes: u64,
+}
+
+impl Counter for Tally {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        self.total = self.total.wrapping_add(n);
+        self.tag_bytes += tag.len() as u64;
+        self.total
+    }
+}
+
+const TAG: &str = "sixteen-byte-tag";
+const COPY_BYTES: usize = 64 << 20;
+/// Frames big enough for a 64 MiB body, for the serialized copy.
+type Big = Bincode<{ 128 << 20 }>;
+
+/// A thread that runs `Tally::add` for each request arriving over a channel and answers it.
+fn spawn_thread_hop() -> (Sender<(u64, &'static str)>, Receiver<u64>) {
+    let (req_tx, req_rx) = bounded::<(u64, &'static str)>(1);
+    let (rep_tx, rep_rx) = bounded::<u64>(1);
+    thread::spawn(move || {
+        let mut t = Tally::default();
+        for (n, tag) in req_rx {
+            if rep_tx.send(t.add(n, tag)).is_err() {
+                break;
+            }
+        }
+    });
+    (req_tx, rep_rx)
+}
+
+/// A thread that echoes each u64 back: the bare request/reply over a pair of crossbeam channels.
+fn spawn_echo() -> (Sender<u64>, Receiver<u64>) {
+    let (req_tx, req_rx) = bounded::<u64>(1);
+    let (rep_tx, rep_rx) = bounded::<u64>(1);
+    thread::spawn(move || {
+        for n in req_rx {
+            if rep_tx.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    (req_tx, rep_rx)
+}
+
+fn gb_per_s(bytes: usize, f: impl FnOnce()) -> f64 {
+    let t0 = Instant::now();
+    f();
+    bytes as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// Median GB/s of `case` and of `baseline`, in alternating one-shot trials.
+fn compare_gbps(
+    r: &Runner,
+    mut case: impl FnMut() -> f64,
+    mut baseline: impl FnMut() -> f64,
+) -> (f64, f64) {
+    // One untimed run each: first-touch page faults are not what is measured.
+    case();
+    baseline();
+    let mut cs = Vec::new();
+    let mut bs = Vec::new();
+    for _ in 0..r.config().trials() {
+        cs.push(case());
+        bs.push(baseline());
+    }
+    (median(&mut cs), median(&mut bs))
+}
+
+pub fn run(r: &mut Runner) -> anyhow::Result<()> {
+    let mutex = parking_lot::Mutex::new(Tally::default());
+    let direct = |n: u64| {
+        for _ in 0..n {
+            black_box(mutex.lock().add(black_box(5), black_box(TAG)));
+        }
+    };
+
+    let target = Context::new("bench-proxy-target");
+    let idle: Proxy<CounterService> = Proxy::adopt(&target, Tally::default())?;
+    let call = |p: &Proxy<CounterService>, n: u64| {
+        for _ in 0..n {
+            black_box(p.add(black_box(5), black_box(TAG)).expect("proxied call"));
+        }
+    };
+    // Fail early and clearly rather than inside a timed loop.
+    idle.add(0, TAG)?;
+
+    r.step("call_small_idle");
+    let (case, base) = r.compare_ns(|n| call(&idle, n), direct);
+    r.row(
+        "call_small_idle",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "direct_call_mutex",
+        base,
+        Some(Target::RatioAtMost(15.0)),
+    );
+
+    let (hop_tx, hop_rx) = spawn_thread_hop();
+    let (case, base) = r.compare_ns(
+        |n| call(&idle, n),
+        |n| {
+            for _ in 0..n {
+                hop_tx
+                    .send((black_box(5), black_box(TAG)))
+                    .expect("hop thread alive");
+                black_box(hop_rx.recv().expect("hop thread alive"));
+            }
+        },
+    );
+    // "at least 20x faster than the thread hop": case / baseline <= 1/20.
+    r.row(
+        "call_small_idle",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "thread_hop_roundtrip",
+        base,
+        Some(Target::RatioAtMost(0.05)),
+    );
+    drop((hop_tx, hop_rx));
+
+    r.step("call_small_move_idle");
+    let moving = idle.clone().with_mode(Mode::Move)?;
+    let (case, base) = r.compare_ns(|n| call(&moving, n), direct);
+    r.row(
+        "call_small_move_idle",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "direct_call_mutex",
+        base,
+        Some(Target::RatioAtMost(3.0)),
+    );
+
+    r.step("call_small_pinned");
+    let home = Context::pinned("bench-proxy-pinned")?;
+    let pinned: Proxy<CounterService> = Proxy::adopt(&home, Tally::default())?;
+    pinned.add(0, TAG)?;
+    let (echo_tx, echo_rx) = spawn_echo();
+    let (case, base) = r.compare_ns(
+        |n| call(&pinned, n),
+        |n| {
+            for i in 0..n {
+                echo_tx.send(black_box(i)).expect("echo thread alive");
+                black_box(echo_rx.recv().expect("echo thread alive"));
+            }
+        },
+    );
+    r.row(
+        "call_small_pinned",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "channel_roundtrip",
+        base,
+        Some(Target::RatioAtMost(1.3)),
+    );
+    drop((echo_tx, echo_rx));
+
+    r.step("copy_cheat_64mib");
+    let (ca, cb) = (Context::new("bench-copy-a"), Context::new("bench-copy-b"));
+    let src: Proxy<BufferService<u8>, Big> =
+        Proxy::adopt(&ca, Buffer::from(vec![7u8; COPY_BYTES]))?;
+    let dst: Proxy<BufferService<u8>, Big> = Proxy::adopt(&cb, Buffer::<u8>::zeroed(COPY_BYTES))?;
+    let plain_src = vec![7u8; COPY_BYTES];
+    let mut plain_dst = vec![0u8; COPY_BYTES];
+    let mut memcpy = || {
+        gb_per_s(COPY_BYTES, || {
+            plain_dst.copy_from_slice(black_box(&plain_src))
+        })
+    };
+    let (case, base) = compare_gbps(
+        r,
+        || {
+            gb_per_s(COPY_BYTES, || {
+                copy(&src, 0..COPY_BYTES, &dst, 0).expect("cheat copy")
+            })
+        },
+        &mut memcpy,
+    );
+    r.row(
+        "copy_cheat_64mib",
+        "gb_per_s",
+        case,
+        Better::Higher,
+        "memcpy",
+        base,
+        Some(Target::RatioAtLeast(0.9)),
+    );
+
+    r.step("copy_serialized_64mib");
+    let (case, base) = compare_gbps(
+        r,
+        || {
+            gb_per_s(COPY_BYTES, || {
+                let bytes = src.read(0..COPY_BYTES).expect("serialized read");
+                dst.write(0, &bytes).expect("serialized write");
+            })
+        },
+        &mut memcpy,
+    );
+    r.row(
+        "copy_serialized_64mib",
+        "gb_per_s",
+        case,
+        Better::Higher,
+        "memcpy",
+        base,
+        None,
+    );
+    r.note("the same copy through frames: read (reply carries 64 MiB) then write (request carries 64 MiB)");
+    Ok(())
+}
