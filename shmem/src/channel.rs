@@ -613,4 +613,31 @@ mod tests {
         }
         t.join().unwrap();
     }
+
+    proptest::proptest! {
+        /// The frame decoder reads positions and lengths from shared memory a peer controls:
+        /// arbitrary values give a frame that fits the caller's buffer or an error, never a panic,
+        /// an out-of-bounds access or a hang.
+        #[test]
+        fn corrupt_ring_state_is_an_error_not_a_panic(
+            head: u64,
+            delta in proptest::prop_oneof![0u64..200, proptest::prelude::any::<u64>()],
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            buf_len in 0usize..100,
+        ) {
+            let ch = Channel::create(128).unwrap();
+            let mut b = ch.endpoint(Side::B).unwrap();
+            let (hdr, data) = ch.ring(0);
+            hdr.head.store(head, Ordering::SeqCst);
+            hdr.tail.store(head.wrapping_add(delta), Ordering::SeqCst);
+            for (i, x) in bytes.iter().enumerate() {
+                // SAFETY: `i < 128 == cap`, inside the ring of a channel only this test uses.
+                unsafe { data.wrapping_add(i).write_volatile(*x) };
+            }
+            let mut buf = vec![0u8; buf_len];
+            if let Ok(n) = b.recv(&mut buf, Some(Instant::now())) {
+                proptest::prop_assert!(n <= buf_len);
+            }
+        }
+    }
 }

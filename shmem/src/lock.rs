@@ -56,10 +56,9 @@
 //! does not give. The fast path is one CAS either way (x86 `lock cmpxchg`).
 
 use std::fmt;
-use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use context_core::{Acquired, LockError, RawContextLock};
+use context_core::{Acquired, LockError};
 
 use crate::sync::{self, AtomicU32, AtomicU64, Ordering};
 
@@ -105,6 +104,13 @@ const PATIENCE: Duration = Duration::from_millis(50);
 pub trait Liveness {
     /// Whether the process whose packed token is `token` is alive.
     fn is_alive(&self, token: u64) -> bool;
+
+    /// Whether a registered process may die while others wait. Real processes can, so waiters
+    /// always sleep in bounded slices and re-check; a model that kills nobody returns `false`, and
+    /// under loom its waiters then sleep without timeout, so a lost wake-up shows up as a deadlock.
+    fn deaths_possible(&self) -> bool {
+        true
+    }
 }
 
 /// [`Liveness`] from `/proc/<pid>/stat` (PID plus start time; zombies count as dead).
@@ -322,6 +328,8 @@ impl RawSharedLock {
     /// # Errors
     /// `TimedOut` when the deadline passes; `NotRecoverable` when a dead owner's state was
     /// released without repair (the caller does not hold the lock).
+    // Under loom SPIN_POLLS is 0, which makes the spin comparisons trivially true/false.
+    #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
     pub fn lock(
         &self,
         me: Slot,
@@ -384,7 +392,8 @@ impl RawSharedLock {
                     continue;
                 }
             } else if let Some(owner) = held_slot(s) {
-                let due = last_check.is_none_or(|c| c.exceeded(CHECK_INTERVAL));
+                // Under loom every wake-up re-checks (the model's stand-in for the periodic check).
+                let due = cfg!(loom) || last_check.is_none_or(|c| c.exceeded(CHECK_INTERVAL));
                 if owner != me.index() && due && spins >= SPIN_POLLS {
                     last_check = Some(sync::Stopwatch::start());
                     let token = self
@@ -407,7 +416,7 @@ impl RawSharedLock {
                 sync::spin_pause();
                 continue;
             }
-            let slice = if cfg!(loom) {
+            let slice = if cfg!(loom) && !live.deaths_possible() {
                 None
             } else {
                 Some(left.map_or(CHECK_INTERVAL, |l| l.min(CHECK_INTERVAL)))
@@ -496,25 +505,33 @@ impl RawSharedLock {
         }
     }
 
-    /// Passes HANDOFF(t) = `s` on to ticket t+1 (or to idle if none is pending).
-    fn skip(&self, s: u32) {
-        let t = ticket(s);
-        let t1 = (t + 1) & TICKET_MASK;
-        let _ = self
-            .head
-            .compare_exchange(t, t1, Ordering::SeqCst, Ordering::SeqCst);
-        let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
-        let new = if t1 == n {
-            s & DIED
-        } else {
-            HANDOFF | (s & DIED) | t1
-        };
-        if self
-            .state
-            .compare_exchange(s, new, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+    /// Passes HANDOFF(t) = `s` on to ticket t+1 (or to idle if none is pending), and on past
+    /// every following ticket that is known to be cancelled.
+    fn skip(&self, mut s: u32) {
+        loop {
+            let t = ticket(s);
+            let t1 = (t + 1) & TICKET_MASK;
+            let _ = self
+                .head
+                .compare_exchange(t, t1, Ordering::SeqCst, Ordering::SeqCst);
+            let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
+            let new = if t1 == n {
+                s & DIED
+            } else {
+                HANDOFF | (s & DIED) | t1
+            };
+            if self
+                .state
+                .compare_exchange(s, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                return; // somebody else moved it on
+            }
             sync::futex_wake(&self.state, i32::MAX);
+            if !(is_handoff(new) && self.is_cancelled(t1)) {
+                return;
+            }
+            s = new;
         }
     }
 
@@ -542,7 +559,11 @@ impl RawSharedLock {
         }
         self.cancelled[t as usize % CANCEL_RING].store(t | CANCEL_VALID, Ordering::SeqCst);
         // The holder may have handed over to us between the load above and the store: pass it on.
-        let s = self.state.load(Ordering::SeqCst);
+        // Store-load (Dekker) against `release`, which swaps `state` and then reads `cancelled`:
+        // this re-read is an RMW (value unchanged) and `release` writes `state` with an RMW, so
+        // whichever comes second in `state`'s modification order reads from the other and
+        // synchronizes with it: either we see the handoff here, or `release` sees the cancel.
+        let s = self.state.fetch_add(0, Ordering::SeqCst);
         if is_handoff(s) && ticket(s) == t {
             self.skip(s);
         }
@@ -562,15 +583,26 @@ impl RawSharedLock {
             h = h1;
         }
         if h == n {
-            self.state.store(0, Ordering::SeqCst);
+            // A swap, not a store: see `cancel` for why `state` is written by RMW here.
+            self.state.swap(0, Ordering::SeqCst);
             // Dekker with a waiter's `take_ticket` then `state.load`: either it sees FREE, or we
-            // see its ticket here and wake it.
-            if self.next.load(Ordering::SeqCst) & TICKET_MASK != n {
+            // see its ticket here and wake it. The re-read is a read-modify-write on purpose: an
+            // RMW reads the latest `next` in modification order, and if that is still `n`, the
+            // waiter's later `fetch_add` reads from it and synchronizes with us, so its state
+            // loads see FREE. This holds under Acquire/Release alone, which is what loom models
+            // (loom treats SeqCst loads like Acquire), so the model checks the real argument.
+            if self.next.fetch_add(0, Ordering::SeqCst) & TICKET_MASK != n {
                 sync::futex_wake(&self.state, i32::MAX);
             }
         } else {
-            self.state.store(HANDOFF | h, Ordering::SeqCst);
+            self.state.swap(HANDOFF | h, Ordering::SeqCst);
             sync::futex_wake(&self.state, i32::MAX);
+            // Ticket `h` may have been cancelled after we checked above and before our swap, and
+            // its waiter then found no handoff to pass on (store-load pattern with `cancel`; see
+            // there). Re-check after the swap, so one of the two sides always passes it on.
+            if self.is_cancelled(h) {
+                self.skip(HANDOFF | h);
+            }
         }
     }
 }
@@ -583,6 +615,8 @@ mod handle {
     use super::*;
     use crate::segment::Segment;
     use crate::{Error, ProcessToken};
+    use context_core::RawContextLock;
+    use std::ptr::NonNull;
     use std::sync::Arc;
 
     /// A process's handle on a [`RawSharedLock`] inside a shared [`Segment`]: keeps the segment

@@ -120,6 +120,7 @@ fn install_fork_hook() {
 
 /// A number that changes in each forked child (via `pthread_atfork`, so forks through libc's
 /// `fork()`; a raw `clone` syscall bypasses it). Caches of per-process state compare it.
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn fork_generation() -> u32 {
     install_fork_hook();
     FORK_GENERATION.load(Ordering::Relaxed)
@@ -246,5 +247,18 @@ mod tests {
         assert_eq!(parse_stat(b""), None);
         assert_eq!(parse_stat(b"12 (x) S 1 2 3"), None);
         assert_eq!(parse_stat(b"no paren at all"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_stat_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = parse_stat(&bytes);
+        }
+
+        #[test]
+        fn parse_stat_finds_start_after_any_comm(comm in "[ -~]{0,20}", start: u64) {
+            let line = format!("77 ({comm}) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 {start} 99 100\n");
+            proptest::prop_assert_eq!(parse_stat(line.as_bytes()), Some(StatInfo { state: b'R', start }));
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Multi-process tests of the crash-safe shared lock: SIGKILL the holder 1000 times at random
 //! points, recover each time, and check the guarded invariant.
+#![cfg(not(loom))]
 
 mod common;
 

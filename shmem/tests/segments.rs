@@ -1,0 +1,224 @@
+//! Segments across processes: truncation attempts cannot cause SIGBUS, garbage headers and records
+//! are refused with clear errors, named segments and the registry (list/inspect/gc).
+#![cfg(not(loom))]
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::{expect_ok, fork_child, within};
+use context_shmem::{Error, Segment, SharedBuf, TypeId, registry};
+
+const T: TypeId = TypeId::of_name("tests::segments/v1");
+
+fn unique_tag(what: &str) -> String {
+    format!("t{}_{what}", std::process::id())
+}
+
+/// Reads every payload byte of a buffer under its lock (touches every page: would SIGBUS if the
+/// backing file had shrunk).
+fn sum_all(buf: &SharedBuf<u8>) -> u64 {
+    let g = buf.lock(within(5)).unwrap();
+    let mut v = vec![0u8; g.len()];
+    g.read_into(0, &mut v).unwrap();
+    v.iter().map(|&b| u64::from(b)).sum()
+}
+
+#[test]
+fn memfd_truncation_by_a_peer_is_refused_and_nobody_faults() {
+    let buf = SharedBuf::<u8>::create(1 << 20).unwrap();
+    buf.lock(within(5)).unwrap().fill(1);
+    let fd = buf.segment().fd().as_raw_fd();
+    // The peer (a forked child holding the same descriptor) tries to shrink and to grow it.
+    let child = fork_child(|| {
+        // SAFETY: `fd` is a descriptor inherited from the parent; ftruncate has no memory effects
+        // on this process.
+        let shrink = unsafe { libc::ftruncate(fd, 0) };
+        let e1 = std::io::Error::last_os_error().raw_os_error();
+        // SAFETY: as above.
+        let grow = unsafe { libc::ftruncate(fd, 1 << 30) };
+        let e2 = std::io::Error::last_os_error().raw_os_error();
+        if shrink == -1 && e1 == Some(libc::EPERM) && grow == -1 && e2 == Some(libc::EPERM) {
+            0
+        } else {
+            1
+        }
+    });
+    expect_ok(child, Duration::from_secs(10));
+    assert_eq!(sum_all(&buf), 1 << 20);
+}
+
+#[test]
+fn named_segment_truncation_attempts_cannot_fault_anyone() {
+    let tag = unique_tag("trunc");
+    let buf = SharedBuf::<u8>::create_named(&tag, 1 << 20).unwrap();
+    buf.lock(within(5)).unwrap().fill(2);
+    let name = buf.segment().name().unwrap().to_owned();
+    let record = std::path::Path::new(registry::SHM_DIR).join(&name);
+    let child = fork_child(|| {
+        // A peer opens the segment by name, then attacks both the data and the name record.
+        let Ok(other) = SharedBuf::<u8>::open_named(&name) else {
+            return 1;
+        };
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            other.segment().fd().as_raw_fd()
+        )) else {
+            return 2;
+        };
+        // The data is a sealed memfd: the kernel refuses.
+        match f.set_len(0) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            _ => return 3,
+        }
+        // The record is a plain file: truncating it succeeds but nobody maps it.
+        let Ok(r) = std::fs::OpenOptions::new().write(true).open(&record) else {
+            return 4;
+        };
+        if r.set_len(0).is_err() {
+            return 5;
+        }
+        if sum_all(&other) != 2 << 20 {
+            return 6;
+        }
+        0
+    });
+    expect_ok(child, Duration::from_secs(10));
+    // Still fully readable here, and new opens get a clear error instead of a crash.
+    assert_eq!(sum_all(&buf), 2 << 20);
+    assert!(matches!(
+        SharedBuf::<u8>::open_named(&name),
+        Err(Error::BadHeader(_))
+    ));
+}
+
+#[test]
+fn named_segment_roundtrip_and_clear_errors() {
+    let tag = unique_tag("named");
+    let buf = SharedBuf::<u64>::create_named(&tag, 8).unwrap();
+    buf.lock(within(5)).unwrap().set(5, 55).unwrap();
+    let name = buf.segment().name().unwrap().to_owned();
+    assert!(name.starts_with("ctxshm-") && name.contains(&tag));
+    // Mode 0600.
+    let meta = std::fs::metadata(std::path::Path::new(registry::SHM_DIR).join(&name)).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    // Another process opens it by name and sees the data.
+    let child = fork_child(|| match SharedBuf::<u64>::open_named(&name) {
+        Ok(b) => match b.lock(within(5)).map(|g| g.get(5)) {
+            Ok(Some(55)) => 0,
+            _ => 2,
+        },
+        Err(_) => 1,
+    });
+    expect_ok(child, Duration::from_secs(10));
+    // Wrong type, missing name, malformed name.
+    assert!(matches!(
+        SharedBuf::<u32>::open_named(&name),
+        Err(Error::WrongType { .. })
+    ));
+    let missing = format!("ctxshm-{tag}-{}", "0".repeat(32));
+    assert!(matches!(
+        Segment::open_named(&missing, T),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        Segment::open_named("../etc/passwd", T),
+        Err(Error::BadName(_))
+    ));
+    assert!(matches!(
+        Segment::open_named("ctxshm-x-123", T),
+        Err(Error::BadName(_))
+    ));
+    // Listed while alive; the creator unlinks the name on drop.
+    let listed = registry::list().unwrap();
+    let me = listed.iter().find(|i| i.name == name).expect("listed");
+    assert!(me.creator_alive);
+    let rec = me.record.as_ref().unwrap();
+    assert_eq!(rec.creator_pid, std::process::id());
+    assert!(registry::inspect(&name).unwrap().creator_alive);
+    drop(buf);
+    assert!(matches!(registry::inspect(&name), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn garbage_records_and_segments_are_refused() {
+    let dir = std::path::Path::new(registry::SHM_DIR);
+    let tag = unique_tag("garbage");
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("a", vec![0xab; 80]),
+        ("b", b"short".to_vec()),
+        ("c", vec![0u8; 4096]),
+    ];
+    for (suffix, bytes) in &cases {
+        let name = format!("ctxshm-{tag}{suffix}-{}", "f".repeat(32));
+        let p = dir.join(&name);
+        std::fs::write(&p, bytes).unwrap();
+        let r = Segment::open_named(&name, T);
+        assert!(matches!(r, Err(Error::BadHeader(_))), "{name}: {r:?}");
+        // Listed as undecodable (gc never removes those: see the gc test).
+        let info = registry::list()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap();
+        assert!(info.record.is_err());
+        std::fs::remove_file(&p).unwrap();
+    }
+    // A sealed memfd with garbage content is refused by from_fd too.
+    let seg = Segment::create_memfd(4096, T).unwrap();
+    let fd = seg.fd().try_clone_to_owned().unwrap();
+    // SAFETY: writes 8 bytes at offset 0 of a memfd we own, via pwrite: no mapping involved.
+    let w = unsafe { libc::pwrite(fd.as_raw_fd(), b"XXXXXXXX".as_ptr().cast(), 8, 0) };
+    assert_eq!(w, 8);
+    assert!(matches!(Segment::from_fd(fd, T), Err(Error::BadHeader(_))));
+}
+
+#[test]
+fn gc_removes_only_names_whose_creator_died() {
+    // A child creates a named segment and is SIGKILLed: its record stays behind.
+    let tag = unique_tag("gc");
+    let ch = context_shmem::AtomicArray::create(64).unwrap();
+    let child = fork_child(|| {
+        let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
+            return 1;
+        };
+        let name = seg.name().unwrap_or_default().as_bytes().to_vec();
+        for (i, b) in name.iter().enumerate() {
+            ch.get(i)
+                .unwrap()
+                .store(u64::from(*b), std::sync::atomic::Ordering::SeqCst);
+        }
+        std::mem::forget(seg);
+        // SAFETY: dies without unlinking, like a crash.
+        unsafe { libc::_exit(0) }
+    });
+    expect_ok(child, Duration::from_secs(10));
+    let name: String = (0..64)
+        .map(|i| ch.get(i).unwrap().load(std::sync::atomic::Ordering::SeqCst) as u8)
+        .take_while(|&b| b != 0)
+        .map(char::from)
+        .collect();
+    let info = registry::inspect(&name).unwrap();
+    assert!(!info.creator_alive);
+    assert!(matches!(
+        Segment::open_named(&name, T),
+        Err(Error::CreatorGone { .. })
+    ));
+    // A live creator's segment and an undecodable record survive gc.
+    let live = Segment::create_named(&unique_tag("gclive"), 4096, T).unwrap();
+    let junk = std::path::Path::new(registry::SHM_DIR)
+        .join(format!("ctxshm-{tag}junk-{}", "e".repeat(32)));
+    std::fs::write(&junk, [0x55u8; 80]).unwrap();
+    let removed = registry::gc().unwrap();
+    assert!(removed.contains(&name));
+    assert!(!removed.iter().any(|n| Some(n.as_str()) == live.name()));
+    assert!(registry::inspect(live.name().unwrap()).is_ok());
+    assert!(matches!(registry::inspect(&name), Err(Error::NotFound(_))));
+    assert!(junk.exists());
+    std::fs::remove_file(&junk).unwrap();
+}
