@@ -588,18 +588,21 @@ impl<'a> Cx<'a> {
     }
 
     /// Runs `f` with exclusive access to the object. The object stays borrowed until `f` returns, even
-    /// if `f` calls into other contexts meanwhile (and so releases this one): anyone reaching it then
-    /// gets [`AccessError::Busy`]. If `f` panics the object is poisoned.
+    /// if `f` calls into other contexts meanwhile (and so releases this one): a re-entrant access from
+    /// further down the same call chain gets [`AccessError::Busy`], an access from another thread
+    /// gets [`AccessError::InUse`] (retry once the call returns). If `f` panics the object is
+    /// poisoned.
     ///
     /// # Errors
     /// [`AccessError::NotHeld`], [`AccessError::WrongContext`], [`AccessError::Stale`],
-    /// [`AccessError::WrongType`], [`AccessError::Busy`], [`AccessError::Poisoned`].
+    /// [`AccessError::WrongType`], [`AccessError::Busy`], [`AccessError::InUse`],
+    /// [`AccessError::Poisoned`].
     pub fn with<T: 'static, R>(
         &self,
         h: Handle<T>,
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R, AccessError> {
-        let ptr = self.table(|t| t.begin_borrow(h))??;
+        let ptr = self.table(|t| t.begin_borrow(h, crate::handoff::thread_tag()))??;
         struct EndBorrow<'c, 'a, T: 'static> {
             cx: &'c Cx<'a>,
             h: Handle<T>,

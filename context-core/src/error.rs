@@ -75,10 +75,16 @@ pub enum AccessError {
         /// The type stored.
         found: &'static str,
     },
-    /// The object is being used further up this call chain (or by a call that is suspended in
-    /// another context); it cannot be borrowed twice.
-    #[error("object is already in use in context {0}")]
+    /// The object is being used further up *this thread's* call chain (a re-entrant call into an
+    /// object whose method is still running, directly or through a pinned context's home thread
+    /// serving calls while it waits). Waiting would never end, so this fails at once.
+    #[error("object in context {0} is in use further up this call chain (re-entrant call)")]
     Busy(ContextId),
+    /// The object's method is running on *another* thread and has called out of the context (so the
+    /// context is free but the object is not). It becomes available when that call returns: leave
+    /// the context, wait, and try again (proxies do this until their timeout).
+    #[error("object in context {0} is in use by a call on another thread; retry later")]
+    InUse(ContextId),
     /// A panic happened while the object was mutably borrowed; its state may be half-updated.
     /// [`crate::Cx::clear_poison`] accepts it again, [`crate::Cx::remove`] takes it out.
     #[error("object in context {0} is poisoned by an earlier panic")]

@@ -98,6 +98,27 @@ fn with_current<R>(f: impl FnOnce(Option<&Frame<'_>>) -> R) -> R {
     with_frame(CURRENT.with(Cell::get), f)
 }
 
+/// A small number that names the calling thread, unique for the life of the process (never 0).
+/// Cheaper than `thread::current().id()` (no reference count touched).
+#[inline]
+pub(crate) fn thread_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: Cell<u64> = const { Cell::new(0) };
+    }
+    TAG.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        // Relaxed: only uniqueness matters.
+        let v = NEXT.fetch_add(1, Ordering::Relaxed);
+        t.set(v);
+        v
+    })
+}
+
 /// Whether the calling thread holds `id` right now.
 #[inline]
 pub(crate) fn holds(id: ContextId) -> bool {

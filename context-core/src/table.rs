@@ -19,8 +19,8 @@ struct Entry {
     object: NonNull<dyn Any>,
     type_id: TypeId,
     type_name: &'static str,
-    /// A `&mut` to the object is live further up some call chain.
-    borrowed: bool,
+    /// 0, or the tag of the thread (`thread_tag`) on whose stack a `&mut` to the object is live.
+    borrower: u64,
     /// A panic unwound through a borrow of the object.
     poisoned: bool,
 }
@@ -73,7 +73,7 @@ impl Table {
             object: NonNull::from(Box::leak(boxed)),
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
-            borrowed: false,
+            borrower: 0,
             poisoned: false,
         };
         let slot = &mut self.slots[slot_index as usize];
@@ -114,22 +114,26 @@ impl Table {
             .is_ok_and(|e| Self::check_type::<T>(e).is_ok())
     }
 
-    /// Marks the object borrowed and returns a pointer to it. The caller must call
-    /// [`Table::end_borrow`] with the same handle when done (a drop guard does).
+    /// Marks the object borrowed by thread `me` (a `thread_tag`) and returns a pointer to it. The
+    /// caller must call [`Table::end_borrow`] with the same handle when done (a drop guard does).
     pub(crate) fn begin_borrow<T: 'static>(
         &mut self,
         h: Handle<T>,
+        me: u64,
     ) -> Result<NonNull<T>, AccessError> {
         let context = self.context;
         let e = self.entry_mut(h)?;
         Self::check_type::<T>(e)?;
-        if e.borrowed {
+        if e.borrower == me {
             return Err(AccessError::Busy(context));
+        }
+        if e.borrower != 0 {
+            return Err(AccessError::InUse(context));
         }
         if e.poisoned {
             return Err(AccessError::Poisoned(context));
         }
-        e.borrowed = true;
+        e.borrower = me;
         // The type id was checked above, so the object is a `T`.
         Ok(e.object.cast::<T>())
     }
@@ -137,7 +141,7 @@ impl Table {
     /// Ends a borrow from [`Table::begin_borrow`]; `poison` marks the object poisoned.
     pub(crate) fn end_borrow<T: ?Sized>(&mut self, h: Handle<T>, poison: bool) {
         if let Ok(e) = self.entry_mut(h) {
-            e.borrowed = false;
+            e.borrower = 0;
             e.poisoned |= poison;
         }
     }
@@ -152,7 +156,7 @@ impl Table {
         let context = self.context;
         let e = self.entry_mut(h)?;
         Self::check_type::<T>(e)?;
-        if e.borrowed {
+        if e.borrower != 0 {
             return Err(AccessError::Busy(context));
         }
         let slot = &mut self.slots[h.slot as usize];
@@ -186,7 +190,7 @@ impl Table {
         let busy = self
             .slots
             .iter()
-            .any(|s| s.entry.as_ref().is_some_and(|e| e.borrowed));
+            .any(|s| s.entry.as_ref().is_some_and(|e| e.borrower != 0));
         if busy {
             Err(AccessError::Busy(self.context))
         } else {
@@ -218,6 +222,20 @@ impl Drop for Table {
 mod tests {
     use super::*;
 
+    const ME: u64 = 1;
+    const OTHER: u64 = 2;
+
+    #[test]
+    fn borrowed_by_this_thread_is_busy_by_another_in_use() {
+        let mut t = table();
+        let h = t.insert(1u8).unwrap();
+        t.begin_borrow(h, OTHER).unwrap();
+        assert_eq!(t.begin_borrow(h, ME), Err(AccessError::InUse(t.context)));
+        assert_eq!(t.begin_borrow(h, OTHER), Err(AccessError::Busy(t.context)));
+        t.end_borrow(h, false);
+        assert!(t.begin_borrow(h, ME).is_ok());
+    }
+
     fn table() -> Table {
         Table::new(ContextId::fresh())
     }
@@ -226,10 +244,10 @@ mod tests {
     fn insert_borrow_remove() {
         let mut t = table();
         let h = t.insert(String::from("x")).unwrap();
-        let p = t.begin_borrow(h).unwrap();
+        let p = t.begin_borrow(h, ME).unwrap();
         // SAFETY: the borrow flag is set, nothing else reaches the object.
         unsafe { (*p.as_ptr()).push('y') };
-        assert_eq!(t.begin_borrow(h), Err(AccessError::Busy(t.context)));
+        assert_eq!(t.begin_borrow(h, ME), Err(AccessError::Busy(t.context)));
         t.end_borrow(h, false);
         assert_eq!(t.remove(h).unwrap(), "xy");
         assert_eq!(t.len(), 0);
@@ -245,14 +263,14 @@ mod tests {
         assert_eq!(a.slot, b.slot);
         assert!(!t.contains(a));
         assert!(t.contains(b));
-        assert!(matches!(t.begin_borrow(a), Err(AccessError::Stale(_))));
+        assert!(matches!(t.begin_borrow(a, ME), Err(AccessError::Stale(_))));
     }
 
     #[test]
     fn wrong_type_and_wrong_context() {
         let mut t = table();
         let h = t.insert(5u8).unwrap();
-        let err = t.begin_borrow(h.cast::<u16>()).unwrap_err();
+        let err = t.begin_borrow(h.cast::<u16>(), ME).unwrap_err();
         assert!(matches!(
             err,
             AccessError::WrongType {
@@ -262,7 +280,7 @@ mod tests {
         ));
         let mut other = table();
         assert!(matches!(
-            other.begin_borrow(h),
+            other.begin_borrow(h, ME),
             Err(AccessError::WrongContext { .. })
         ));
     }
@@ -271,18 +289,21 @@ mod tests {
     fn poison_and_clear() {
         let mut t = table();
         let h = t.insert(vec![1]).unwrap();
-        t.begin_borrow(h).unwrap();
+        t.begin_borrow(h, ME).unwrap();
         t.end_borrow(h, true);
-        assert!(matches!(t.begin_borrow(h), Err(AccessError::Poisoned(_))));
+        assert!(matches!(
+            t.begin_borrow(h, ME),
+            Err(AccessError::Poisoned(_))
+        ));
         assert_eq!(t.clear_poison(h), Ok(true));
-        assert!(t.begin_borrow(h).is_ok());
+        assert!(t.begin_borrow(h, ME).is_ok());
     }
 
     #[test]
     fn growth_keeps_borrowed_object_valid() {
         let mut t = table();
         let h = t.insert(vec![0u64; 4]).unwrap();
-        let p = t.begin_borrow(h).unwrap();
+        let p = t.begin_borrow(h, ME).unwrap();
         for i in 0..1000u64 {
             t.insert(i).unwrap();
         }

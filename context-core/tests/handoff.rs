@@ -392,3 +392,42 @@ fn close_drops_objects_and_refuses_entry() {
     assert_eq!(a.enter(|_| ()), Err(EnterError::Closed(a.id())));
     assert_eq!(a.close(), Ok(()));
 }
+
+#[test]
+fn an_object_suspended_on_another_thread_is_in_use_not_busy() {
+    watchdog(30, || {
+        let a = Context::new("a");
+        let b = Context::new("b");
+        let h = a.enter(|cx| cx.adopt(0u32)).unwrap().unwrap();
+        let (inside_b_tx, inside_b_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let t1 = {
+            let (a, b) = (a.clone(), b.clone());
+            std::thread::spawn(move || {
+                a.enter(move |cx| {
+                    cx.with(h, |v| {
+                        *v += 1;
+                        // Call out of A while the object is borrowed; A itself is released.
+                        b.enter(move |_| {
+                            inside_b_tx.send(()).unwrap();
+                            release_rx.recv().unwrap();
+                        })
+                        .unwrap();
+                        *v += 1;
+                    })
+                })
+                .unwrap()
+                .unwrap();
+            })
+        };
+        inside_b_rx.recv().unwrap();
+        // A is free, the object is not: another thread is told to retry, not that it re-entered.
+        assert_eq!(
+            a.try_enter(|cx| cx.with(h, |v| *v)).unwrap(),
+            Err(AccessError::InUse(a.id()))
+        );
+        release_tx.send(()).unwrap();
+        t1.join().unwrap();
+        assert_eq!(a.enter(|cx| cx.with(h, |v| *v)).unwrap(), Ok(2));
+    });
+}
