@@ -1199,4 +1199,76 @@ mod tests {
         assert!(r.is_consistent(), "{:?}", r.problems);
         assert_eq!(r.stats.live_bytes, 0);
     }
+
+    #[cfg(not(miri))]
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            /// Random operation sequences against a model of live blocks: blocks never overlap, are
+            /// aligned and big enough; frees of live blocks succeed; second frees fail; the checker
+            /// and the statistics agree with the model after every step.
+            #[test]
+            fn operations_match_a_model(
+                ops in proptest::collection::vec((0u8..6, 1usize..300_000, 0u32..14, any::<u16>()), 1..160)
+            ) {
+                let (_buf, h) = small_heap(40);
+                let mut live: Vec<(NonNull<u8>, usize)> = Vec::new();
+                let mut freed: Vec<NonNull<u8>> = Vec::new();
+                for (op, size, align_log, pick) in ops {
+                    let size = if op == 0 { size % 512 + 1 } else { size };
+                    match op {
+                        0..=2 => match h.alloc(size, 1 << align_log) {
+                            Ok(p) => {
+                                let a = p.as_ptr() as usize;
+                                prop_assert_eq!(a % (1 << align_log), 0);
+                                prop_assert!(h.usable_size(p).expect("live") >= size);
+                                for &(q, qs) in &live {
+                                    let b = q.as_ptr() as usize;
+                                    prop_assert!(a + size <= b || b + qs <= a, "overlap");
+                                }
+                                live.push((p, size));
+                            }
+                            Err(AllocError::OutOfMemory) => {}
+                            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                        },
+                        3 if !live.is_empty() => {
+                            let (p, _) = live.swap_remove(usize::from(pick) % live.len());
+                            prop_assert_eq!(h.free(p), Ok(()));
+                            freed.push(p);
+                        }
+                        4 => {
+                            if let Some(&p) = freed.last() {
+                                if live.iter().all(|&(q, _)| q != p) {
+                                    let r = h.free(p);
+                                    prop_assert!(
+                                        matches!(r, Err(AllocError::DoubleFree | AllocError::ForeignPointer)),
+                                        "second free gave {r:?}"
+                                    );
+                                }
+                            }
+                        }
+                        5 => {
+                            h.trim(None);
+                        }
+                        _ => {}
+                    }
+                    let r = h.check();
+                    prop_assert!(r.is_consistent(), "{:?}", r.problems);
+                    prop_assert_eq!(r.stray_bits, 0);
+                    let model_small = live.iter().filter(|(p, _)| h.usable_size(*p).expect("live") <= MAX_SMALL).count();
+                    let stats_small: u64 = r.stats.live_blocks.iter().sum();
+                    prop_assert_eq!(stats_small as usize, model_small);
+                    prop_assert_eq!(r.stats.large_blocks as usize, live.len() - model_small);
+                }
+                for (p, _) in live {
+                    prop_assert_eq!(h.free(p), Ok(()));
+                }
+                prop_assert_eq!(h.stats().live_bytes, 0);
+            }
+        }
+    }
 }

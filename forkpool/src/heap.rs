@@ -19,6 +19,21 @@ use crate::error::AllocError;
 /// - need no `Drop` (the owners free memory without running destructors of the contents);
 /// - be valid for every value a process killed half-way through updating it can leave behind: every
 ///   field is a plain number, an atomic, or another `ShareSafe` type whose every bit pattern is valid.
+///
+/// Process-local types are refused at compile time:
+///
+/// ```compile_fail
+/// fn f(heap: &context_forkpool::Heap) {
+///     // Vec's buffer lives in the creating process's private heap.
+///     let _ = context_forkpool::SharedBox::new(heap, vec![1u8]);
+/// }
+/// ```
+///
+/// ```compile_fail
+/// fn f(heap: &context_forkpool::Heap) {
+///     let _ = context_forkpool::SharedBox::new(heap, Box::new(1u8));
+/// }
+/// ```
 pub unsafe trait ShareSafe: Sized + 'static {}
 
 macro_rules! share_safe {

@@ -269,11 +269,34 @@ fn tramp_mut<A: JobArg>(cx: &JobContext, f: usize, addr: usize, meta: usize) -> 
     f(cx, unsafe { A::target_mut(addr, meta) })
 }
 
+/// How long a worker keeps polling for the next request after answering one, before it sleeps in
+/// `recvmsg`. Waking a sleeping process on another CPU costs tens of microseconds on a VM (see
+/// /work/shared/limits.md); a master that sends the next job at once finds the worker awake.
+const WORKER_SPIN: Duration = Duration::from_micros(100);
+/// How long the master polls for a reply before it sleeps in `poll`.
+const MASTER_SPIN: Duration = Duration::from_micros(50);
+
+/// Receives the next request: polls without blocking for `WORKER_SPIN`, then blocks.
+fn next_request(sock: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
+    let until = Instant::now() + WORKER_SPIN;
+    loop {
+        match sys::try_recv_msg(sock, buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= until {
+                    return sys::recv_msg(sock, buf);
+                }
+                std::hint::spin_loop();
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The worker's loop. Never returns: leaves with `_exit` when the master closes the socket.
 fn worker_main(sock: RawFd, cx: JobContext, regions: WorkerRegions) -> ! {
     let mut buf = [0u8; 64];
     loop {
-        let (n, fd) = match sys::recv_msg(sock, &mut buf) {
+        let (n, fd) = match next_request(sock, &mut buf) {
             Ok((0, _)) | Err(_) => sys::exit_now(0),
             Ok(x) => x,
         };
@@ -530,11 +553,18 @@ impl Pool {
             .as_ref()
             .map(AsRawFd::as_raw_fd)
             .ok_or(PoolError::NoSuchWorker(w))?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms =
-            i32::try_from(left.as_millis().max(u128::from(!left.is_zero()))).unwrap_or(i32::MAX);
-        if !sys::poll_readable(fd, ms).map_err(PoolError::os("poll"))? {
-            return Err(PoolError::Timeout { worker: w, timeout });
+        let spin_until = (Instant::now() + MASTER_SPIN).min(deadline);
+        let mut ready = false;
+        while !ready && Instant::now() < spin_until {
+            ready = sys::poll_readable(fd, 0).map_err(PoolError::os("poll"))?;
+        }
+        if !ready {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_millis().max(u128::from(!left.is_zero())))
+                .unwrap_or(i32::MAX);
+            if !sys::poll_readable(fd, ms).map_err(PoolError::os("poll"))? {
+                return Err(PoolError::Timeout { worker: w, timeout });
+            }
         }
         let mut buf = [0u8; 64];
         match sys::recv_msg(fd, &mut buf) {
@@ -1047,7 +1077,11 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // Closing the sockets tells workers to exit; give them a moment, then make sure. Workers
         // without a socket are dead and already reaped (their pid may have been reused: never signal it).
-        let live: Vec<libc::pid_t> = self.workers.iter_mut().filter_map(|w| w.sock.take().map(|_| w.pid)).collect();
+        let live: Vec<libc::pid_t> = self
+            .workers
+            .iter_mut()
+            .filter_map(|w| w.sock.take().map(|_| w.pid))
+            .collect();
         for pid in live {
             // Exiting on EOF takes microseconds; a worker stuck in a job gets half a second.
             if !matches!(sys::wait_exit(pid, 500), Ok(Some(_))) {

@@ -301,6 +301,19 @@ pub(crate) fn send_msg(sock: RawFd, bytes: &[u8], pass: Option<RawFd>) -> io::Re
 /// Receives one message into `buf`; returns its length (0 at end of stream) and a passed
 /// descriptor, if any (received close-on-exec).
 pub(crate) fn recv_msg(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    recv_msg_flags(sock, buf, 0)
+}
+
+/// As [`recv_msg`], but fails with `WouldBlock` at once when no message is queued.
+pub(crate) fn try_recv_msg(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    recv_msg_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_msg_flags(
+    sock: RawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -314,7 +327,7 @@ pub(crate) fn recv_msg(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option
     msg.msg_controllen = size_of_val(&cbuf);
     let n = loop {
         // SAFETY: `msg` points at valid buffers for the duration of the call.
-        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if r >= 0 {
             break r as usize;
         }
@@ -420,7 +433,8 @@ pub(crate) fn wait_exit(pid: libc::pid_t, timeout_ms: i32) -> io::Result<Option<
         poll_readable(pidfd.as_raw_fd(), timeout_ms)?;
         return reap(pid, false);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     loop {
         if let Some(k) = reap(pid, false)? {
             return Ok(Some(k));
