@@ -587,6 +587,14 @@ impl<'a> Cx<'a> {
         self.table(|t| t.len())
     }
 
+    /// Whether the context holds no objects.
+    ///
+    /// # Errors
+    /// [`AccessError::NotHeld`] if this `Cx` is suspended.
+    pub fn is_empty(&self) -> Result<bool, AccessError> {
+        self.len().map(|n| n == 0)
+    }
+
     /// Runs `f` with exclusive access to the object. The object stays borrowed until `f` returns, even
     /// if `f` calls into other contexts meanwhile (and so releases this one): a re-entrant access from
     /// further down the same call chain gets [`AccessError::Busy`], an access from another thread

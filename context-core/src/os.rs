@@ -193,8 +193,9 @@ pub mod probe {
     /// # Errors
     /// The OS error.
     pub fn pidfd() -> io::Result<String> {
+        let pid = std::process::id();
         // SAFETY: pidfd_open takes a pid and flags (0) and returns a new descriptor or -1.
-        let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) })?;
+        let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) })?;
         close(libc::c_int::try_from(fd).map_err(io::Error::other)?);
         Ok("pidfd_open works".to_owned())
     }

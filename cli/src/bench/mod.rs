@@ -214,18 +214,6 @@ impl Runner {
         }
     }
 
-    /// Median nanoseconds per operation of `f`, where `f(n)` performs `n` operations.
-    pub fn time_ns(&mut self, mut f: impl FnMut(u64)) -> f64 {
-        let iters = self.calibrate(&mut f);
-        let mut samples = Vec::with_capacity(self.config.trials());
-        for _ in 0..self.config.trials() {
-            let t0 = Instant::now();
-            f(iters);
-            samples.push(t0.elapsed().as_nanos() as f64 / iters as f64);
-        }
-        median(&mut samples)
-    }
-
     /// Median nanoseconds per operation of a case and of its baseline, measured in alternating trials
     /// so that both see the same machine. Returns `(case, baseline)`.
     pub fn compare_ns(

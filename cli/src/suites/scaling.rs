@@ -10,6 +10,9 @@ use context_core::{Context, Handle};
 
 use crate::bench::{Better, Runner, Target};
 
+/// One thread's context and the handle of its objects there.
+type Owned = (Context, Handle<Vec<Arc<[u64; 4]>>>);
+
 /// The objects one unit of work touches.
 const OBJECTS: usize = 16;
 
@@ -77,7 +80,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
 
     r.step("isolated_contexts");
     // Each thread's objects live in its own context; the thread enters it for every unit of work.
-    let contexts: Vec<(Context, Handle<Vec<Arc<[u64; 4]>>>)> = (0..2)
+    let contexts: Vec<Owned> = (0..2)
         .map(|i| {
             let c = Context::new(&format!("scaling-{i}"));
             let h = c.enter(|cx| cx.adopt(objects()))?;
