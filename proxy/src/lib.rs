@@ -118,6 +118,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## What the macro refuses
+//!
+//! Arguments the callee could write back through, generic methods and `self` by value do not
+//! compile; neither does a proxy over an object that does not implement the service:
+//!
+//! ```compile_fail
+//! #[context_proxy::service]
+//! pub trait Bad { fn fill(&self, out: &mut Vec<u8>); }
+//! ```
+//! ```compile_fail
+//! #[context_proxy::service]
+//! pub trait Bad { fn get<T: Default>(&self) -> T; }
+//! ```
+//! ```compile_fail
+//! #[context_proxy::service]
+//! pub trait Bad { fn consume(self); }
+//! ```
+//! ```compile_fail
+//! # use context_core::Context;
+//! # use context_proxy::{Proxy, service};
+//! #[service]
+//! pub trait Counter { fn total(&self) -> u64; }
+//! struct NotACounter;
+//! let ctx = Context::new("c");
+//! let h = ctx.enter(|cx| cx.adopt(NotACounter)).unwrap().unwrap();
+//! let p: Proxy<CounterService> = Proxy::new(&ctx, h).unwrap(); // NotACounter: !Counter
+//! ```
+//!
 //! ## Panics, re-entrancy, limits
 //! A method that panics gives [`CallError::Panicked`]; the target context stays usable and only that
 //! object is poisoned ([`CallError::Poisoned`] afterwards). A method running in B may call back into
@@ -126,6 +154,9 @@
 //! inherent method of [`Proxy`] (`call`, `new`, ...) must be called as `CounterClient::call(&p, ..)`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+// Lets `#[service]` (which names `::context_proxy`) be used inside this crate's own tests.
+extern crate self as context_proxy;
 
 mod buffer;
 pub mod codec;

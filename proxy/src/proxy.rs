@@ -494,3 +494,85 @@ impl<C: Codec> Exports<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The call protocol on one thread, small enough for Miri.
+    use context_core::Context;
+
+    use crate::{Buffer, BufferService, CallError, Exports, Mode, Proxy, copy, frame, service};
+
+    #[service]
+    pub(crate) trait Echo {
+        /// Returns the string and a number.
+        fn echo(&mut self, n: u64, s: &str) -> (u64, String);
+    }
+
+    struct E(u64);
+    impl Echo for E {
+        fn echo(&mut self, n: u64, s: &str) -> (u64, String) {
+            self.0 += n;
+            (self.0, s.to_owned())
+        }
+    }
+
+    #[test]
+    fn serialized_move_nested_and_exported_calls() {
+        let (a, b) = (Context::new("a"), Context::new("b"));
+        let p: Proxy<EchoService> = Proxy::adopt(&b, E(0)).unwrap();
+        assert_eq!(p.echo(2, "hi").unwrap(), (2, "hi".to_owned()));
+        let m = p.clone().with_mode(Mode::Move).unwrap();
+        assert_eq!(m.echo(3, "mv").unwrap(), (5, "mv".to_owned()));
+        let p2 = p.clone();
+        assert_eq!(
+            a.enter(move |_| p2.echo(1, "nested")).unwrap().unwrap().0,
+            6
+        );
+
+        let h = p.handle::<E>().unwrap();
+        let mut ex: Exports = Exports::new();
+        let id = ex.export::<EchoService, E>(h);
+        let mut req = Vec::new();
+        frame::encode::<crate::Bincode, _>(
+            &mut req,
+            frame::FrameKind::Request,
+            <EchoService as crate::Service>::ID,
+            id,
+            &EchoRequest::Echo { n: 1, s: "x" },
+        )
+        .unwrap();
+        let mut rep = Vec::new();
+        b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+        let r: EchoResponse =
+            super::decode_reply::<crate::Bincode, _>(&rep, <EchoService as crate::Service>::ID, id)
+                .unwrap();
+        assert!(matches!(r, EchoResponse::Echo((7, _))));
+        req[3] = 77;
+        b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+        let e = super::decode_reply::<crate::Bincode, EchoResponse>(
+            &rep,
+            0,
+            frame::ObjectId {
+                context: 0,
+                slot: 0,
+                generation: 0,
+            },
+        );
+        assert!(matches!(
+            e,
+            Err(CallError::Frame(frame::FrameError::UnknownKind(77)))
+        ));
+    }
+
+    #[test]
+    fn cheat_copy_between_two_contexts() {
+        let (a, b) = (Context::new("a"), Context::new("b"));
+        let s: Proxy<BufferService<u16>> =
+            Proxy::adopt(&a, Buffer::from(vec![1u16, 2, 3])).unwrap();
+        let d: Proxy<BufferService<u16>> = Proxy::adopt(&b, Buffer::<u16>::zeroed(3)).unwrap();
+        copy(&s, 1..3, &d, 0).unwrap();
+        assert_eq!(d.read(0..3).unwrap(), [2, 3, 0]);
+        copy(&s, 0..2, &s, 1).unwrap();
+        assert_eq!(s.read(0..3).unwrap(), [1, 1, 2]);
+    }
+}
