@@ -207,11 +207,8 @@ fn parse(v: &str) -> Option<(String, usize)> {
     Some((id.to_owned(), usize::from_str_radix(off, 16).ok()?))
 }
 
-extern "C" fn startup_hook(
-    _argc: libc::c_int,
-    _argv: *const *const libc::c_char,
-    _envp: *const *const libc::c_char,
-) {
+#[cfg_attr(miri, allow(dead_code))]
+extern "C" fn startup_hook() {
     let Some(v) = std::env::var_os(ENV) else {
         return;
     };
@@ -242,14 +239,36 @@ extern "C" fn startup_hook(
     crate::sys::exit_now(code);
 }
 
-/// The start-up hook: the dynamic loader calls every `.init_array` entry with (argc, argv, envp)
-/// before `main`.
+/// The start-up hook: the C runtime calls every `.init_array` entry before `main`. glibc passes
+/// (argc, argv, envp), which a C-ABI function without parameters ignores (the caller cleans up), and
+/// other runtimes (and Miri) pass nothing, so the hook takes no parameters, as the `ctor` crate's do.
+/// Not compiled under Miri, which cannot exec.
+#[cfg(not(miri))]
 #[used]
-// SAFETY: `.init_array` holds pointers to functions with the signature the loader calls them with,
-// which `startup_hook` has; the entry returns at once unless ENV is set.
+// SAFETY: `.init_array` holds pointers to `extern "C" fn()`; `startup_hook` is one, and it returns at
+// once unless ENV is set.
 #[unsafe(link_section = ".init_array")]
-static STARTUP_HOOK: extern "C" fn(
-    libc::c_int,
-    *const *const libc::c_char,
-    *const *const libc::c_char,
-) = startup_hook;
+static STARTUP_HOOK: extern "C" fn() = startup_hook;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parse_accepts_what_command_writes() {
+        assert_eq!(
+            parse("v1:1:2:3:4.5:ff"),
+            Some(("1:2:3:4.5".to_owned(), 255))
+        );
+        assert_eq!(parse("v2:1:ff"), None);
+        assert_eq!(parse("v1:nohex:zz"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".*") {
+            let _ = parse(&s);
+        }
+    }
+}
