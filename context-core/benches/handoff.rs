@@ -1,6 +1,8 @@
 //! Criterion benches for developers: the same cases as `ctx bench handoff`, each beside its
 //! baseline in one group so the report shows them side by side.
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented public fn
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, Ordering};
 
