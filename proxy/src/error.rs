@@ -38,6 +38,11 @@ pub enum CallError {
     /// is still running).
     #[error("the object in context {0} is in use further up the call chain")]
     Busy(ContextId),
+    /// The object's method is running on another thread and has called out of its context. Proxies
+    /// retry this by themselves (leaving the target in between) until their timeout, and return
+    /// it only when a timeout was set and passed without the object becoming free.
+    #[error("the object in context {0} is in use by a call on another thread")]
+    InUse(ContextId),
     /// An earlier method panicked while holding the object; its state may be half-updated. Clear it
     /// with [`context_core::Cx::clear_poison`] or remove the object.
     #[error("the object in context {0} is poisoned by an earlier panic")]
@@ -133,6 +138,7 @@ impl CallError {
             },
             AccessError::WrongContext { handle, context } => Self::WrongContext { handle, context },
             AccessError::Busy(id) => Self::Busy(id),
+            AccessError::InUse(id) => Self::InUse(id),
             AccessError::Poisoned(id) => Self::Poisoned(id),
             // Not reachable through a proxy (the serve function always runs holding the context and
             // never adopts); kept as a readable error rather than a panic.
@@ -148,6 +154,7 @@ pub(crate) enum WireError {
     WrongService { expected: String, found: String },
     WrongContext { handle: u64, context: u64 },
     Busy(u64),
+    InUse(u64),
     Poisoned(u64),
     Frame(FrameError),
     Codec { kind: u8, message: String },
@@ -172,6 +179,7 @@ impl WireError {
                 context: context.get(),
             },
             CallError::Busy(id) => Self::Busy(id.get()),
+            CallError::InUse(id) => Self::InUse(id.get()),
             CallError::Poisoned(id) => Self::Poisoned(id.get()),
             CallError::Frame(f) => Self::Frame(f.clone()),
             CallError::Codec(c) => Self::Codec {
@@ -201,6 +209,7 @@ impl WireError {
                 })
             }),
             Self::Busy(c) => id(c).map(CallError::Busy),
+            Self::InUse(c) => id(c).map(CallError::InUse),
             Self::Poisoned(c) => id(c).map(CallError::Poisoned),
             Self::Frame(f) => Ok(CallError::Frame(f)),
             Self::Codec { kind, message } => {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use context_core::{Context, Cx, Handle};
 
@@ -112,21 +112,61 @@ fn write_error<C: Codec>(reply: &mut Vec<u8>, service: u64, object: ObjectId, e:
     }
 }
 
-/// Move mode: runs a request value directly on the object, no frames.
-type MoveFn<S> = for<'a, 'b, 'c> fn(
+/// Move mode: runs a request value directly on the object, no frames. The request is taken out of
+/// the slot only when the object could be borrowed, so a refused call (`InUse`) can be retried.
+type MoveFn<S> = for<'a, 'b, 'c, 'd> fn(
     &'b Cx<'c>,
     ObjectId,
-    <S as Service>::Request<'a>,
+    &'d mut Option<<S as Service>::Request<'a>>,
 ) -> Result<<S as Service>::Response, CallError>;
 
 fn serve_moved<S: Serve<T>, T: 'static>(
     cx: &Cx<'_>,
     object: ObjectId,
-    req: S::Request<'_>,
+    slot: &mut Option<S::Request<'_>>,
 ) -> Result<S::Response, CallError> {
     let handle = object.typed::<T>().ok_or(FrameError::Mismatched)?;
-    cx.with(handle, |obj| S::serve(obj, req))
-        .map_err(|e| CallError::from_access(e, S::NAME))
+    match cx.with(handle, |obj| slot.take().map(|r| S::serve(obj, r))) {
+        Ok(Some(resp)) => Ok(resp),
+        Ok(None) => Err(CallError::UnexpectedResponse),
+        Err(e) => Err(CallError::from_access(e, S::NAME)),
+    }
+}
+
+/// Waits between retries of a call refused with `InUse`: a few yields, then sleeps doubling from
+/// 10 us to 1 ms. Returns `false` once `deadline` has passed.
+struct Retry {
+    attempt: u32,
+    deadline: Option<Instant>,
+}
+
+impl Retry {
+    fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            attempt: 0,
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+        }
+    }
+
+    fn wait(&mut self) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        self.attempt += 1;
+        if self.attempt <= 8 {
+            std::thread::yield_now();
+        } else {
+            let shift = (self.attempt - 8).min(7);
+            std::thread::sleep(Duration::from_micros(10 << shift));
+        }
+        true
+    }
+
+    /// The time left for one attempt, for `enter_timeout`.
+    fn left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
 }
 
 /// Decodes a reply frame for a request sent with `service` to `object`.
@@ -388,18 +428,38 @@ impl<S: Service, C: Codec> Proxy<S, C> {
                     transport, mover, ..
                 },
                 Mode::Move,
-            ) => {
-                let (mover, object) = (*mover, self.object);
-                let run = move |cx: &mut Cx<'_>| mover(cx, object, request);
-                match self.timeout {
-                    None => transport.ctx.enter(run),
-                    Some(t) => transport.ctx.enter_timeout(t, run),
-                }?
-            }
+            ) => self.call_moved(transport, *mover, request),
             (Route::Local { transport, .. }, Mode::Serialize) => {
                 self.call_framed(transport, &request)
             }
             (Route::Remote(t), _) => self.call_framed(&**t, &request),
+        }
+    }
+
+    fn call_moved(
+        &self,
+        transport: &InProcess,
+        mover: MoveFn<S>,
+        request: S::Request<'_>,
+    ) -> Result<S::Response, CallError> {
+        let object = self.object;
+        let mut retry = Retry::new(self.timeout);
+        let mut slot = Some(request);
+        loop {
+            let slot_ref = &mut slot;
+            let run = move |cx: &mut Cx<'_>| mover(cx, object, slot_ref);
+            let outcome = match retry.left() {
+                None => transport.ctx.enter(run),
+                Some(t) => transport.ctx.enter_timeout(t, run),
+            }?;
+            match outcome {
+                Err(CallError::InUse(id)) if slot.is_some() => {
+                    if !retry.wait() {
+                        return Err(CallError::InUse(id));
+                    }
+                }
+                other => return other,
+            }
         }
     }
 
@@ -412,8 +472,18 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         let mut bufs = Pooled::take();
         let Pooled { req, rep } = &mut bufs;
         frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)?;
-        transport.round_trip(req, rep, self.timeout)?;
-        decode_reply::<C, S::Response>(rep, S::ID, self.object)
+        let mut retry = Retry::new(self.timeout);
+        loop {
+            transport.round_trip(req, rep, retry.left().or(self.timeout))?;
+            match decode_reply::<C, S::Response>(rep, S::ID, self.object) {
+                Err(CallError::InUse(id)) => {
+                    if !retry.wait() {
+                        return Err(CallError::InUse(id));
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
 

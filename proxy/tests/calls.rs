@@ -412,3 +412,92 @@ fn frames_through_another_transport() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+#[service]
+pub trait Hold {
+    /// Blocks until the gate opens.
+    fn wait(&mut self);
+}
+
+struct Gate {
+    entered: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
+}
+
+impl Hold for Gate {
+    fn wait(&mut self) {
+        self.entered.store(true, Ordering::Release);
+        while !self.open.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[service]
+pub trait Outer {
+    /// Calls out of its context into the gate, and returns when it opens.
+    fn call_out(&mut self) -> u64;
+    /// Answers at once.
+    fn ping(&mut self) -> u64;
+}
+
+struct OuterObj {
+    gate: Proxy<HoldService>,
+    pings: u64,
+}
+
+impl Outer for OuterObj {
+    fn call_out(&mut self) -> u64 {
+        self.gate.wait().expect("gate");
+        1
+    }
+    fn ping(&mut self) -> u64 {
+        self.pings += 1;
+        self.pings
+    }
+}
+
+#[test]
+fn object_in_use_on_another_thread_is_retried_until_the_timeout() -> anyhow::Result<()> {
+    let (entered, open) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let h = Context::new("h");
+    let gate: Proxy<HoldService> = Proxy::adopt(
+        &h,
+        Gate {
+            entered: Arc::clone(&entered),
+            open: Arc::clone(&open),
+        },
+    )?;
+    let b = Context::new("b");
+    let outer: Proxy<OuterService> = Proxy::adopt(&b, OuterObj { gate, pings: 0 })?;
+
+    let o = outer.clone();
+    let first = std::thread::spawn(move || o.call_out());
+    while !entered.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    // B is free (its caller is out in H) but the object is not: with a timeout, InUse in the end.
+    let short = outer.clone().with_timeout(Duration::from_millis(20));
+    assert!(matches!(short.ping(), Err(CallError::InUse(_))));
+    let short_move = short.clone().with_mode(Mode::Move)?;
+    assert!(matches!(short_move.ping(), Err(CallError::InUse(_))));
+    assert_eq!(b.enter(|_| 5)?, 5, "the context itself is free");
+
+    // Without a timeout the proxy retries until the object is free again.
+    let opener = {
+        let open = Arc::clone(&open);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            open.store(true, Ordering::Release);
+        })
+    };
+    assert_eq!(outer.ping()?, 1);
+    assert_eq!(first.join().expect("first")?, 1);
+    opener.join().expect("opener");
+    let moving = outer.with_mode(Mode::Move)?;
+    assert_eq!(moving.ping()?, 2);
+    Ok(())
+}
