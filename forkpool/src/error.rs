@@ -103,6 +103,9 @@ pub enum PoolError {
         /// Threads counted in /proc/self/status.
         threads: usize,
     },
+    /// A job argument does not live in this pool's heap.
+    #[error("the job argument does not live in this pool's shared heap")]
+    ForeignArgument,
     /// A worker index out of range.
     #[error("no worker {0}")]
     NoSuchWorker(usize),

@@ -74,6 +74,7 @@ mod error;
 mod heap;
 pub mod isolated;
 mod pool;
+pub mod protocol;
 mod region;
 mod sys;
 

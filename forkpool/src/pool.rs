@@ -820,7 +820,7 @@ impl Pool {
         A::Target: Sync,
     {
         self.usable(w)?;
-        let (addr, meta) = arg.parts();
+        let (addr, meta) = self.check_arg(arg)?;
         let t = tramp_ref::<A> as Trampoline as usize as u64;
         self.send(
             w,
@@ -847,7 +847,7 @@ impl Pool {
         A::Target: Send,
     {
         self.usable(w)?;
-        let (addr, meta) = arg.parts();
+        let (addr, meta) = self.check_arg(arg)?;
         let t = tramp_mut::<A> as Trampoline as usize as u64;
         self.send(
             w,
@@ -885,7 +885,16 @@ impl Pool {
     where
         A::Target: Sync,
     {
-        let (addr, meta) = arg.parts();
+        let (addr, meta) = match self.check_arg(arg) {
+            Ok(x) => x,
+            Err(_) => {
+                let errs = (0..self.workers.len())
+                    .map(|_| Err(PoolError::ForeignArgument))
+                    .collect();
+                let pids = self.worker_pids();
+                return (errs, during(&self.heap, &pids));
+            }
+        };
         let t = tramp_ref::<A> as Trampoline as usize as u64;
         self.broadcast_raw(
             [t, f as usize as u64, addr as u64, meta as u64],
@@ -938,6 +947,17 @@ impl Pool {
             })
             .collect();
         (results, r)
+    }
+
+    /// The argument's address and metadata, if it lies in this pool's heap (an owner from another
+    /// pool's heap is not mapped in these workers).
+    fn check_arg<A: JobArg>(&self, arg: &A) -> Result<(usize, usize), PoolError> {
+        let (addr, meta) = arg.parts();
+        if self.heap.contains(addr as *const u8) {
+            Ok((addr, meta))
+        } else {
+            Err(PoolError::ForeignArgument)
+        }
     }
 
     fn wait_or_kill(&mut self, w: usize, timeout: Duration) -> Result<u64, PoolError> {
@@ -1110,10 +1130,19 @@ impl Pool {
 
     /// Checks every worker for death without sending it anything (a supervision tick): reaps ended
     /// workers and handles them as on any other detection. Returns how many were found dead.
+    ///
+    /// Workers that died earlier and could not be replaced then (for example because the master had
+    /// become multi-threaded) are forked again here when possible.
     pub fn supervise(&mut self) -> usize {
         let mut n = 0;
         for w in 0..self.workers.len() {
             if self.workers[w].sock.is_none() {
+                if self.poisoned.is_none() {
+                    if let Ok(nw) = self.fork_worker(w) {
+                        self.workers[w] = nw;
+                        let _ = self.control(w, OP_PING, 0, 0, None);
+                    }
+                }
                 continue;
             }
             if let Ok(Some(k)) = sys::reap(self.workers[w].pid, false) {

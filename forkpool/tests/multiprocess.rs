@@ -432,6 +432,14 @@ fn jobs_fail_cleanly() -> anyhow::Result<()> {
         pool.run_fn(5, |_| 0, T),
         Err(PoolError::NoSuchWorker(5))
     ));
+    // An owner from another pool's heap is not mapped in these workers: refused, nothing sent.
+    let other = small_pool(0).build()?;
+    let foreign = SharedBox::new(other.heap(), 1u64)?;
+    ensure!(matches!(
+        pool.run(0, |_, v: &u64| *v, &foreign, T),
+        Err(PoolError::ForeignArgument)
+    ));
+    ensure!(pool.run_fn(0, |_| 5, T)? == 5);
     Ok(())
 }
 isolated_test!(jobs_panics_timeouts_and_deaths, jobs_fail_cleanly, 60);
