@@ -46,25 +46,29 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use context_forkpool::{Pool, PoolError, SharedList};
+//! use context_forkpool::{JobContext, ListHead, Pool, SharedList, isolated};
 //!
-//! fn sum(_: &context_forkpool::JobContext, list: &context_forkpool::ListHead<u64>) -> u64 {
+//! fn sum(_: &JobContext, list: &ListHead<u64>) -> u64 {
 //!     list.iter().sum()
 //! }
 //!
-//! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let mut pool = match Pool::builder().workers(2).reserve(1 << 30).initial_region(64 << 20).build() {
-//!         Ok(p) => p,
-//!         // A multi-threaded host must use context_forkpool::isolated instead.
-//!         Err(PoolError::MultiThreaded { .. }) => return Ok(()),
-//!         Err(e) => return Err(e.into()),
-//!     };
+//! /// Builds a pool, a list in shared memory, and has a worker walk it.
+//! fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//!     let mut pool = Pool::builder().workers(2).reserve(1 << 30).initial_region(64 << 20).build()?;
 //!     let mut list = SharedList::new(pool.heap())?;
 //!     for v in 1..=100u64 {
 //!         list.push_front(v)?;
 //!     }
 //!     // A worker walks the master's list through plain pointers.
 //!     assert_eq!(pool.run(0, sum, &list, Duration::from_secs(10))?, 5050);
+//!     Ok(())
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // Test harnesses (doctests included) may be multi-threaded, and the pool only forks from a
+//!     // single-threaded process: run the demo in a fresh single-threaded copy of this binary.
+//!     let out = isolated::run(|| demo().map_or_else(|e| { eprintln!("{e}"); 1 }, |()| 0), Duration::from_secs(60))?;
+//!     assert!(out.success(), "{}", out.stderr);
 //!     Ok(())
 //! }
 //! ```
