@@ -597,9 +597,9 @@ impl<'a> Cx<'a> {
 
     /// Runs `f` with exclusive access to the object. The object stays borrowed until `f` returns, even
     /// if `f` calls into other contexts meanwhile (and so releases this one): a re-entrant access from
-    /// further down the same call chain gets [`AccessError::Busy`], an access from another thread
-    /// gets [`AccessError::InUse`] (retry once the call returns). If `f` panics the object is
-    /// poisoned.
+    /// further down the same call chain gets [`AccessError::Busy`], an access from another call chain
+    /// (another thread, or another caller's job on a pinned context's home thread) gets
+    /// [`AccessError::InUse`] (retry once the call returns). If `f` panics the object is poisoned.
     ///
     /// # Errors
     /// [`AccessError::NotHeld`], [`AccessError::WrongContext`], [`AccessError::Stale`],
@@ -610,7 +610,7 @@ impl<'a> Cx<'a> {
         h: Handle<T>,
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R, AccessError> {
-        let ptr = self.table(|t| t.begin_borrow(h, crate::handoff::thread_tag()))??;
+        let ptr = self.table(|t| t.begin_borrow(h, crate::handoff::current_chain()))??;
         struct EndBorrow<'c, 'a, T: 'static> {
             cx: &'c Cx<'a>,
             h: Handle<T>,

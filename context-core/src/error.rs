@@ -75,15 +75,15 @@ pub enum AccessError {
         /// The type stored.
         found: &'static str,
     },
-    /// The object is being used further up *this thread's* call chain (a re-entrant call into an
-    /// object whose method is still running, directly or through a pinned context's home thread
-    /// serving calls while it waits). Waiting would never end, so this fails at once.
+    /// The object is being used further up *this* call chain (a re-entrant call into an object whose
+    /// method is still running). Waiting would never end, so this fails at once.
     #[error("object in context {0} is in use further up this call chain (re-entrant call)")]
     Busy(ContextId),
-    /// The object's method is running on *another* thread and has called out of the context (so the
-    /// context is free but the object is not). It becomes available when that call returns: leave
-    /// the context, wait, and try again (proxies do this until their timeout).
-    #[error("object in context {0} is in use by a call on another thread; retry later")]
+    /// The object's method is running for *another* call chain (another thread, or another caller's
+    /// job on a pinned home thread) and has called out of the context, so the context is free but the
+    /// object is not. It becomes available when that call returns: leave the context, wait, and try
+    /// again (proxies do this until their timeout).
+    #[error("object in context {0} is in use by another call; retry later")]
     InUse(ContextId),
     /// A panic happened while the object was mutably borrowed; its state may be half-updated.
     /// [`crate::Cx::clear_poison`] accepts it again, [`crate::Cx::remove`] takes it out.

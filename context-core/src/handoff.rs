@@ -119,6 +119,35 @@ pub(crate) fn thread_tag() -> u64 {
     })
 }
 
+thread_local! {
+    /// The call chain a pinned home thread is running a job for (0 outside jobs).
+    static CHAIN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The call chain the calling code belongs to: the chain of the shipped job this thread is running,
+/// or else this thread's own tag. Object borrows record it, so that a second borrow from the same
+/// chain is a re-entrant call (`Busy`) and one from another chain must wait (`InUse`), even when a
+/// pinned context's home thread runs both.
+#[inline]
+pub(crate) fn current_chain() -> u64 {
+    match CHAIN.with(Cell::get) {
+        0 => thread_tag(),
+        chain => chain,
+    }
+}
+
+/// Runs `f` as part of `chain` (a shipped job's caller's chain), restoring the previous one after.
+pub(crate) fn with_chain<R>(chain: u64, f: impl FnOnce() -> R) -> R {
+    struct RestoreChain(u64);
+    impl Drop for RestoreChain {
+        fn drop(&mut self) {
+            CHAIN.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = RestoreChain(CHAIN.with(|c| c.replace(chain)));
+    f()
+}
+
 /// Whether the calling thread holds `id` right now.
 #[inline]
 pub(crate) fn holds(id: ContextId) -> bool {

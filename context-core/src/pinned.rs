@@ -91,6 +91,8 @@ struct JobCell<G, R> {
     result: UnsafeCell<Option<Result<R, EnterError>>>,
     wake: Wake,
     id: ContextId,
+    /// The caller's call chain, adopted by the home thread while it runs the job.
+    chain: u64,
 }
 
 // SAFETY: `work` and `result` are accessed by one thread at a time, as the module docs' table says
@@ -126,7 +128,7 @@ where
         // SAFETY: popped and not finished: the home thread owns `work` and `result` (INVARIANT).
         let work = unsafe { (*self.work.get()).take() };
         let result = match work {
-            Some(g) => g(),
+            Some(g) => handoff::with_chain(self.chain, g),
             None => Err(EnterError::Closed(self.id)),
         };
         // SAFETY: as above.
@@ -440,6 +442,7 @@ where
             result: UnsafeCell::new(None),
             wake: caller_home.map_or(Wake::Own, |h| Wake::Home(&raw const h.sleep)),
             id,
+            chain: handoff::current_chain(),
         };
         let erased: NonNull<dyn JobRun + '_> = NonNull::from(&cell as &dyn JobRun);
         // SAFETY: only the lifetime bound is erased. The home thread dereferences this pointer

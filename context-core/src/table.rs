@@ -19,7 +19,7 @@ struct Entry {
     object: NonNull<dyn Any>,
     type_id: TypeId,
     type_name: &'static str,
-    /// 0, or the tag of the thread (`thread_tag`) on whose stack a `&mut` to the object is live.
+    /// 0, or the call chain (`handoff::current_chain`) on whose stack a `&mut` to the object is live.
     borrower: u64,
     /// A panic unwound through a borrow of the object.
     poisoned: bool,
@@ -114,7 +114,7 @@ impl Table {
             .is_ok_and(|e| Self::check_type::<T>(e).is_ok())
     }
 
-    /// Marks the object borrowed by thread `me` (a `thread_tag`) and returns a pointer to it. The
+    /// Marks the object borrowed by call chain `me` (never 0) and returns a pointer to it. The
     /// caller must call [`Table::end_borrow`] with the same handle when done (a drop guard does).
     pub(crate) fn begin_borrow<T: 'static>(
         &mut self,

@@ -239,3 +239,45 @@ fn an_idle_home_thread_sleeps_and_is_woken() {
         }
     });
 }
+
+#[test]
+fn borrow_identity_follows_the_call_chain_not_the_home_thread() {
+    use context_core::AccessError;
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let q = Context::pinned("q").unwrap();
+        let h = p.enter(|cx| cx.adopt(0u32)).unwrap().unwrap();
+        let (in_q_tx, in_q_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        // Chain 1: P's object is borrowed while its method waits in Q...
+        let chain1 = {
+            let (p2, p3, q2) = (p.clone(), p.clone(), q.clone());
+            std::thread::spawn(move || {
+                p2.enter(move |cx| {
+                    cx.with(h, |v| {
+                        // ...and a true re-entry from the same chain (P -> Q -> P) is Busy.
+                        let reentry = q2
+                            .enter(move |_| {
+                                let r = p3.enter(move |cx| cx.with(h, |v| *v)).unwrap();
+                                in_q_tx.send(()).unwrap();
+                                go_rx.recv().unwrap();
+                                r
+                            })
+                            .unwrap();
+                        *v += 1;
+                        reentry
+                    })
+                })
+                .unwrap()
+                .unwrap()
+            })
+        };
+        in_q_rx.recv().unwrap();
+        // Chain 2, served by P's home thread while it waits: the object is in use, retry later.
+        let other = p.enter(move |cx| cx.with(h, |v| *v)).unwrap();
+        assert_eq!(other, Err(AccessError::InUse(p.id())));
+        go_tx.send(()).unwrap();
+        assert_eq!(chain1.join().unwrap(), Err(AccessError::Busy(p.id())));
+        assert_eq!(p.enter(move |cx| cx.with(h, |v| *v)).unwrap(), Ok(1));
+    });
+}
