@@ -76,9 +76,9 @@ mod typed;
 #[cfg(not(loom))]
 pub use channel::{Channel, ChannelError, Endpoint, Side};
 pub use context_shmem_derive::ShmSafe;
-#[cfg(not(loom))]
-pub use lock::SharedLock;
 pub use lock::{Liveness, LockFull, ProcLiveness, RawSharedLock, Slot};
+#[cfg(not(loom))]
+pub use lock::{SharedLock, SharedLockGuard};
 pub use process::ProcessToken;
 #[cfg(not(loom))]
 pub use segment::{Segment, SegmentKind, TypeId};

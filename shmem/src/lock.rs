@@ -37,10 +37,16 @@
 //!
 //! | value                    | meaning                                             | left by                                  |
 //! |--------------------------|-----------------------------------------------------|------------------------------------------|
-//! | `0` FREE                 | idle                                                | fast CAS -> HELD(me); waiter -> HANDOFF(head) |
+//! | `0` FREE                 | idle                                                | fast CAS -> HELD(me); a ticket holder -> HANDOFF(head) |
 //! | `DIED` FREE+DIED         | idle, last holder died, nobody repaired yet         | CAS -> HELD(me), caller gets `OwnerDied` |
-//! | `slot+1` HELD(slot)      | held by a thread of the process in `procs[slot]`   | holder: -> FREE or HANDOFF(head); a waiter that finds `procs[slot]` dead: -> HANDOFF(head)+DIED or FREE+DIED |
-//! | `HANDOFF|t` (+`DIED`)    | released to the waiter holding ticket `t`          | that waiter: CAS -> HELD(it); anyone, if `t` was cancelled or nobody claims it within `PATIENCE`: -> HANDOFF(t+1) or FREE |
+//! | `slot+1` HELD(slot)      | held by a thread of the process in `procs[slot]`   | holder: fast CAS -> FREE; a waiter about to sleep: CAS -> HELD+QUEUED; a waiter that finds `procs[slot]` dead: -> HANDOFF(head)+DIED or FREE+DIED |
+//! | `HELD(slot)+QUEUED`      | held, a waiter may be asleep                       | holder (slow path): -> HANDOFF(head), or FREE + wake if every ticket was cancelled; dead-owner recovery as above |
+//! | `HANDOFF|t` (+`DIED`)    | released to the waiter holding ticket `t`          | that waiter: CAS -> HELD(it)+QUEUED; anyone, if `t` was cancelled or nobody claims it within `PATIENCE`: -> HANDOFF(t+1) or FREE |
+//!
+//! The uncontended path is one CAS to lock and one CAS to unlock (plus plain loads), like a
+//! futex mutex: only a waiter that is about to sleep sets QUEUED, which sends the holder's unlock
+//! into the slow path that hands over and wakes. A claimed handoff always carries QUEUED (other
+//! tickets may be pending), so the next unlock checks the queue.
 //!
 //! Tickets: `next` hands them out, `head` is the oldest not yet served. Tickets in `[head, next)`
 //! are pending; `cancelled` remembers recently cancelled tickets (timeouts) so they are skipped at
@@ -64,7 +70,10 @@ use crate::sync::{self, AtomicU32, AtomicU64, Ordering};
 
 const HANDOFF: u32 = 1 << 31;
 const DIED: u32 = 1 << 30;
-const TICKET_MASK: u32 = DIED - 1;
+/// On a HELD state: somebody may be asleep waiting, so unlock must take the slow path.
+const QUEUED: u32 = 1 << 29;
+const TICKET_MASK: u32 = QUEUED - 1;
+const OWNER_MASK: u32 = 0xffff;
 const CANCEL_VALID: u32 = 1 << 31;
 
 const HEALTH_OK: u32 = 0;
@@ -162,7 +171,7 @@ fn held_slot(s: u32) -> Option<usize> {
     if is_handoff(s) || is_free(s) {
         None
     } else {
-        Some((s & TICKET_MASK) as usize - 1)
+        Some((s & OWNER_MASK) as usize - 1)
     }
 }
 
@@ -416,12 +425,25 @@ impl RawSharedLock {
                 sync::spin_pause();
                 continue;
             }
+            // About to sleep on a HELD state: flag it QUEUED first, so the holder's unlock takes
+            // the slow path (which always wakes). If the state moved meanwhile, look again.
+            let mut wait_on = s;
+            if held_slot(s).is_some() && s & QUEUED == 0 {
+                if self
+                    .state
+                    .compare_exchange(s, s | QUEUED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    continue;
+                }
+                wait_on = s | QUEUED;
+            }
             let slice = if cfg!(loom) && !live.deaths_possible() {
                 None
             } else {
                 Some(left.map_or(CHECK_INTERVAL, |l| l.min(CHECK_INTERVAL)))
             };
-            sync::futex_wait(&self.state, s, slice);
+            sync::futex_wait(&self.state, wait_on, slice);
         }
     }
 
@@ -498,7 +520,7 @@ impl RawSharedLock {
         );
         match self
             .state
-            .compare_exchange(s, me.held(), Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(s, me.held() | QUEUED, Ordering::SeqCst, Ordering::SeqCst)
         {
             Ok(_) => Some(self.finish(Acquired::Contended, s & DIED != 0)),
             Err(_) => None,
@@ -572,6 +594,23 @@ impl RawSharedLock {
 
     /// The release proper, without the health bookkeeping.
     fn release(&self) {
+        // Fast path: nobody flagged QUEUED, so nobody sleeps: one CAS back to FREE. (A waiter
+        // that took a ticket but is still spinning sees FREE and passes it to the oldest ticket;
+        // to sleep it must first CAS QUEUED into this very HELD value, which makes our CAS fail.)
+        let s = self.state.load(Ordering::Relaxed);
+        if s & QUEUED == 0
+            && self
+                .state
+                .compare_exchange(s, 0, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+        {
+            return;
+        }
+        self.release_slow();
+    }
+
+    #[cold]
+    fn release_slow(&self) {
         // While we hold the lock nobody else changes `head` (it moves only out of HANDOFF states).
         let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
         let mut h = self.head.load(Ordering::SeqCst);
@@ -608,7 +647,7 @@ impl RawSharedLock {
 }
 
 #[cfg(not(loom))]
-pub use handle::SharedLock;
+pub use handle::{SharedLock, SharedLockGuard};
 
 #[cfg(not(loom))]
 mod handle {
@@ -732,6 +771,55 @@ mod handle {
             self.raw().is_not_recoverable()
         }
 
+        /// Takes the lock (waiting until `deadline`) and returns an RAII guard: the safe way to use
+        /// the lock outside a [`context_core::Context`].
+        ///
+        /// # Errors
+        /// `TimedOut` or `NotRecoverable` (see [`RawContextLock::lock`]).
+        pub fn guard(&self, deadline: Option<Instant>) -> Result<SharedLockGuard<'_>, LockError> {
+            let a = RawContextLock::lock(self, deadline)?;
+            Ok(SharedLockGuard {
+                lock: self,
+                owner_died: a == Acquired::OwnerDied,
+                _not_send: std::marker::PhantomData,
+            })
+        }
+    }
+
+    /// Holds a [`SharedLock`]; releases it on drop. Not `Send`: released where it was taken.
+    ///
+    /// If [`Self::owner_died`] is true, the previous holder died holding the lock: repair what it
+    /// protects and call [`Self::mark_consistent`], or the lock becomes not recoverable on drop.
+    #[derive(Debug)]
+    pub struct SharedLockGuard<'a> {
+        lock: &'a SharedLock,
+        owner_died: bool,
+        _not_send: std::marker::PhantomData<*const ()>,
+    }
+
+    impl SharedLockGuard<'_> {
+        /// Whether the previous holder died holding the lock.
+        #[must_use]
+        pub fn owner_died(&self) -> bool {
+            self.owner_died
+        }
+
+        /// Declares the protected state repaired.
+        pub fn mark_consistent(&mut self) {
+            // SAFETY: this guard holds the lock.
+            unsafe { RawContextLock::mark_consistent(self.lock) };
+            self.owner_died = false;
+        }
+    }
+
+    impl Drop for SharedLockGuard<'_> {
+        fn drop(&mut self) {
+            // SAFETY: the guard exists only after a successful acquisition and releases once.
+            unsafe { RawContextLock::unlock(self.lock) };
+        }
+    }
+
+    impl SharedLock {
         fn slot(&self) -> Result<Slot, LockError> {
             let generation = crate::process::fork_generation();
             let c = self.cache.load(Ordering::Relaxed);

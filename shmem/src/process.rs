@@ -109,6 +109,22 @@ extern "C" fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Installs the fork hook before `main`: `.init_array` constructors run while the process is
+/// still single-threaded, so no thread can be in the middle of the installation (a `Once` in the
+/// "running" state) when another thread forks; a child that inherited such a state would wait for
+/// it forever. Later calls of `install_fork_hook` find the `Once` complete and return at once.
+#[used]
+// SAFETY (attribute): the section holds one pointer to an `extern "C" fn()` taking no arguments,
+// which is what the loader expects in `.init_array`; the function only completes a `Once` and
+// calls `pthread_atfork`, both valid before `main`.
+#[unsafe(link_section = ".init_array")]
+static INSTALL_AT_START: extern "C" fn() = {
+    extern "C" fn run() {
+        install_fork_hook();
+    }
+    run
+};
+
 fn install_fork_hook() {
     FORK_HOOK.call_once(|| {
         // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches atomics (it is

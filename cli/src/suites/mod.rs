@@ -9,6 +9,7 @@ pub mod handoff;
 mod pingpong;
 pub mod proxy;
 pub mod scaling;
+pub mod shmem;
 
 /// A registered suite.
 pub struct Suite {
@@ -41,5 +42,10 @@ pub const ALL: &[Suite] = &[
         name: "proxy",
         about: "proxied calls (serialized, move, pinned) and the plain-buffer cheat copy",
         run: proxy::run,
+    },
+    Suite {
+        name: "shmem",
+        about: "process-shared lock, cross-process frame channel vs socket/pipe/futex, 64 MiB bulk copy",
+        run: shmem::run,
     },
 ];

@@ -1,0 +1,185 @@
+//! `ctx bench shmem`: the process-shared lock, the cross-process frame channel and bulk copies
+//! through shared memory (`context-shmem`).
+//!
+//! Cases (each beside baselines measured in the same run, in interleaved trials):
+//! - `lock_uncontended`: `SharedLock::guard` + protected increment + drop vs `parking_lot::Mutex`
+//!   (target: within 2x);
+//! - `channel_roundtrip_xproc`: 16-byte round trip to a forked echo child over the channel vs a Unix
+//!   socketpair (target: ratio <= 0.1), a pipe pair, and the bare mechanism the channel is built on,
+//!   a spin-then-futex ping-pong on a shared word (target: within 2x). All four echo children run
+//!   at once (idle ones sleep in the kernel) and trials rotate through them;
+//! - `bulk_write_64mib_xproc`: a forked child locks a 64 MiB `SharedBuf<u8>` and copies into it
+//!   (GB/s, timed in the child) vs an in-process 64 MiB memcpy (target: at least 0.8x); also the
+//!   parent's read of the same buffer afterwards (`bulk_read_64mib_xproc`, no target).
+//!
+//! Forking while `ctx` may have a progress thread: the children (in `context_shmem::benchkit`) only
+//! run a loop over descriptors and shared memory created before the fork and leave with `_exit`;
+//! they take no lock another thread could hold.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use context_shmem::benchkit::{Echo, Transport, bulk_write_xproc};
+use context_shmem::{SharedBuf, SharedLock};
+
+use crate::bench::{Better, Runner, Target, median};
+
+const MIB64: usize = 64 << 20;
+
+/// Runs the suite.
+pub fn run(r: &mut Runner) -> anyhow::Result<()> {
+    lock_uncontended(r)?;
+    channel_roundtrip(r)?;
+    bulk(r)?;
+    Ok(())
+}
+
+fn lock_uncontended(r: &mut Runner) -> anyhow::Result<()> {
+    r.step("shmem lock_uncontended");
+    let lock = SharedLock::anonymous().context("creating a shared lock")?;
+    let mutex = parking_lot::Mutex::new(0u64);
+    let mut protected = 0u64;
+    let (case, base) = r.compare_ns(
+        |n| {
+            for _ in 0..n {
+                if let Ok(g) = lock.guard(None) {
+                    protected = black_box(protected + 1);
+                    drop(g);
+                }
+            }
+        },
+        |n| {
+            for _ in 0..n {
+                let mut g = mutex.lock();
+                *g = black_box(*g + 1);
+            }
+        },
+    );
+    r.row(
+        "lock_uncontended",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "parking_lot_mutex",
+        base,
+        Some(Target::RatioAtMost(2.0)),
+    );
+    r.note("lock + increment + unlock, one thread; the shared lock lives in a sealed memfd");
+    Ok(())
+}
+
+fn channel_roundtrip(r: &mut Runner) -> anyhow::Result<()> {
+    r.step("shmem channel_roundtrip_xproc");
+    let kinds = [
+        ("channel", Transport::Channel),
+        ("unix_socket", Transport::UnixSocket),
+        ("pipe", Transport::Pipe),
+        ("spin_futex_pingpong", Transport::SpinFutex),
+    ];
+    let mut echoes = Vec::new();
+    for (name, t) in kinds {
+        echoes.push((
+            name,
+            Echo::spawn(t).with_context(|| format!("forking the {name} echo child"))?,
+        ));
+    }
+    // Calibrate each transport to about one trial, then rotate through them trial by trial.
+    let trial = r.config().trial_time();
+    let mut iters = Vec::new();
+    for (name, e) in &mut echoes {
+        let mut n = 16u64;
+        loop {
+            let t0 = Instant::now();
+            e.roundtrips(n)
+                .with_context(|| format!("{name} round trips"))?;
+            let el = t0.elapsed();
+            if el >= trial / 4 || n >= 1 << 24 {
+                let per = el.as_secs_f64() / n as f64;
+                iters.push(((trial.as_secs_f64() / per.max(1e-9)) as u64).clamp(16, 1 << 26));
+                break;
+            }
+            n *= 4;
+        }
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); echoes.len()];
+    for _ in 0..r.config().trials() {
+        for (i, (name, e)) in echoes.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            e.roundtrips(iters[i])
+                .with_context(|| format!("{name} round trips"))?;
+            samples[i].push(t0.elapsed().as_nanos() as f64 / iters[i] as f64);
+        }
+    }
+    drop(echoes);
+    let med: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    let case = med[0];
+    let targets = [
+        None,
+        Some(Target::RatioAtMost(0.1)),
+        None,
+        Some(Target::RatioAtMost(2.0)),
+    ];
+    for i in 1..kinds.len() {
+        r.row(
+            "channel_roundtrip_xproc",
+            "ns_per_op",
+            case,
+            Better::Lower,
+            kinds[i].0,
+            med[i],
+            targets[i],
+        );
+        r.note(
+            "16-byte frame to a forked echo child and back; parent and child on the shared 2 vCPUs",
+        );
+    }
+    Ok(())
+}
+
+fn bulk(r: &mut Runner) -> anyhow::Result<()> {
+    r.step("shmem bulk_write_64mib_xproc");
+    let buf = SharedBuf::<u8>::create(MIB64).context("creating a 64 MiB shared buffer")?;
+    let src = vec![0x5au8; MIB64];
+    let mut dst = vec![0u8; MIB64];
+    let mut copy = vec![0u8; MIB64];
+    // Warm up: fault in the shared pages and the private buffers.
+    bulk_write_xproc(&buf, &src, &mut dst).context("bulk warm-up")?;
+    copy.copy_from_slice(&src);
+    let gbps = |ns: u64| MIB64 as f64 / ns.max(1) as f64; // bytes per ns == GB/s
+    let (mut w, mut rd, mut m) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..r.config().trials() {
+        let (write_ns, read_ns) = bulk_write_xproc(&buf, &src, &mut dst).context("bulk run")?;
+        w.push(gbps(write_ns));
+        rd.push(gbps(read_ns));
+        let t0 = Instant::now();
+        copy.copy_from_slice(black_box(&src));
+        black_box(&copy);
+        m.push(gbps(
+            u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        ));
+    }
+    anyhow::ensure!(dst == src, "the parent did not read what the child wrote");
+    let memcpy = median(&mut m);
+    r.row(
+        "bulk_write_64mib_xproc",
+        "gb_per_s",
+        median(&mut w),
+        Better::Higher,
+        "memcpy_in_process",
+        memcpy,
+        Some(Target::RatioAtLeast(0.8)),
+    );
+    r.note("child: lock + copy 64 MiB into the shared buffer + unlock, timed in the child");
+    r.row(
+        "bulk_read_64mib_xproc",
+        "gb_per_s",
+        median(&mut rd),
+        Better::Higher,
+        "memcpy_in_process",
+        memcpy,
+        None,
+    );
+    r.note("parent: lock + copy the 64 MiB the child wrote out of the shared buffer + unlock");
+    Ok(())
+}
