@@ -146,9 +146,10 @@ fn decode_all(bytes: &[u8]) -> usize {
     worst.max(p)
 }
 
-/// A varint-style length prefix bincode reads as `len` (0xFD marks a u64).
-fn bincode_len(len: u64) -> Vec<u8> {
-    let mut v = vec![0xFD];
+/// A length prefix as the bincode codec reads it (fixed-width u64), or as a varint-configured
+/// bincode would (0xFD marks a u64), which the fixed reader sees as another huge number.
+fn bincode_len(len: u64, varint: bool) -> Vec<u8> {
+    let mut v = if varint { vec![0xFD] } else { Vec::new() };
     v.extend_from_slice(&len.to_le_bytes());
     v
 }
@@ -188,11 +189,12 @@ proptest! {
         len in prop_oneof![Just(u64::MAX), Just(u64::from(u32::MAX)), Just(1u64 << 40), 65_000u64..10_000_000],
         tail in proptest::collection::vec(any::<u8>(), 0..64),
         postcard in any::<bool>(),
+        varint in any::<bool>(),
     ) {
         // A variant tag, then a huge length where a string, byte string or sequence begins.
-        let mut bytes = vec![variant];
-        if variant == 1 { bytes.extend_from_slice(&[5]); }
-        bytes.extend(if postcard { postcard_len(len) } else { bincode_len(len) });
+        // (The tag is one byte for postcard and varint bincode, a u32 for fixed-width bincode.)
+        let mut bytes = if postcard || varint { vec![variant] } else { u32::from(variant).to_le_bytes().to_vec() };
+        bytes.extend(if postcard { postcard_len(len) } else { bincode_len(len, varint) });
         bytes.extend_from_slice(&tail);
         let peak = decode_all(&bytes);
         prop_assert!(peak <= bound(), "peak {peak} for len {len}");
