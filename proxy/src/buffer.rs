@@ -297,6 +297,11 @@ impl<E: Pod, C: Codec> Proxy<BufferService<E>, C> {
             end: range.end as u64,
         })? {
             BufferResponse::Read(bytes) => {
+                // Same layout (e.g. `E = u8`): reuse the decoded allocation.
+                let bytes = match bytemuck::allocation::try_cast_vec::<u8, E>(bytes) {
+                    Ok(v) => return Ok(v),
+                    Err((_, bytes)) => bytes,
+                };
                 let mut out = vec![E::zeroed(); bytes.len() / std::mem::size_of::<E>().max(1)];
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
                 if dst.len() != bytes.len() {
