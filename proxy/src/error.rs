@@ -158,6 +158,9 @@ pub(crate) enum WireError {
     Poisoned(u64),
     Frame(FrameError),
     Codec { kind: u8, message: String },
+    Closed(u64),
+    TimedOut(u64),
+    Panicked { context: u64, message: String },
     Other(String),
 }
 
@@ -191,6 +194,12 @@ impl WireError {
                 },
                 message: c.to_string(),
             },
+            CallError::Closed(id) => Self::Closed(id.get()),
+            CallError::TimedOut(id) => Self::TimedOut(id.get()),
+            CallError::Panicked { context, message } => Self::Panicked {
+                context: context.get(),
+                message: message.clone(),
+            },
             other => Self::Other(other.to_string()),
         }
     }
@@ -223,6 +232,11 @@ impl WireError {
                     kind,
                     format_args!("at the target: {message}"),
                 )))
+            }
+            Self::Closed(c) => id(c).map(CallError::Closed),
+            Self::TimedOut(c) => id(c).map(CallError::TimedOut),
+            Self::Panicked { context, message } => {
+                id(context).map(|context| CallError::Panicked { context, message })
             }
             Self::Other(m) => Ok(CallError::Transport(m)),
         };

@@ -534,6 +534,24 @@ impl<C: Codec> Exports<C> {
         self.map.remove(&object).is_some()
     }
 
+    /// Writes an error frame answering `request` into `reply`: for a server whose `enter` around
+    /// [`Exports::serve`] failed (the method panicked, the context closed, ...), so the caller gets
+    /// the typed error rather than a broken reply.
+    pub fn error_reply(&self, request: &[u8], error: &CallError, reply: &mut Vec<u8>) {
+        let (service, object) = match frame::parse(request, usize::MAX) {
+            Ok((h, _)) => (h.service, h.object),
+            Err(_) => (
+                0,
+                ObjectId {
+                    context: 0,
+                    slot: 0,
+                    generation: 0,
+                },
+            ),
+        };
+        write_error::<C>(reply, service, object, error);
+    }
+
     /// Answers one request frame, holding the context `cx` of the exported objects: writes a reply
     /// or error frame into `reply`. Never panics on any input (a method that panics unwinds to the
     /// caller's `enter`, as usual).

@@ -1,5 +1,6 @@
 //! Property tests of every decoder: arbitrary bytes and length-prefix bombs give an error, never a
-//! panic, an abort or an allocation beyond the limit.
+//! panic, an abort or an allocation beyond the limit. Also, with the same counting allocator: a warm
+//! small call allocates nothing on the calling thread.
 //!
 //! The properties run in a child process (this test binary re-executed with one ignored test
 //! selected), under a watchdog, so that an abort (e.g. a failed allocation) is seen as a failure of
@@ -25,9 +26,11 @@ struct Counting;
 thread_local! {
     static LIVE: Cell<usize> = const { Cell::new(0) };
     static PEAK: Cell<usize> = const { Cell::new(0) };
+    static COUNT: Cell<u64> = const { Cell::new(0) };
 }
 
 fn note_alloc(size: usize) {
+    let _ = COUNT.try_with(|c| c.set(c.get() + 1));
     let _ = LIVE.try_with(|l| {
         let n = l.get() + size;
         l.set(n);
@@ -239,6 +242,53 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// Allocations made by the calling thread while running `f`.
+fn allocations_during(f: impl FnOnce()) -> u64 {
+    let before = COUNT.with(Cell::get);
+    f();
+    COUNT.with(Cell::get) - before
+}
+
+#[test]
+fn warm_small_calls_allocate_nothing() {
+    let ctx = Context::new("warm");
+    let p: context_proxy::Proxy<SampleService> =
+        context_proxy::Proxy::adopt(&ctx, Sampler).expect("adopt");
+    let moving = p
+        .clone()
+        .with_mode(context_proxy::Mode::Move)
+        .expect("move");
+    let post: context_proxy::Proxy<SampleService, Postcard> =
+        context_proxy::Proxy::new(&ctx, p.handle::<Sampler>().expect("handle")).expect("proxy");
+    let outer = Context::new("outer");
+    // Warm up: the first call fills the thread's buffer pool.
+    p.small(1, "sixteen-byte-tag").expect("call");
+    post.small(1, "sixteen-byte-tag").expect("call");
+    let n = allocations_during(|| {
+        for i in 0..1000 {
+            assert_eq!(p.small(i, "sixteen-byte-tag").expect("call"), i);
+            assert_eq!(moving.small(i, "sixteen-byte-tag").expect("call"), i);
+            assert_eq!(post.small(i, "sixteen-byte-tag").expect("call"), i);
+            assert_eq!(p.bytes(&[1, 2, 3]).expect("call"), 3);
+        }
+    });
+    assert_eq!(n, 0, "allocations on the hot path");
+    // From inside another context (release, enter, re-enter) too.
+    let p2 = p.clone();
+    outer
+        .enter(move |_| p2.small(0, "warm-up"))
+        .expect("enter")
+        .expect("call");
+    let n = outer.enter(|_| {
+        allocations_during(|| {
+            for i in 0..1000 {
+                p.small(i, "sixteen-byte-tag").expect("call");
+            }
+        })
+    });
+    assert_eq!(n.expect("enter"), 0, "allocations on the nested hot path");
 }
 
 /// Runs the ignored `child_*` properties in a child process with a watchdog.
