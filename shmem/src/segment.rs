@@ -626,6 +626,30 @@ impl Segment {
         Self::open_validated(file, SegmentKind::File, type_id)
     }
 
+    /// Fills in this process's page tables for the whole segment now (`MADV_POPULATE_WRITE`,
+    /// Linux 5.14+), instead of one minor fault per 4 KiB page on first touch. A forked child does
+    /// not inherit page-table entries of shared mappings, so a child about to write a large buffer
+    /// saves most of its first-touch cost with one call.
+    ///
+    /// # Errors
+    /// The kernel refused (for example `EINVAL` before 5.14); the segment is still usable.
+    pub fn prefault(&self) -> Result<(), Error> {
+        // SAFETY: the range is exactly our own mapping (`len` bytes from its start, page-aligned);
+        // MADV_POPULATE_WRITE only populates page tables (the memfd is already sized, sealed
+        // against shrinking, so no page is beyond EOF) and never changes contents.
+        let r = unsafe {
+            libc::madvise(
+                self.map.as_mut_ptr().cast(),
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(last_err("madvise(MADV_POPULATE_WRITE)"));
+        }
+        Ok(())
+    }
+
     /// The payload's size in bytes.
     #[must_use]
     pub fn payload_len(&self) -> usize {
