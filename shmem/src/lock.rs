@@ -788,6 +788,12 @@ mod handle {
 
     /// Holds a [`SharedLock`]; releases it on drop. Not `Send`: released where it was taken.
     ///
+    /// ```compile_fail
+    /// fn needs_send<T: Send>(_: T) {}
+    /// let lock = context_shmem::SharedLock::anonymous().unwrap();
+    /// needs_send(lock.guard(None).unwrap());
+    /// ```
+    ///
     /// If [`Self::owner_died`] is true, the previous holder died holding the lock: repair what it
     /// protects and call [`Self::mark_consistent`], or the lock becomes not recoverable on drop.
     #[derive(Debug)]

@@ -293,6 +293,12 @@ impl<T: ShmSafe> SharedBuf<T> {
 /// Access to a [`SharedBuf`] while holding its lock. Releases on drop. Not `Send`: the lock is
 /// released where it was taken.
 ///
+/// ```compile_fail
+/// fn needs_send<T: Send>(_: T) {}
+/// let buf = context_shmem::SharedBuf::<u64>::create(1).unwrap();
+/// needs_send(buf.lock(None).unwrap());
+/// ```
+///
 /// If the previous holder died holding the lock, [`Self::owner_died`] is true: repair the contents,
 /// then call [`Self::mark_consistent`], or the buffer becomes unrecoverable when this guard drops.
 pub struct BufGuard<'a, T: ShmSafe> {
