@@ -15,8 +15,8 @@
 //!    deadlock), borrows both objects and copies with `copy_from_slice` — a `memcpy`.
 //!
 //! The cheat path needs both contexts on the calling thread: free contexts (pinned ones only from
-//! their own home thread). Otherwise it returns an error; the serialized methods
-//! ([`BufferClient`]-style [`Proxy::read`] / [`Proxy::write`]) work everywhere.
+//! their own home thread). Otherwise it returns an error; the serialized methods ([`Proxy::read`],
+//! [`Proxy::write`]) work everywhere.
 
 use std::marker::PhantomData;
 use std::ops::Range;

@@ -16,7 +16,7 @@
 #![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
-use proc_macro2::{Span, TokenStream as TokenStream2};
+use proc_macro2::TokenStream as TokenStream2;
 use quote::{format_ident, quote};
 use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemTrait, Pat, ReturnType, TraitItem, Type, parse_macro_input};
@@ -141,9 +141,7 @@ fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
                 unreachable!("only the first argument can be a receiver")
             };
             let name = match &*pt.pat {
-                Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => {
-                    Ident::new(&pi.ident.to_string(), Span::call_site())
-                }
+                Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => pi.ident.clone(),
                 _ => format_ident!("arg{}", i),
             };
             let borrow = borrow_kind(&pt.ty)?;
@@ -306,4 +304,72 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
             #(#client_impls)*
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proc_macro2::Span;
+
+    #[test]
+    fn variant_names_are_camel_case() {
+        let id = |s: &str| Ident::new(s, Span::call_site());
+        assert_eq!(camel(&id("add")).to_string(), "Add");
+        assert_eq!(camel(&id("last_tag")).to_string(), "LastTag");
+        assert_eq!(
+            camel(&Ident::new_raw("type", Span::call_site())).to_string(),
+            "Type"
+        );
+        assert_eq!(camel(&id("__x__y")).to_string(), "XY");
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn f(&self, x: &mut u8);
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("&mut"));
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn f<X>(&self, x: X);
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("generic"));
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn f(self);
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("&self"));
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn f(&self, v: &Vec<u8>);
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("borrow only"));
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                type X;
+            }
+        );
+        assert!(
+            expand(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("only contain methods")
+        );
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn f(&self, (a, b): (u8, u8)) -> u8;
+                fn g(&mut self, s: &str, b: &[u8]);
+            }
+        );
+        let out = expand(&t).unwrap().to_string();
+        assert!(
+            out.contains("arg0") && out.contains("TRequest < 'a >"),
+            "{out}"
+        );
+    }
 }
