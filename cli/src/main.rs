@@ -4,6 +4,7 @@
 
 mod bench;
 mod doctor;
+mod shm;
 mod suites;
 
 use std::io::{IsTerminal, Write};
@@ -43,6 +44,37 @@ Exit status: 0 when every required feature works (warnings allowed), 1 when one 
 Example:
   ctx doctor")]
     Doctor,
+    /// List, inspect and clean up the named shared-memory segments this library created.
+    #[command(subcommand)]
+    Shm(ShmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ShmCommand {
+    /// List named segments: creator pid, alive or dead, size, age.
+    #[command(
+        after_help = "Examples:\n  ctx shm ls\n  ctx shm ls --json | jq '.[] | select(.creator_alive == false)'"
+    )]
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove segments whose creator is dead (never one a live process holds).
+    #[command(after_help = "Examples:\n  ctx shm gc --dry-run\n  ctx shm gc")]
+    Gc {
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show one segment's record and header.
+    #[command(
+        after_help = "Example:\n  ctx shm inspect ctxshm-frames-0123456789abcdef0123456789abcdef"
+    )]
+    Inspect {
+        /// The segment's name, as `ctx shm ls` prints it.
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +102,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench_cmd(&args),
+        Command::Shm(ShmCommand::Ls { json }) => shm::ls(json).map(|()| ExitCode::SUCCESS),
+        Command::Shm(ShmCommand::Gc { dry_run }) => shm::gc(dry_run).map(|()| ExitCode::SUCCESS),
+        Command::Shm(ShmCommand::Inspect { name }) => {
+            shm::inspect(&name).map(|()| ExitCode::SUCCESS)
+        }
         Command::Doctor => {
             let checks = doctor::run_checks();
             print!("{}", doctor::render(&checks));
