@@ -80,9 +80,11 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
         slot: 0,
         generation: 0,
     };
+    let mut service = 0;
     let outcome = (|| -> Result<(), CallError> {
         let (h, body) = frame::parse_kind(request, C::LIMIT, FrameKind::Request)?;
-        object = h.object;
+        // Error replies echo the request's service and object, so the caller accepts them.
+        (service, object) = (h.service, h.object);
         if h.service != S::ID {
             return Err(CallError::WrongService {
                 expected: format!("service id {:#x}", h.service),
@@ -98,7 +100,7 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
         Ok(())
     })();
     if let Err(e) = outcome {
-        write_error::<C>(reply, S::ID, object, &e);
+        write_error::<C>(reply, service, object, &e);
     }
 }
 

@@ -403,14 +403,27 @@ fn frames_through_another_transport() -> anyhow::Result<()> {
             other => panic!("{what}: expected a frame or codec error, got {other:?}"),
         }
     }
-    // A wrong service id in the header.
-    let mut wrong = Vec::new();
-    frame::encode::<context_proxy::Bincode, _>(&mut wrong, FrameKind::Request, 12345, id, &0u8)?;
+    // A wrong service id in the header: a proxy of another service aimed at the exported counter.
+    let wrong: Proxy<HoldService> = Proxy::over(
+        Arc::new(Loopback {
+            tx: tx.clone(),
+            mangle: None,
+        }),
+        id,
+    );
+    match wrong.wait() {
+        Err(CallError::WrongService { found, .. }) => {
+            assert!(found.ends_with("Counter"), "{found}")
+        }
+        other => panic!("expected WrongService, got {other:?}"),
+    }
+    // A raw frame of the wrong kind, straight through the transport: an error frame comes back.
+    let mut odd = Vec::new();
+    frame::encode::<context_proxy::Bincode, _>(&mut odd, FrameKind::Reply, 12345, id, &0u8)?;
     let mut reply = Vec::new();
-    Loopback { tx, mangle: None }.round_trip(&wrong, &mut reply, None)?;
+    Loopback { tx, mangle: None }.round_trip(&odd, &mut reply, None)?;
     let (h, _) = frame::parse(&reply, 1 << 20)?;
     assert_eq!(h.kind, FrameKind::Error);
-    assert_ne!(frame::parse(&reply[..8], 1 << 20), Ok((h, &[][..])));
     assert!(matches!(
         frame::parse(&reply[..8], 1 << 20),
         Err(FrameError::Short(8))
