@@ -43,10 +43,12 @@
 //!
 //! Small blocks: allocation CASes a 0 bit to 1, then re-reads the chunk state; free clears the bit with
 //! `fetch_and` and reports a double free if it was already clear. Retiring a small chunk CASes its
-//! state to `RETIRING`, then reads the bitmap. Both sides use `SeqCst` for the write-then-read pair
-//! (Dekker's pattern): either the retirer sees the new bit and restores `SMALL`, or the allocator sees
-//! `RETIRING` (or anything but `SMALL(class)`) and clears its bit again. A bit is only ever cleared by
-//! the process that set it (undo) or by a `free` of that block, so no block is handed out twice.
+//! state to `RETIRING`, then reads the bitmap. The re-reads are read-modify-writes, which makes this
+//! Dekker's pattern exact under acquire/release (argued in [`crate::protocol`], model-checked by
+//! `tests/loom_alloc.rs`): either the retirer sees the new bit and restores `SMALL`, or the allocator
+//! sees `RETIRING` (or anything but `SMALL(class)`) and clears its bit again. A bit is only ever
+//! cleared by the process that set it (undo) or by a `free` of that block, so no block is handed out
+//! twice.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,12 +5,20 @@
 //! The functions only compare chunk state words for equality and store `0` (the free state) when a
 //! chunk is retired; the encoding of states is the allocator's business (see `alloc` module docs).
 //!
-//! The argument, Dekker's pattern: an allocator *writes* its bit, then *reads* the chunk state; a
-//! retirer *writes* the state, then *reads* the bitmap; all four accesses are `SeqCst`, so in the
-//! single total order at least one of the two reads sees the other side's write. If the retirer
-//! sees the bit, it restores the state and the block stays allocated; if the allocator sees the
-//! state change, it gives the bit back before using the block. Never both "block handed out" and
-//! "chunk retired".
+//! The argument (Dekker's pattern made of read-modify-writes): an allocator sets its bit with a CAS
+//! on the bitmap word, then *reads the chunk state with a read-modify-write* (`fetch_or(0)`); a retirer
+//! CASes the state to `RETIRING`, then reads every bitmap word with `fetch_or(0)`. All are `AcqRel`.
+//! The allocator's state RMW and the retirer's state CAS are both RMWs of one word, so one comes first
+//! in its modification order:
+//! - retirer first: the allocator's RMW reads `RETIRING` (or what followed it) and gives its bit back;
+//! - allocator first: the retirer's CAS reads the allocator's RMW (release -> acquire), so the
+//!   allocator's bit CAS happens-before the retirer's bitmap RMW, which therefore sees the bit and
+//!   restores the state.
+//!
+//! Never both "block handed out" and "chunk retired". Plain `SeqCst` loads would also be correct by
+//! the single total order, but loom models `SeqCst` as `AcqRel` only; the RMW form is exact under
+//! acquire/release, so the model checks the code that runs. The cost is one locked instruction on the
+//! allocation path.
 
 use std::sync::atomic::Ordering;
 
@@ -24,6 +32,11 @@ pub trait Word {
     fn cas(&self, cur: u64, new: u64, ok: Ordering, fail: Ordering) -> Result<u64, u64>;
     /// Atomic and; returns the previous value.
     fn fetch_and(&self, v: u64, o: Ordering) -> u64;
+    /// Atomic or; returns the previous value (`fetch_or(0)` is a read that takes part in the
+    /// word's modification order).
+    fn fetch_or(&self, v: u64, o: Ordering) -> u64;
+    /// Atomic swap; returns the previous value.
+    fn swap(&self, v: u64, o: Ordering) -> u64;
 }
 
 impl Word for std::sync::atomic::AtomicU64 {
@@ -38,6 +51,12 @@ impl Word for std::sync::atomic::AtomicU64 {
     }
     fn fetch_and(&self, v: u64, o: Ordering) -> u64 {
         self.fetch_and(v, o)
+    }
+    fn fetch_or(&self, v: u64, o: Ordering) -> u64 {
+        self.fetch_or(v, o)
+    }
+    fn swap(&self, v: u64, o: Ordering) -> u64 {
+        self.swap(v, o)
     }
 }
 
@@ -54,6 +73,12 @@ impl Word for loom::sync::atomic::AtomicU64 {
     }
     fn fetch_and(&self, v: u64, o: Ordering) -> u64 {
         self.fetch_and(v, o)
+    }
+    fn fetch_or(&self, v: u64, o: Ordering) -> u64 {
+        self.fetch_or(v, o)
+    }
+    fn swap(&self, v: u64, o: Ordering) -> u64 {
+        self.swap(v, o)
     }
 }
 
@@ -78,12 +103,12 @@ pub fn claim_bit<W: Word>(word: &W, state: &W, want: u64, valid: u64) -> Claim {
             return Claim::Full;
         }
         let bit = 1u64 << free.trailing_zeros();
-        // SeqCst: the write of the Dekker pair (see module docs).
-        match word.cas(v, v | bit, Ordering::SeqCst, Ordering::Relaxed) {
+        // AcqRel: released by the state RMW below to a retirer that reads it (module docs).
+        match word.cas(v, v | bit, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => {
-                // SeqCst: the read of the Dekker pair.
-                if state.load(Ordering::SeqCst) != want {
-                    word.fetch_and(!bit, Ordering::SeqCst);
+                // A read-modify-write, not a load: see the module docs.
+                if state.fetch_or(0, Ordering::AcqRel) != want {
+                    word.fetch_and(!bit, Ordering::AcqRel);
                     return Claim::Lost;
                 }
                 return Claim::Got(bit.trailing_zeros());
@@ -96,8 +121,8 @@ pub fn claim_bit<W: Word>(word: &W, state: &W, want: u64, valid: u64) -> Claim {
 /// Free half: clears bit `bit` of `word`; returns whether it was set (false: double free).
 pub fn free_bit<W: Word>(word: &W, bit: u32) -> bool {
     let mask = 1u64 << (bit & 63);
-    // SeqCst: a retirer reading the bitmap must be ordered against this clear.
-    word.fetch_and(!mask, Ordering::SeqCst) & mask != 0
+    // AcqRel: the freed block's last uses happen-before a retirer that reads this clear.
+    word.fetch_and(!mask, Ordering::AcqRel) & mask != 0
 }
 
 /// Outcome of [`retire`].
@@ -130,10 +155,12 @@ pub fn retire<'a, W: Word + 'a>(
     // SeqCst: the read of the Dekker pair.
     if words.into_iter().all(|w| w.load(Ordering::SeqCst) == 0) {
         on_empty();
-        state.store(0, Ordering::Release);
+        // A swap, not a store: allocators' `fetch_or(0)` reads write the state word too, and every
+        // write of it stays a read-modify-write so the modification order is the whole story.
+        state.swap(0, Ordering::AcqRel);
         Retire::Retired
     } else {
-        state.store(small, Ordering::Release);
+        state.swap(small, Ordering::AcqRel);
         Retire::NotEmpty
     }
 }
