@@ -11,8 +11,10 @@
 //! bincode checks each length prefix against the limit before it allocates, and the frame layer
 //! rejects bodies over the limit before the codec sees them. Sequences of other types are
 //! pre-allocated by serde with a cautious size hint (at most 1 MiB per sequence, whatever the length
-//! prefix claims) and grow only as real elements are decoded. `tests/decode_fuzz.rs` checks both
-//! with a counting allocator, in a child process.
+//! prefix claims) and grow only as real elements are decoded. So for a limit of a few MiB or more
+//! (the default is 16 MiB) the peak allocation of one decode stays within the limit;
+//! `tests/decode_fuzz.rs` checks exactly that (4 MiB limit, counting allocator, child process), and
+//! fails on a 4 MiB + 1 byte string bomb when the codec's limit is raised above the bound.
 
 use std::fmt;
 

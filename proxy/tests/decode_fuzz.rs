@@ -82,11 +82,11 @@ fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
 
 // ----- what is decoded -----
 
-const LIMIT: usize = 64 << 10;
+/// The codec limit under test: above the 2 MiB that serde's cautious pre-allocation can reach for the
+/// nested sequences below, so the property is the literal one: peak allocation <= the limit.
+const LIMIT: usize = 4 << 20;
 type Small = Bincode<LIMIT>;
 type SmallPostcard = Postcard<LIMIT>;
-/// serde pre-allocates a sequence from its length prefix with a cautious hint of at most 1 MiB.
-const SERDE_CAUTIOUS: usize = 1 << 20;
 
 /// A service with the argument shapes worth attacking.
 #[context_proxy::service]
@@ -172,7 +172,7 @@ fn postcard_len(mut len: u64) -> Vec<u8> {
 }
 
 fn bound() -> usize {
-    LIMIT + SERDE_CAUTIOUS * 2 + 4096
+    LIMIT
 }
 
 proptest! {
@@ -189,7 +189,7 @@ proptest! {
     #[ignore = "run in a child process by decoders_never_panic_abort_or_overallocate"]
     fn child_length_prefix_bombs(
         variant in 0u8..4,
-        len in prop_oneof![Just(u64::MAX), Just(u64::from(u32::MAX)), Just(1u64 << 40), 65_000u64..10_000_000],
+        len in prop_oneof![Just(u64::MAX), Just(u64::from(u32::MAX)), Just(1u64 << 40), 1u64..10_000_000],
         tail in proptest::collection::vec(any::<u8>(), 0..64),
         postcard in any::<bool>(),
         varint in any::<bool>(),
