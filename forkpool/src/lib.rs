@@ -9,8 +9,7 @@
 //!   (sealed against resizing) or unnamed files in a directory, mapped `MAP_SHARED | MAP_FIXED`; sparse
 //!   until touched. [`Pool::grow`] maps a new region in every process before the allocator may use it;
 //!   [`Pool::release_region`] (unmap everywhere behind an epoch barrier, close the file) and
-//!   [`Pool::punch_free`] (`fallocate(PUNCH_HOLE)` / `MADV_REMOVE`) return memory. See `region` docs
-//!   for the limits.
+//!   [`Pool::punch_free`] (`fallocate(PUNCH_HOLE)` / `MADV_REMOVE`) return memory. Limits below.
 //! - **Allocator** ([`Heap`], [`RawHeap`]): process-shared, lock-free and crash-consistent by
 //!   construction (every step is one atomic operation; a process killed anywhere can at worst leak a
 //!   block). Size classes with occupancy bitmaps, large blocks of whole chunks, all bookkeeping in a
@@ -23,6 +22,31 @@
 //!   timeouts, dead workers detected (exit status or signal), reported ([`Pool::take_deaths`]) and
 //!   replaced; a PostgreSQL-style [`Pool::reset`] when shared memory cannot be proven consistent.
 //!   Workers get `PR_SET_PDEATHSIG(SIGKILL)` and check their parent, so they die with the master.
+//!
+//! ## Limits of regions
+//!
+//! - The reservation is address space only (`MAP_NORESERVE`, no access): it costs page-table space
+//!   for nothing until a region is mapped. The default is 16 GiB; x86-64 user space is 128 TiB, so
+//!   terabytes are possible, bounded by `vm.max_map_count` only in the number of regions (each is one
+//!   mapping) and by `ulimit -v` (RLIMIT_AS counts the reservation).
+//! - Backing files are sparse: `ftruncate` allocates nothing; a page costs memory (memfd: shmem, which
+//!   counts against the memory cgroup and swap; a file in a directory: that filesystem) on first touch.
+//!   A memfd can only be as large as shmem allows (`/proc/sys/vm` overcommit settings do not apply to
+//!   untouched pages; touched pages need RAM or swap).
+//! - Memfd backings are sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`), so no
+//!   process can truncate a region under a mapping and turn accesses into SIGBUS. Files in a directory
+//!   are `O_TMPFILE` (never named), mode 0600; they cannot be sealed, but nobody else can open them.
+//! - Regions are laid out in order and never move. A released region leaves a `PROT_NONE` hole that is
+//!   not reused (its chunks are marked released in the allocator); new regions go after the last one.
+//!   Adjacent regions are contiguous, so a large block may straddle two of them; such a region cannot
+//!   be released until the block is freed.
+//! - The allocator's management area is sized for the whole reservation (about 1/128 of it plus
+//!   16 bytes per chunk, sparse: touched only as chunks are used) and lives at the start of the first
+//!   region, which must be larger than it ([`Geometry::management_size`] tells the size up front).
+//! - Blocks that a killed worker held are leaked (blocks are not attributed to processes); chunks it
+//!   left mid-operation are repaired ([`DeathReport::repaired_chunks`]); [`Pool::reset`] reclaims
+//!   everything. Small chunks return to the free pool only through [`Pool::punch_free`] or a region
+//!   release, not on every free.
 //!
 //! ## Threads and fork: the decision
 //!

@@ -1,21 +1,7 @@
 //! Fixed-address regions: one `PROT_NONE` reservation, and blank shared files mapped
 //! `MAP_SHARED | MAP_FIXED` into it one after another.
 //!
-//! # Limits
-//!
-//! - The reservation is address space only (`MAP_NORESERVE`, no access): it costs page-table space
-//!   for nothing until a region is mapped. The default is 16 GiB; x86-64 user space is 128 TiB, so
-//!   terabytes are possible, bounded by `vm.max_map_count` only in the number of regions (each is one
-//!   mapping) and by `ulimit -v` (RLIMIT_AS counts the reservation).
-//! - Backing files are sparse: `ftruncate` allocates nothing; a page costs memory (memfd: shmem, which
-//!   counts against the memory cgroup and swap; a file in a directory: that filesystem) on first touch.
-//!   A memfd can only be as large as shmem allows (`/proc/sys/vm` overcommit settings do not apply to
-//!   untouched pages; touched pages need RAM or swap).
-//! - Memfd backings are sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`), so no
-//!   process can truncate a region under a mapping and turn accesses into SIGBUS. Files in a directory
-//!   are `O_TMPFILE` (never named), mode 0600; they cannot be sealed, but nobody else can open them.
-//! - Regions are laid out in order and never move. A released region leaves a `PROT_NONE` hole that is
-//!   not reused (its chunks are marked released in the allocator); new regions go after the last one.
+//! The limits are documented in the crate docs.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
