@@ -8,7 +8,8 @@
 //! mid-copy: the rings are crash-consistent by construction.
 //!
 //! **Waiting.** A side that finds the ring empty (or full) spins for an adaptive number of polls
-//! (grown when spinning paid off, shrunk when it had to sleep), then announces itself in a
+//! (grown when spinning paid off, shrunk when it had to sleep), yields the CPU a few times (the
+//! peer may be waiting for it on a busy machine), then announces itself in a
 //! `sleeping` word and sleeps on a futex sequence word that the other side bumps (store-load
 //! pattern on `sleeping`/`tail`, both `SeqCst`, so no wake-up is lost). Sleeps are bounded (10 ms
 //! slices): between slices the waiter checks the peer's liveness token and close flag, so a dead
@@ -36,6 +37,8 @@ pub const MAX_CAPACITY: usize = 1 << 30;
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 const SPIN_MIN: u32 = 64;
 const SPIN_MAX: u32 = 1 << 15;
+/// `sched_yield` polls after the spin and before the futex sleep.
+const YIELDS: u32 = 8;
 
 /// Errors of channel operations.
 #[derive(Debug, thiserror::Error)]
@@ -267,12 +270,16 @@ impl Channel {
         }
         self.ctrl().closed[i].store(0, Ordering::SeqCst);
         let (tx, rx) = if side == Side::A { (0, 1) } else { (1, 0) };
+        let tx_head = self.ring(tx).0.head.load(Ordering::Acquire);
+        let rx_tail = self.ring(rx).0.tail.load(Ordering::Acquire);
         Ok(Endpoint {
             ch: self.clone(),
             side: i,
             tx,
             rx,
             spin: 2048,
+            tx_head,
+            rx_tail,
         })
     }
 }
@@ -287,6 +294,10 @@ pub struct Endpoint {
     rx: usize,
     /// Current spin budget (adaptive).
     spin: u32,
+    /// Last `head` of the send ring we loaded (Acquire); never ahead of the real one.
+    tx_head: u64,
+    /// Last `tail` of the receive ring we loaded (Acquire); never ahead of the real one.
+    rx_tail: u64,
 }
 
 enum Wait {
@@ -324,22 +335,31 @@ impl Endpoint {
         let peer = self.peer();
         let ch = &self.ch;
         let spin = &mut self.spin;
+        let head_cache = &mut self.tx_head;
         let (hdr, data) = ch.ring(self.tx);
         loop {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 return Err(ChannelError::Closed);
             }
             let tail = hdr.tail.load(Ordering::Relaxed); // only we write it
-            let head = hdr.head.load(Ordering::Acquire);
-            let used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
+            // The consumer's `head` only grows, so a cached (older) value underestimates the free
+            // space: reload it (one cache-line transfer) only when the cached value says full.
+            let mut head = *head_cache;
+            let mut used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
+            if used > cap || cap - used < need {
+                head = hdr.head.load(Ordering::Acquire);
+                *head_cache = head;
+                used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
+            }
             if used > cap {
                 return Err(ChannelError::Corrupt("ring positions out of range"));
             }
             if cap - used >= need {
                 let pos = (tail as usize) & (cap - 1);
                 // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS); `pos < cap`;
-                // the bytes [tail, tail + need) are free (the consumer has released them: head
-                // Acquire above), so nobody reads or writes them until we publish `tail`.
+                // the bytes [tail, tail + need) are free (the consumer released them: `head` came
+                // from an Acquire load, now or earlier), so nobody reads or writes them until we
+                // publish `tail`.
                 unsafe {
                     ring_write(data, cap, pos, &len32.to_le_bytes());
                 }
@@ -373,10 +393,17 @@ impl Endpoint {
         let peer = self.peer();
         let ch = &self.ch;
         let spin = &mut self.spin;
+        let tail_cache = &mut self.rx_tail;
         let (hdr, data) = ch.ring(self.rx);
         loop {
             let head = hdr.head.load(Ordering::Relaxed); // only we write it
-            let tail = hdr.tail.load(Ordering::Acquire);
+            // Frames up to a cached `tail` were published by an earlier Acquire load; reload only
+            // when they are used up.
+            let mut tail = *tail_cache;
+            if tail == head || usize::try_from(tail.wrapping_sub(head)).map_or(true, |a| a > cap) {
+                tail = hdr.tail.load(Ordering::Acquire);
+                *tail_cache = tail;
+            }
             let avail = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
             if avail > cap {
                 return Err(ChannelError::Corrupt("ring positions out of range"));
@@ -444,6 +471,14 @@ fn wait(
         sync::spin_pause();
     }
     *spin = (*spin / 2).max(SPIN_MIN);
+    // Before sleeping, give the CPU away a few times: on an oversubscribed machine the peer may be
+    // waiting for exactly our CPU, and a yield hands it over for far less than a futex round trip.
+    for _ in 0..YIELDS {
+        std::thread::yield_now();
+        if pos.load(Ordering::Acquire) != seen {
+            return Ok(());
+        }
+    }
     loop {
         let left = sync::remaining(deadline);
         if left == Some(Duration::ZERO) {

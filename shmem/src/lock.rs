@@ -92,6 +92,7 @@ pub const MAX_PROCS: usize = 128;
 pub const MAX_PROCS: usize = 4;
 
 const CANCEL_RING: usize = 16;
+const OWNER_RING: usize = 64;
 
 /// Polls a waiter spins on the state word before it sleeps (a few microseconds: waking a sleeper
 /// on another vCPU costs tens of microseconds here, see `shared/limits.md`).
@@ -106,6 +107,10 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a HANDOFF may stay unclaimed before other waiters skip it (its waiter died or vanished
 /// without cancelling). A slow but live waiter that gets skipped just takes a new ticket.
 const PATIENCE: Duration = Duration::from_millis(50);
+
+/// How long a HANDOFF may stay unclaimed before a waiter checks whether the ticket's waiter
+/// process is still alive (and skips it at once if not).
+const CLAIM_GRACE: Duration = Duration::from_millis(2);
 
 /// Decides whether a registered process is still alive.
 ///
@@ -198,6 +203,9 @@ pub struct RawSharedLock {
     health: AtomicU32,
     _reserved: AtomicU32,
     cancelled: [AtomicU32; CANCEL_RING],
+    /// `ticket << 32 | slot + 1` of recent tickets' waiters (by ticket modulo the ring), so an
+    /// unclaimed handoff to a dead waiter is skipped after `CLAIM_GRACE` instead of `PATIENCE`.
+    ticket_owners: [AtomicU64; OWNER_RING],
     procs: [AtomicU64; MAX_PROCS],
 }
 
@@ -233,6 +241,7 @@ impl RawSharedLock {
             health: AtomicU32::new(HEALTH_OK),
             _reserved: AtomicU32::new(0),
             cancelled: std::array::from_fn(|_| AtomicU32::new(0)),
+            ticket_owners: std::array::from_fn(|_| AtomicU64::new(0)),
             procs: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -244,6 +253,9 @@ impl RawSharedLock {
         self.next.store(0, Ordering::SeqCst);
         self.head.store(0, Ordering::SeqCst);
         self.health.store(HEALTH_OK, Ordering::SeqCst);
+        for o in &self.ticket_owners {
+            o.store(0, Ordering::SeqCst);
+        }
         for c in &self.cancelled {
             c.store(0, Ordering::SeqCst);
         }
@@ -310,6 +322,7 @@ impl RawSharedLock {
     ///
     /// # Errors
     /// `WouldBlock` if held or handed to a waiter; `NotRecoverable` as for [`Self::lock`].
+    #[inline]
     pub fn try_lock(&self, me: Slot) -> Result<Acquired, LockError> {
         match self
             .state
@@ -338,7 +351,7 @@ impl RawSharedLock {
     /// `TimedOut` when the deadline passes; `NotRecoverable` when a dead owner's state was
     /// released without repair (the caller does not hold the lock).
     // Under loom SPIN_POLLS is 0, which makes the spin comparisons trivially true/false.
-    #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
+    #[inline]
     pub fn lock(
         &self,
         me: Slot,
@@ -346,10 +359,21 @@ impl RawSharedLock {
         live: &impl Liveness,
     ) -> Result<Acquired, LockError> {
         match self.try_lock(me) {
-            Err(LockError::WouldBlock) => {}
-            other => return other,
+            Err(LockError::WouldBlock) => self.lock_slow(me, deadline, live),
+            other => other,
         }
-        let mut t = self.take_ticket();
+    }
+
+    #[cold]
+    #[inline(never)]
+    #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
+    fn lock_slow(
+        &self,
+        me: Slot,
+        deadline: Option<Instant>,
+        live: &impl Liveness,
+    ) -> Result<Acquired, LockError> {
+        let mut t = self.take_ticket_for(me);
         let mut spins = 0u32;
         let mut seen = (u32::MAX, sync::Stopwatch::start());
         let mut last_check: Option<sync::Stopwatch> = None;
@@ -364,7 +388,7 @@ impl RawSharedLock {
                 let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
                 if !pending(h, t, n) {
                     // We were skipped (too slow to claim): queue again.
-                    t = self.take_ticket();
+                    t = self.take_ticket_for(me);
                     continue;
                 }
                 // Released while tickets were pending (the unlock raced with a new ticket, or a
@@ -393,12 +417,20 @@ impl RawSharedLock {
                 }
                 let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
                 if !pending(h, t, n) {
-                    t = self.take_ticket();
+                    t = self.take_ticket_for(me);
                     continue;
                 }
                 if self.is_cancelled(h) || seen.1.exceeded(PATIENCE) {
                     self.skip(s);
                     continue;
+                }
+                let due = last_check.is_none_or(|c| c.exceeded(CHECK_INTERVAL));
+                if due && seen.1.exceeded(CLAIM_GRACE) {
+                    last_check = Some(sync::Stopwatch::start());
+                    if self.ticket_waiter_dead(h, live) {
+                        self.skip(s);
+                        continue;
+                    }
                 }
             } else if let Some(owner) = held_slot(s) {
                 // Under loom every wake-up re-checks (the model's stand-in for the periodic check).
@@ -452,6 +484,7 @@ impl RawSharedLock {
     /// # Safety
     /// The caller holds the lock (a successful `try_lock`/`lock` with a slot of this process, not
     /// released since).
+    #[inline]
     pub unsafe fn unlock(&self) {
         if self.health.load(Ordering::Relaxed) == HEALTH_DIRTY {
             self.health.store(HEALTH_NOT_RECOVERABLE, Ordering::Relaxed);
@@ -485,8 +518,31 @@ impl RawSharedLock {
         sync::futex_wake(&self.state, i32::MAX);
     }
 
-    fn take_ticket(&self) -> u32 {
-        self.next.fetch_add(1, Ordering::SeqCst) & TICKET_MASK
+    /// Takes a ticket and records who waits on it (best effort: a waiter that dies between the
+    /// two steps is skipped after `PATIENCE` instead of `CLAIM_GRACE`).
+    fn take_ticket_for(&self, me: Slot) -> u32 {
+        let t = self.next.fetch_add(1, Ordering::SeqCst) & TICKET_MASK;
+        self.ticket_owners[t as usize % OWNER_RING].store(
+            (u64::from(t) << 32) | u64::from(me.held()),
+            Ordering::SeqCst,
+        );
+        t
+    }
+
+    /// Whether the recorded waiter of ticket `t` is a dead process (false if unknown).
+    fn ticket_waiter_dead(&self, t: u32, live: &impl Liveness) -> bool {
+        let o = self.ticket_owners[t as usize % OWNER_RING].load(Ordering::SeqCst);
+        if o >> 32 != u64::from(t) {
+            return false;
+        }
+        let slot = (o & 0xffff_ffff) as usize;
+        match slot.checked_sub(1).and_then(|i| self.procs.get(i)) {
+            Some(p) => {
+                let token = p.load(Ordering::SeqCst);
+                token != 0 && !live.is_alive(token)
+            }
+            None => false,
+        }
     }
 
     fn is_cancelled(&self, t: u32) -> bool {
@@ -494,6 +550,7 @@ impl RawSharedLock {
     }
 
     /// Completes an acquisition: applies the owner-died flag and the health state.
+    #[inline]
     fn finish(&self, kind: Acquired, died: bool) -> Result<Acquired, LockError> {
         if died {
             self.health.store(HEALTH_DIRTY, Ordering::Relaxed);
@@ -593,6 +650,7 @@ impl RawSharedLock {
     }
 
     /// The release proper, without the health bookkeeping.
+    #[inline]
     fn release(&self) {
         // Fast path: nobody flagged QUEUED, so nobody sleeps: one CAS back to FREE. (A waiter
         // that took a ticket but is still spinning sees FREE and passes it to the oldest ticket;
@@ -758,6 +816,7 @@ mod handle {
 
         /// The raw state machine.
         #[must_use]
+        #[inline]
         pub fn raw(&self) -> &RawSharedLock {
             // SAFETY: by the INVARIANTS on `raw` the pointer is in bounds, aligned and kept mapped by
             // `self.seg`; the pointee consists of atomics only, so a shared reference to it is sound
@@ -776,6 +835,7 @@ mod handle {
         ///
         /// # Errors
         /// `TimedOut` or `NotRecoverable` (see [`RawContextLock::lock`]).
+        #[inline]
         pub fn guard(&self, deadline: Option<Instant>) -> Result<SharedLockGuard<'_>, LockError> {
             let a = RawContextLock::lock(self, deadline)?;
             Ok(SharedLockGuard {
@@ -819,6 +879,7 @@ mod handle {
     }
 
     impl Drop for SharedLockGuard<'_> {
+        #[inline]
         fn drop(&mut self) {
             // SAFETY: the guard exists only after a successful acquisition and releases once.
             unsafe { RawContextLock::unlock(self.lock) };
@@ -826,6 +887,7 @@ mod handle {
     }
 
     impl SharedLock {
+        #[inline]
         fn slot(&self) -> Result<Slot, LockError> {
             let generation = crate::process::fork_generation();
             let c = self.cache.load(Ordering::Relaxed);
@@ -871,6 +933,7 @@ mod handle {
             self.raw().try_lock(me)
         }
 
+        #[inline]
         fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockError> {
             let me = self.slot()?;
             self.raw().lock(me, deadline, &ProcLiveness)

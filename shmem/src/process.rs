@@ -125,6 +125,7 @@ static INSTALL_AT_START: extern "C" fn() = {
     run
 };
 
+#[inline]
 fn install_fork_hook() {
     FORK_HOOK.call_once(|| {
         // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches atomics (it is
@@ -137,6 +138,7 @@ fn install_fork_hook() {
 /// A number that changes in each forked child (via `pthread_atfork`, so forks through libc's
 /// `fork()`; a raw `clone` syscall bypasses it). Caches of per-process state compare it.
 #[cfg_attr(loom, allow(dead_code))]
+#[inline]
 pub(crate) fn fork_generation() -> u32 {
     install_fork_hook();
     FORK_GENERATION.load(Ordering::Relaxed)

@@ -175,3 +175,69 @@ fn context_over_shared_lock_excludes_across_processes() {
     assert_eq!(counter.get(0).unwrap().load(Ordering::SeqCst), 4000);
     assert!(!lock.is_locked());
 }
+
+/// Three processes contend for the lock while the parent SIGKILLs a random one (holder or queued
+/// waiter) and replaces it, 150 times. Every contender checks the invariant whenever it gets the
+/// lock without an owner-died report; dead waiters' tickets must not stall the others for long.
+#[test]
+fn sigkill_random_contenders_holders_and_waiters() {
+    let buf = SharedBuf::<u64>::create(2).unwrap();
+    let report = AtomicArray::create(2).unwrap(); // [0]: invariant violations, [1]: lock errors
+    let contender = || {
+        for _ in 0..5_000_000u64 {
+            let Ok(mut g) = buf.lock(within(20)) else {
+                report.get(1).unwrap().fetch_add(1, Ordering::SeqCst);
+                return 3;
+            };
+            let a = g.get(0).unwrap_or(0);
+            let b = g.get(1).unwrap_or(0);
+            if g.owner_died() {
+                let _ = g.set(1, a);
+                g.mark_consistent();
+            } else if a != b {
+                report.get(0).unwrap().fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = g.set(0, a + 1);
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+            let _ = g.set(1, a + 1);
+            drop(g);
+        }
+        0
+    };
+    let mut rng = Rng(0x0bad_cafe_1234_5678);
+    let mut kids: Vec<libc::pid_t> = (0..3).map(|_| fork_child(contender)).collect();
+    let before = buf.lock(within(20)).unwrap().get(0).unwrap();
+    for _ in 0..150 {
+        // Kill every 2-12 ms: slower than the waiters' liveness polling (5 ms slices), so the
+        // survivors get to recover between kills; faster kills can starve all progress.
+        spin_for(Duration::from_micros(2_000 + rng.below(10_000)));
+        let i = rng.below(3) as usize;
+        kill9(kids[i]);
+        let _ = wait_child(kids[i], Duration::from_secs(20));
+        kids[i] = fork_child(contender);
+    }
+    for k in kids {
+        kill9(k);
+        let _ = wait_child(k, Duration::from_secs(20));
+    }
+    let mut died = 0;
+    let mut g = buf.lock(within(20)).unwrap();
+    check_and_repair(&mut g, &mut died);
+    let after = g.get(0).unwrap();
+    drop(g);
+    let violations = report.get(0).unwrap().load(Ordering::SeqCst);
+    let errors = report.get(1).unwrap().load(Ordering::SeqCst);
+    eprintln!("contenders: {before} -> {after}, {violations} violations, {errors} lock errors");
+    assert_eq!(violations, 0, "invariant violations");
+    assert_eq!(errors, 0, "lock errors (timeouts)");
+    assert!(
+        after > before + 150,
+        "too little progress: {before} -> {after}"
+    );
+    eprintln!(
+        "3 contenders, 150 SIGKILLs: {} critical sections completed",
+        after - before
+    );
+}
