@@ -1,6 +1,6 @@
 //! Contexts: isolated domains with their own lock and their own object table.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -409,7 +409,7 @@ impl<L: RawContextLock> Context<L> {
         let inner = &*self.inner;
         let run = || -> Result<(), CloseError> {
             let closed =
-                handoff::run_in(&[inner as &dyn Lockable], Wait::Until(None), true, || {
+                handoff::run_in(&[inner as &dyn Lockable], Wait::Until(None), true, |_| {
                     inner.close_held()
                 })?;
             closed.map_err(|_| CloseError::InUse(inner.id))
@@ -437,7 +437,9 @@ pub(crate) fn enter_inner<L: RawContextLock, R>(
     allow_closed: bool,
     f: impl FnOnce(&mut Cx<'_>) -> R,
 ) -> Result<R, EnterError> {
-    handoff::run_one(inner, wait, allow_closed, || f(&mut Cx::new(inner)))
+    handoff::run_one(inner, wait, allow_closed, |holding| {
+        f(&mut Cx::new(inner, holding))
+    })
 }
 
 /// Why [`Context::close`] failed.
@@ -480,8 +482,11 @@ where
     sorted.sort_by_key(|i| i.id);
     sorted.dedup_by_key(|i| i.id);
     let targets: Vec<&dyn Lockable> = sorted.iter().map(|&i| i as &dyn Lockable).collect();
-    handoff::run_in(&targets, Wait::Until(None), false, || {
-        let mut cxs: Vec<Cx<'_>> = contexts.iter().map(|c| Cx::new(&c.inner)).collect();
+    handoff::run_in(&targets, Wait::Until(None), false, |holding| {
+        let mut cxs: Vec<Cx<'_>> = contexts
+            .iter()
+            .map(|c| Cx::new(&c.inner, holding))
+            .collect();
         f(&mut cxs)
     })
 }
@@ -508,17 +513,21 @@ pub struct Cx<'a> {
     pinned: bool,
     name: &'a str,
     table: &'a UnsafeCell<Table>,
+    /// The `held` flag of the frame entry through which this thread holds the context (see
+    /// `handoff::Holding`); `None` only if the frame does not hold it, which never happens.
+    held: Option<&'a Cell<bool>>,
     _not_send: PhantomData<*mut ()>,
 }
 
 impl<'a> Cx<'a> {
     #[inline]
-    fn new<L: RawContextLock>(inner: &'a Inner<L>) -> Self {
+    fn new<L: RawContextLock>(inner: &'a Inner<L>, holding: &handoff::Holding<'a>) -> Self {
         Self {
             id: inner.id,
             pinned: inner.is_pinned(),
             name: &inner.name,
             table: &inner.table,
+            held: holding.flag(inner.id),
             _not_send: PhantomData,
         }
     }
@@ -544,10 +553,11 @@ impl<'a> Cx<'a> {
     /// Runs `f` on the table after checking this thread holds the context now.
     #[inline]
     fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
-        if !handoff::holds(self.id) {
+        if !self.held.is_some_and(Cell::get) {
             return Err(AccessError::NotHeld(self.id));
         }
-        // SAFETY: the thread holds the context's lock right now (checked above), so by the INVARIANT
+        // SAFETY: the thread holds the context's lock right now (checked above: the flag is true
+        // exactly while this thread's frame entry holds the lock), so by the INVARIANT
         // on `Inner::table` nothing else touches the table; the `&mut` does not escape `f`, and `f`
         // is one of this module's short table operations, which never call user code.
         Ok(f(unsafe { &mut *self.table.get() }))

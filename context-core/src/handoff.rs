@@ -71,6 +71,21 @@ impl<'a> FrameEntry<'a> {
     }
 }
 
+/// The frame entries that hold the contexts an `enter` closure runs in. A `Cx` keeps a reference to
+/// its entry's `held` flag: checking that the thread still holds the context is then one load, and
+/// the flag turns false exactly while a nested call has suspended the context (or after the caller
+/// lost it), which is when the `Cx` must refuse access.
+pub(crate) struct Holding<'a> {
+    entries: &'a [FrameEntry<'a>],
+}
+
+impl<'a> Holding<'a> {
+    /// The `held` flag of the entry for `id`, if this frame holds it.
+    pub(crate) fn flag(&self, id: ContextId) -> Option<&'a Cell<bool>> {
+        self.entries.iter().find(|e| e.id == id).map(|e| &e.held)
+    }
+}
+
 /// The contexts a thread holds. Lives on the stack of the `enter` call that installed it.
 struct Frame<'a> {
     entries: &'a [FrameEntry<'a>],
@@ -146,12 +161,6 @@ pub(crate) fn with_chain<R>(chain: u64, f: impl FnOnce() -> R) -> R {
     }
     let _restore = RestoreChain(CHAIN.with(|c| c.replace(chain)));
     f()
-}
-
-/// Whether the calling thread holds `id` right now.
-#[inline]
-pub(crate) fn holds(id: ContextId) -> bool {
-    with_current(|f| f.is_some_and(|f| f.entries.iter().any(|e| e.held.get() && e.id == id)))
 }
 
 /// The contexts the calling thread holds right now, in ascending id order.
@@ -239,11 +248,11 @@ pub(crate) fn run_in<R>(
     targets: &[&dyn Lockable],
     wait: Wait,
     allow_closed: bool,
-    f: impl FnOnce() -> R,
+    f: impl FnOnce(&Holding<'_>) -> R,
 ) -> Result<R, EnterError> {
     debug_assert!(targets.windows(2).all(|w| w[0].id() < w[1].id()));
     match targets {
-        [] => Ok(f()),
+        [] => Ok(f(&Holding { entries: &[] })),
         [one] => run_frame(&[FrameEntry::new(*one)], |e| e.ctx, wait, allow_closed, f),
         many => {
             let entries: Vec<FrameEntry<'_>> = many.iter().map(|&t| FrameEntry::new(t)).collect();
@@ -260,7 +269,7 @@ pub(crate) fn run_one<T: Lockable, R>(
     target: &T,
     wait: Wait,
     allow_closed: bool,
-    f: impl FnOnce() -> R,
+    f: impl FnOnce(&Holding<'_>) -> R,
 ) -> Result<R, EnterError> {
     let entries = [FrameEntry::new(target)];
     run_frame(&entries, |_| target, wait, allow_closed, f)
@@ -272,7 +281,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     target_of: impl Fn(&'e FrameEntry<'e>) -> &'e T,
     wait: Wait,
     allow_closed: bool,
-    f: impl FnOnce() -> R,
+    f: impl FnOnce(&Holding<'_>) -> R,
 ) -> Result<R, EnterError> {
     let first = target_of(&entries[0]);
     let prev = CURRENT.with(Cell::get);
@@ -287,7 +296,14 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
             })
         });
         if reentrant {
-            return catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+            // The closure's `Cx`s watch the entries of the frame that already holds the targets.
+            let outcome = with_frame(prev, |cur| {
+                let holding = Holding {
+                    entries: cur.map_or(&[][..], |c| c.entries),
+                };
+                catch_unwind(AssertUnwindSafe(|| f(&holding)))
+            });
+            return outcome.map_err(|p| {
                 first.record_panic();
                 EnterError::Panicked {
                     context: first.id(),
@@ -320,7 +336,8 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     let frame = Frame { entries };
     let restore = Restore(prev);
     CURRENT.with(|c| c.set(ptr::from_ref(&frame).cast::<Frame<'static>>()));
-    let outcome = catch_unwind(AssertUnwindSafe(f));
+    let holding = Holding { entries };
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(&holding)));
 
     // Step 5.
     drop(restore);

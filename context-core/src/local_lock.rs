@@ -28,14 +28,6 @@ const IDLE: u8 = 0;
 const LOCKED: u8 = 1;
 const QUEUED: u8 = 2;
 
-/// How many polls a queued waiter spins on its own grant flag before it sleeps. Waking a sleeping
-/// thread on another virtual CPU costs tens of microseconds here (see `shared/limits.md`), a poll a
-/// few nanoseconds, so a short call that finishes within the spin is handed over without a syscall.
-#[cfg(not(loom))]
-const SPIN_POLLS: u32 = 4_000;
-#[cfg(loom)]
-const SPIN_POLLS: u32 = 1;
-
 struct Waiter {
     /// Set (Release) by the unlocking thread when it hands the lock over; read (Acquire) by the
     /// waiter. Once set, the waiter owns the lock.
@@ -114,11 +106,11 @@ impl LocalLock {
             waiter
         };
 
-        for _ in 0..SPIN_POLLS {
+        let mut backoff = sync::Backoff::new();
+        while backoff.snooze() {
             if waiter.granted.load(Ordering::Acquire) {
                 return Ok(Acquired::Contended);
             }
-            sync::spin_pause();
         }
         loop {
             if waiter.granted.load(Ordering::Acquire) {

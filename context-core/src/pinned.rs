@@ -40,17 +40,12 @@ use crate::error::EnterError;
 use crate::handle::ContextId;
 use crate::handoff::{self, Wait};
 use crate::lock::RawContextLock;
-use crate::sync::futex;
+use crate::sync::{Backoff, futex};
 
 const PENDING: u32 = 0;
 const SLEEPING: u32 = 1;
 const DONE: u32 = 2;
 const REJECTED: u32 = 3;
-
-/// Polls before sleeping, for a caller waiting on its reply and for an idle home thread: a short
-/// spin turns a round trip into a few hundred nanoseconds instead of two wake-ups at tens of
-/// microseconds each (`shared/limits.md`).
-const SPIN_POLLS: u32 = 4_000;
 
 trait JobRun {
     /// Runs the job and finishes it. Called once, by the home thread, after popping it.
@@ -329,16 +324,12 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>) {
         if home.serve_one() {
             continue;
         }
-        let mut polls = 0u32;
-        while polls < SPIN_POLLS
-            && home.queued.load(Ordering::Acquire) == 0
-            && !home.exit.load(Ordering::Acquire)
-        {
-            polls += 1;
-            std::hint::spin_loop();
-        }
-        if polls == SPIN_POLLS {
-            sleep_home(home, || false);
+        let mut backoff = Backoff::new();
+        while home.queued.load(Ordering::Acquire) == 0 && !home.exit.load(Ordering::Acquire) {
+            if !backoff.snooze() {
+                sleep_home(home);
+                break;
+            }
         }
     }
 
@@ -360,11 +351,11 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>) {
     drop(reset);
 }
 
-/// The home thread's sleep: announce it, re-check for work (or `done`), then sleep on `sleep`.
-fn sleep_home(home: &Home, done: impl Fn() -> bool) {
+/// The home thread's sleep: announce it, re-check for work, then sleep on `sleep`.
+fn sleep_home(home: &Home) {
     home.sleep.store(1, Ordering::Relaxed);
     fence(Ordering::SeqCst);
-    if home.queued.load(Ordering::Relaxed) == 0 && !home.exit.load(Ordering::Relaxed) && !done() {
+    if home.queued.load(Ordering::Relaxed) == 0 && !home.exit.load(Ordering::Relaxed) {
         futex::wait(&home.sleep, 1, None);
     }
     home.sleep.store(0, Ordering::Relaxed);
@@ -465,7 +456,7 @@ fn wait_for<G, R>(
     caller_home: Option<&Home>,
     mut deadline: Option<Instant>,
 ) -> Result<R, EnterError> {
-    let mut polls = 0u32;
+    let mut backoff = Backoff::new();
     loop {
         if cell.is_finished() {
             return take_outcome(cell);
@@ -484,13 +475,11 @@ fn wait_for<G, R>(
         }
         if let Some(own) = caller_home {
             if own.serve_one() {
-                polls = 0;
+                backoff.reset();
                 continue;
             }
         }
-        if polls < SPIN_POLLS {
-            polls += 1;
-            std::hint::spin_loop();
+        if backoff.snooze() {
             continue;
         }
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));

@@ -98,3 +98,52 @@ pub(crate) mod futex {
         }
     }
 }
+
+/// The wait policy every waiter in this crate uses before it sleeps: poll in chunks, yielding the
+/// CPU between chunks, then give up (the caller sleeps).
+///
+/// Spinning alone is right when the other side runs on another CPU (a wake-up costs tens of
+/// microseconds on this kind of machine, a poll nanoseconds); yielding between chunks is what keeps
+/// it right when both sides share one CPU, where pure spinning would burn the timeslice the other
+/// side needs to make progress.
+pub(crate) struct Backoff {
+    polls: u32,
+}
+
+impl Backoff {
+    #[cfg(not(loom))]
+    const CHUNK: u32 = 500;
+    #[cfg(not(loom))]
+    const BUDGET: u32 = 4_000;
+    #[cfg(loom)]
+    const CHUNK: u32 = 1;
+    #[cfg(loom)]
+    const BUDGET: u32 = 1;
+
+    pub(crate) fn new() -> Self {
+        Self { polls: 0 }
+    }
+
+    /// Polls once more (yielding at chunk boundaries). `false` once the budget is spent: sleep.
+    #[inline]
+    pub(crate) fn snooze(&mut self) -> bool {
+        if self.polls >= Self::BUDGET {
+            return false;
+        }
+        self.polls += 1;
+        if self.polls % Self::CHUNK == 0 {
+            #[cfg(not(loom))]
+            std::thread::yield_now();
+            #[cfg(loom)]
+            loom::thread::yield_now();
+        } else {
+            spin_pause();
+        }
+        true
+    }
+
+    /// Starts over (after progress was made).
+    pub(crate) fn reset(&mut self) {
+        self.polls = 0;
+    }
+}
