@@ -106,6 +106,9 @@ pub enum PoolError {
     /// A job argument does not live in this pool's heap.
     #[error("the job argument does not live in this pool's shared heap")]
     ForeignArgument,
+    /// More workers than [`crate::MAX_WORKERS`] were asked for.
+    #[error("{0} workers asked for; at most 1024 are supported")]
+    TooManyWorkers(usize),
     /// A worker index out of range.
     #[error("no worker {0}")]
     NoSuchWorker(usize),

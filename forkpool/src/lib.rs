@@ -111,6 +111,8 @@ pub use error::{AllocError, DeathCause, PoolError, RegionError};
 pub use heap::{
     Heap, JobArg, ListHead, ListIter, ListNode, ShareSafe, SharedBox, SharedList, SharedVec,
 };
-pub use pool::{DeathOutcome, DeathPolicy, DeathReport, JobContext, Pool, PoolBuilder};
+pub use pool::{
+    DeathOutcome, DeathPolicy, DeathReport, JobContext, MAX_WORKERS, Pool, PoolBuilder,
+};
 pub use region::Backing;
 pub use sys::{ExitKind, bare_fork_waitpid, open_fd_count, open_memfd_count, resident_bytes};

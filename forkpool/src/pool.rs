@@ -27,6 +27,8 @@ const ST_PANIC: u32 = 1;
 const ST_OS: u32 = 2;
 
 const REQ_LEN: usize = 40;
+/// Most workers a pool may have (each takes an allocator slot; slot 0 is the master's).
+pub const MAX_WORKERS: usize = 1024;
 const REP_LEN: usize = 24;
 
 /// The type-erased entry a worker calls: `(context, user fn, address, metadata) -> result`.
@@ -361,6 +363,9 @@ impl Pool {
     }
 
     fn start(cfg: PoolBuilder) -> Result<Self, PoolError> {
+        if cfg.workers > MAX_WORKERS {
+            return Err(PoolError::TooManyWorkers(cfg.workers));
+        }
         if cfg.workers > 0 {
             thread_check()?;
         }
@@ -652,15 +657,9 @@ impl Pool {
             };
             self.reset_or_poison(why)
         } else {
-            match self.fork_worker(w) {
-                Ok(nw) => {
-                    self.workers[w] = nw;
-                    match self.control(w, OP_PING, 0, 0, None) {
-                        Ok(_) => DeathOutcome::Replaced,
-                        Err(e) => DeathOutcome::NotReplaced(e.to_string()),
-                    }
-                }
-                Err(e) => DeathOutcome::NotReplaced(e.to_string()),
+            match self.replace_worker(w) {
+                Ok(()) => DeathOutcome::Replaced,
+                Err(e) => DeathOutcome::NotReplaced(e),
             }
         };
         self.deaths.push(DeathReport {
@@ -675,6 +674,35 @@ impl Pool {
             worker: w,
             pid,
             cause,
+        }
+    }
+
+    /// Forks a replacement for slot `w` and waits for its first answer. Never recurses into death
+    /// handling: a replacement that does not answer is killed and the slot stays empty (a child
+    /// that cannot start would otherwise be replaced forever).
+    fn replace_worker(&mut self, w: usize) -> Result<(), String> {
+        let nw = self.fork_worker(w).map_err(|e| e.to_string())?;
+        let pid = nw.pid;
+        let fd = nw.sock.as_ref().map(AsRawFd::as_raw_fd).unwrap_or(-1);
+        let ping = encode_req(OP_PING, 1, 0, 0, 0, 0);
+        let t = self.cfg.control_timeout;
+        let ms = i32::try_from(t.as_millis()).unwrap_or(i32::MAX);
+        let mut buf = [0u8; 64];
+        let ok = sys::send_msg(fd, &ping, None).is_ok()
+            && sys::poll_readable(fd, ms).unwrap_or(false)
+            && matches!(sys::recv_msg(fd, &mut buf), Ok((REP_LEN, _)))
+            && u32_at(&buf, 0) == ST_OK
+            && u32_at(&buf, 4) == 1;
+        if ok {
+            self.workers[w] = Worker { seq: 1, ..nw };
+            Ok(())
+        } else {
+            drop(nw);
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let status = sys::reap(pid, true).ok().flatten();
+            Err(format!(
+                "the replacement (pid {pid}) did not start: {status:?}"
+            ))
         }
     }
 
@@ -1138,10 +1166,7 @@ impl Pool {
         for w in 0..self.workers.len() {
             if self.workers[w].sock.is_none() {
                 if self.poisoned.is_none() {
-                    if let Ok(nw) = self.fork_worker(w) {
-                        self.workers[w] = nw;
-                        let _ = self.control(w, OP_PING, 0, 0, None);
-                    }
+                    let _ = self.replace_worker(w);
                 }
                 continue;
             }

@@ -528,7 +528,16 @@ pub(crate) fn child_after_fork(parent: libc::pid_t, keep: RawFd) -> bool {
     // SAFETY: close_range has no memory arguments; closing descriptors we do not own in the child
     // is the point (the child owns its copy of the table).
     let r = unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
-    r == 0
+    if r != 0 {
+        // Kernels before 5.9 lack close_range: close one by one (no allocation) up to the limit.
+        // SAFETY: sysconf has no preconditions.
+        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(64, 1 << 16) as libc::c_int;
+        for fd in 4..max {
+            // SAFETY: closing descriptors of the child's own table; EBADF for unused ones is fine.
+            unsafe { libc::close(fd) };
+        }
+    }
+    true
 }
 
 /// Leaves the process at once, without running atexit handlers or destructors.

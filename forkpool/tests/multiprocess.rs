@@ -660,6 +660,10 @@ fn refuses_to_fork_from_a_multi_threaded_process() {
     }
     drop(tx);
     let _ = t.join();
+    assert!(matches!(
+        small_pool(5000).build(),
+        Err(PoolError::TooManyWorkers(5000))
+    ));
     // A heap without workers needs no fork and is allowed anywhere.
     let pool = small_pool(0).build().expect("no workers");
     let b = SharedBox::new(pool.heap(), 5u8).expect("box");
