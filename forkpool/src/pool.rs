@@ -1020,8 +1020,8 @@ impl Pool {
     /// only after every live worker has acknowledged the mapping). Returns the region index.
     ///
     /// # Errors
-    /// [`PoolError::Busy`] if a job is running; region errors; a worker that fails to map is killed
-    /// and replaced (the replacement inherits the mapping) and the error is returned.
+    /// [`PoolError::Busy`] if a job is running; region errors. A worker that fails to map is killed
+    /// and replaced (the replacement inherits the mapping) and reported by [`Pool::take_deaths`].
     pub fn grow(&mut self, bytes: usize) -> Result<usize, PoolError> {
         self.all_idle()?;
         let chunk = self.raw.geometry().chunk_size();
@@ -1042,30 +1042,26 @@ impl Pool {
             .as_ref()
             .map(AsRawFd::as_raw_fd)
             .ok_or(RegionError::NoSuchRegion(idx))?;
-        let mut first_err = None;
         for w in 0..self.workers.len() {
             if self.workers[w].sock.is_none() {
                 continue;
             }
-            if let Err(e) = self.control(w, OP_MAP, off as u64, len as u64, Some(fd)) {
-                first_err.get_or_insert(e);
-            }
+            // A worker that fails to map (or to answer) is killed and replaced; the replacement is
+            // forked from this process, which has the region mapped already. Both show up in
+            // `take_deaths`; the barrier holds either way.
+            let _ = self.control(w, OP_MAP, off as u64, len as u64, Some(fd));
         }
-        // Every live worker has it mapped (failed ones were killed; replacements fork from us, and we
-        // map it already), so the allocator may use it.
+        // Every live worker has it mapped, so the allocator may hand it out.
         // SAFETY: chunks up to the new end are mapped in this process and every live worker.
         unsafe { self.raw.raise_limit(((off + len) / chunk) as u64) }?;
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(idx),
-        }
+        Ok(idx)
     }
 
     /// Returns region `idx` to the system the design note's way: checks that no block lives in it
-    /// and marks its chunks released (so no process can allocate there), then, as an epoch barrier,
-    /// has every worker map the reservation back over it (`MAP_FIXED`, `PROT_NONE`) between jobs, and
-    /// finally does the same in the master and closes the file. When the last mapping goes, the
-    /// file's pages are freed.
+    /// and marks its chunks released (so no process can allocate there), maps the reservation back
+    /// over it in the master (`MAP_FIXED`, `PROT_NONE`) and closes the file, then, as an epoch
+    /// barrier, has every worker do the same between jobs (each acknowledges before the call
+    /// returns). When the last mapping goes, the file's pages are freed in every process.
     ///
     /// # Errors
     /// [`crate::AllocError::InUse`] if live blocks remain (nothing changes); [`PoolError::Busy`];
@@ -1087,22 +1083,18 @@ impl Pool {
         }
         self.raw
             .release_chunks(from, ((off + len) / chunk) as u64)?;
-        let mut first_err = None;
+        // The master first: a worker replaced during the barrier below is forked without the region.
+        // SAFETY: the allocator holds no live block in the region and every chunk is marked released,
+        // so nothing of ours lives there and no process can allocate there any more.
+        unsafe { self.regions.release(idx) }?;
         for w in 0..self.workers.len() {
             if self.workers[w].sock.is_none() {
                 continue;
             }
-            if let Err(e) = self.control(w, OP_UNMAP, off as u64, len as u64, None) {
-                first_err.get_or_insert(e);
-            }
+            // A worker that fails is killed (its mapping goes with it) and replaced; see grow().
+            let _ = self.control(w, OP_UNMAP, off as u64, len as u64, None);
         }
-        // SAFETY: the allocator holds no live block in the region and every chunk is marked released,
-        // so nothing of ours lives there; every worker has unmapped it (or was killed).
-        unsafe { self.regions.release(idx) }?;
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// Returns the pages of every free chunk to the system by hole punching
