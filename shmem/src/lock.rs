@@ -21,10 +21,15 @@
 //! 2. **No handoff, no FIFO.** The glibc futex mutex wakes one waiter and lets everybody race for
 //!    the word (barging). The context protocol promises waiters a fair turn and wants the releasing
 //!    side to pass the still-held lock to the oldest waiter.
-//! 3. **No timed fairness.** Timeouts plus a ticket order need our own queue state anyway.
-//! 4. **Recovery needs a liveness token.** The robust list is maintained by the dying thread's own
-//!    userspace (`set_robust_list`); a process that corrupts it, or dies between taking the word and
-//!    linking the list entry, leaves waiters asleep forever on a non-robust path.
+//! 3. **A process is the unit of failure, not a thread.** The kernel marks a robust mutex
+//!    owner-dead when the owning *thread* exits (it walks that thread's robust list at exit). With
+//!    contexts handed between threads, that both misses the case we care about (the lock belongs to
+//!    a context, not to whichever thread last touched it) and flags healthy state as corrupt when a
+//!    worker thread ends normally.
+//! 4. **Opaque layout.** `pthread_mutex_t` is libc-private: every process must use the same libc
+//!    build, and its protocol cannot be model-checked with loom. Our state is a documented
+//!    `#[repr(C)]` layout of atomics whose transitions the loom models in `tests/loom_lock.rs`
+//!    explore.
 //!
 //! So this lock records the owner *process* (a registration slot holding a
 //! [`ProcessToken`](crate::ProcessToken): PID + start time, immune to PID reuse), takes the owner
@@ -57,9 +62,14 @@
 //! DIED state sets DIRTY and gets `OwnerDied`; `mark_consistent` sets OK; releasing while DIRTY
 //! sets NOT_RECOVERABLE, after which every acquisition fails with `NotRecoverable`.
 //!
-//! All orderings on `state`, `head` and `next` are `SeqCst`: the no-lost-wake-up argument in
-//! `unlock` is a store-load (Dekker) pattern between `state` and `next`, which Acquire/Release
-//! does not give. The fast path is one CAS either way (x86 `lock cmpxchg`).
+//! Orderings: `state`, `head` and `next` use `SeqCst`. The two store-load (Dekker) patterns —
+//! release vs. a new ticket (`state` then `next`), and release vs. a cancelling waiter (`state`
+//! then `cancelled`) — are written with read-modify-writes on the location the other side writes
+//! (`swap`, `fetch_add(0)`), so they hold even under Acquire/Release alone: whichever RMW comes
+//! second in modification order reads from the other and synchronizes with it. That is also what
+//! loom can check (it models SeqCst loads no stronger than Acquire); the models found a real
+//! cancel-vs-release stall in an earlier version that way. The fast path is one CAS to lock and
+//! one to unlock (x86 `lock cmpxchg`).
 
 use std::fmt;
 use std::time::{Duration, Instant};

@@ -175,3 +175,47 @@ fn timeout_racing_handoff_never_stalls() {
         unsafe { s.lock.unlock() };
     });
 }
+
+/// Three processes: two lock normally, one gives up (deadline). Bounded to three preemptions so CI
+/// stays fast; checks exclusion, that the two patient ones always get in, and no stall at the end.
+#[test]
+fn three_processes_one_gives_up() {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(|| {
+        let s = shared(false);
+        let patient: Vec<_> = (1..=2u64)
+            .map(|p| {
+                let s = s.clone();
+                loom::thread::spawn(move || {
+                    let me = s.lock.register(token(p), &s.live).unwrap();
+                    s.lock.lock(me, None, &s.live).unwrap();
+                    s.data.with_mut(|d| {
+                        // SAFETY: held.
+                        unsafe { *d += 1 }
+                    });
+                    // SAFETY: held.
+                    unsafe { s.lock.unlock() };
+                })
+            })
+            .collect();
+        let me3 = s.lock.register(token(3), &s.live).unwrap();
+        if s.lock.lock(me3, Some(Instant::now()), &s.live).is_ok() {
+            s.data.with_mut(|d| {
+                // SAFETY: held.
+                unsafe { *d += 10 }
+            });
+            // SAFETY: held.
+            unsafe { s.lock.unlock() };
+        }
+        for h in patient {
+            h.join().unwrap();
+        }
+        // SAFETY: all threads joined.
+        let d = s.data.with(|d| unsafe { *d });
+        assert!(d == 2 || d == 12);
+        assert_eq!(s.lock.try_lock(me3), Ok(Acquired::Fast));
+        // SAFETY: held.
+        unsafe { s.lock.unlock() };
+    });
+}
