@@ -544,6 +544,83 @@ fn growth_and_release() -> anyhow::Result<()> {
 }
 isolated_test!(growth_and_release_in_every_process, growth_and_release, 90);
 
+fn sum_worker_alloc(cx: &JobContext, v: &[u64]) -> u64 {
+    // Allocates in the worker too: the new region must be usable from here.
+    let Ok(b) = SharedBox::new(cx.heap(), 5u64) else {
+        return u64::MAX;
+    };
+    v.iter().step_by(512).sum::<u64>() + *b
+}
+
+fn growth_with_a_dead_worker() -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let mut pool = Pool::builder()
+        .workers(2)
+        .reserve(1 << 30)
+        .initial_region(16 * MIB)
+        .control_timeout(T)
+        .build()?;
+    let _filler = fill_region_zero(&pool)?;
+    // Worker 1 dies unnoticed; the growth barrier finds it, replaces it, and still holds.
+    pool.kill_worker(1)?;
+    let idx = pool.grow(32 * MIB)?;
+    let d = pool.take_deaths();
+    ensure!(
+        d.len() == 1 && d[0].worker == 1 && d[0].outcome == DeathOutcome::Replaced,
+        "{d:?}"
+    );
+    let v = SharedVec::from_elem(pool.heap(), 1u64, 2 * MIB)?;
+    for r in pool.broadcast(sum_worker_alloc, &v, T) {
+        ensure!(
+            r? == (2 * MIB / 512) as u64 + 5,
+            "every worker, replacement included, reads and allocates in the new region"
+        );
+    }
+    drop(v);
+    // The same on release: the replacement is forked after the master unmapped.
+    pool.kill_worker(0)?;
+    pool.release_region(idx)?;
+    let d = pool.take_deaths();
+    ensure!(d.len() == 1 && d[0].worker == 0, "{d:?}");
+    ensure!(pool.run_fn(0, |_| 9, T)? == 9);
+    ensure!(pool.heap().check().is_consistent());
+    Ok(())
+}
+isolated_test!(
+    growth_and_release_with_a_dead_worker,
+    growth_with_a_dead_worker,
+    60
+);
+
+fn temp_file_backing_punch() -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let mut pool = Pool::builder()
+        .workers(1)
+        .reserve(1 << 30)
+        .initial_region(64 * MIB)
+        .backing(Backing::TempDir(std::env::temp_dir()))
+        .control_timeout(T)
+        .build()?;
+    let v = SharedVec::from_elem(pool.heap(), 1u64, 4 * MIB)?;
+    ensure!(pool.run(0, touch, &v, T)? == (4 * MIB / 512) as u64);
+    let before = all_rss(&mut pool)?;
+    drop(v);
+    ensure!(pool.punch_free() >= 32);
+    let after = all_rss(&mut pool)?;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        ensure!(
+            b.saturating_sub(*a) >= 24 * MIB as u64,
+            "temp-file backing, process {i}: rss {b} -> {a}"
+        );
+    }
+    Ok(())
+}
+isolated_test!(
+    temp_file_backing_returns_memory,
+    temp_file_backing_punch,
+    60
+);
+
 // ---------------------------------------------------------------------------------------------
 // No descriptor or memfd leaks after drop or crashes; workers die with the master.
 
