@@ -47,7 +47,9 @@ pub(crate) fn spin_pause() {
 /// Futex wait and wake for **process-local** words (`FUTEX_PRIVATE_FLAG`). Every word passed here
 /// lives in this process's private memory (a stack or heap of this process): the private flag is
 /// right only for such words, never for a word in shared memory (context-shmem has its own).
-#[cfg(not(loom))]
+///
+/// Not swapped under loom: only the pinned home-thread machinery uses it, which the loom models
+/// do not cover (they model `LocalLock`).
 pub(crate) mod futex {
     use std::sync::atomic::AtomicU32;
     use std::time::Duration;
