@@ -16,7 +16,9 @@
 //!   management area whose size is known up front ([`Geometry::management_size`]). Double free,
 //!   foreign pointers and exhaustion are errors. Statistics and a full checker scan the bookkeeping.
 //! - **Typed owners**: [`SharedBox`], [`SharedVec`] and [`SharedList`] (a linked list whose nodes any
-//!   process can walk and extend), for types that prove they are shareable ([`ShareSafe`]).
+//!   process can walk and extend), for types that prove they are shareable ([`ShareSafe`]), and
+//!   [`SharedMutex`], a value behind `context-shmem`'s process-shared lock, which detects a holder
+//!   that died and makes the next holder repair the value.
 //! - **Workers** ([`Pool`]): jobs are plain function pointers (valid after fork: same image) with
 //!   arguments in shared memory ([`Pool::run`], [`Pool::run_mut`], [`Pool::broadcast`]), waits with
 //!   timeouts, dead workers detected (exit status or signal), reported ([`Pool::take_deaths`]) and
@@ -62,9 +64,10 @@
 //!
 //! ## Layering
 //!
-//! forkpool sits above `context-shmem` (segments, the process-shared lock, the channel). It uses none
-//! of them yet: its allocator needs no lock (it is lock-free), and regions need fixed-address mapping
-//! that the segment type does not offer. The regions are built with `libc` directly in `sys`.
+//! forkpool sits above `context-shmem` (segments, the process-shared lock, the channel). It uses the
+//! shared lock for [`SharedMutex`]. Its allocator needs no lock (it is lock-free and crash-consistent
+//! by construction), and regions need fixed-address mapping that the segment type does not offer, so
+//! they are built with `libc` directly in `sys`.
 //!
 //! ## Example
 //!
@@ -101,6 +104,8 @@ mod alloc;
 mod error;
 mod heap;
 pub mod isolated;
+#[cfg(not(loom))]
+mod mutex;
 mod pool;
 pub mod protocol;
 mod region;
@@ -111,6 +116,8 @@ pub use error::{AllocError, DeathCause, PoolError, RegionError};
 pub use heap::{
     Heap, JobArg, ListHead, ListIter, ListNode, ShareSafe, SharedBox, SharedList, SharedVec,
 };
+#[cfg(not(loom))]
+pub use mutex::{MutexError, SharedMutex, SharedMutexGuard};
 pub use pool::{
     DeathOutcome, DeathPolicy, DeathReport, JobContext, MAX_WORKERS, Pool, PoolBuilder,
 };

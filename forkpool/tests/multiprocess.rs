@@ -2,14 +2,16 @@
 //! runs in a fresh single-threaded copy of this test binary (`isolated::run`), with a watchdog: a
 //! hang fails the test instead of stalling CI.
 
+#![cfg(not(loom))] // SharedMutex (context-shmem) is left out of the loom build.
+
 use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use context_forkpool::{
     AllocError, Backing, DeathCause, DeathOutcome, DeathPolicy, Heap, JobContext, ListHead, Pool,
-    PoolError, SharedBox, SharedList, SharedVec, isolated, open_fd_count, open_memfd_count,
-    resident_bytes,
+    PoolError, SharedBox, SharedList, SharedMutex, SharedVec, isolated, open_fd_count,
+    open_memfd_count, resident_bytes,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -746,3 +748,94 @@ fn refuses_to_fork_from_a_multi_threaded_process() {
     let b = SharedBox::new(pool.heap(), 5u8).expect("box");
     assert_eq!(*b, 5);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A process-shared mutex (context-shmem's lock) in the fixed-address heap.
+
+fn add_under_lock(_: &JobContext, m: &SharedMutex<[u64; 2]>) -> u64 {
+    for _ in 0..20_000 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let Ok(mut g) = m.lock(Some(deadline)) else {
+            return u64::MAX;
+        };
+        g[0] += 1;
+        g[1] = g[0];
+    }
+    0
+}
+
+fn die_holding(cx: &JobContext, m: &SharedMutex<[u64; 2]>) -> u64 {
+    if cx.index() != 0 {
+        return 0;
+    }
+    let Ok(mut g) = m.lock(None) else {
+        return u64::MAX;
+    };
+    g[0] = 999; // half of an update: g[1] is not written yet
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn shared_mutex() -> anyhow::Result<()> {
+    let mut pool = small_pool(2).build()?;
+    let m = SharedBox::new(pool.heap(), SharedMutex::new([0u64; 2]))?;
+    let (res, mine) = pool.broadcast_during(add_under_lock, &m, T, |_, _| {
+        let mut n = 0;
+        for _ in 0..20_000 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            if let Ok(mut g) = m.lock(Some(deadline)) {
+                g[0] += 1;
+                g[1] = g[0];
+                n += 1;
+            }
+        }
+        n
+    });
+    ensure!(mine == 20_000, "master increments");
+    for r in res {
+        ensure!(r? == 0, "worker increments");
+    }
+    {
+        let g = m.lock(None)?;
+        ensure!(
+            *g == [60_000, 60_000],
+            "no lost update across three processes: {:?}",
+            *g
+        );
+    }
+    // A worker dies holding the lock: the master gets it with owner_died and repairs the value.
+    let (res, repaired) = pool.broadcast_during(die_holding, &m, T, |_, pids| {
+        while !m.is_locked() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut g = m.lock(Some(deadline)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let died = g.owner_died();
+        let seen = *g;
+        g[1] = g[0];
+        g.mark_consistent();
+        anyhow::Ok((died, seen))
+    });
+    let (died, seen) = repaired?;
+    ensure!(died, "the next holder is told the owner died");
+    ensure!(
+        seen == [999, 60_000],
+        "the half-done update is visible for repair: {seen:?}"
+    );
+    ensure!(
+        matches!(res[0], Err(PoolError::WorkerDied { .. })),
+        "{:?}",
+        res[0]
+    );
+    ensure!(*m.lock(None)? == [999, 999]);
+    ensure!(
+        !m.lock(None)?.owner_died(),
+        "repaired: later holders see a healthy lock"
+    );
+    Ok(())
+}
+isolated_test!(shared_mutex_across_processes, shared_mutex, 60);
