@@ -135,3 +135,33 @@ fn a_dead_peers_side_can_be_taken_over() {
     let mut buf = [0u8; 16];
     assert_eq!(b.recv(&mut buf, within(5)).unwrap(), 5);
 }
+
+#[test]
+fn a_new_producer_continues_after_the_dead_ones_frames() {
+    // The producer dies with unread frames in the ring; whoever takes over its side must append
+    // after them (found by walking the committed headers), not overwrite them.
+    let ch = Channel::create(1024).unwrap();
+    let child = fork_child(|| {
+        let Ok(mut b) = ch.endpoint(Side::B) else {
+            return 1;
+        };
+        for i in 0..5u8 {
+            if b.send(&[i; 33], within(5)).is_err() {
+                return 2;
+            }
+        }
+        std::mem::forget(b);
+        0
+    });
+    expect_ok(child, Duration::from_secs(10));
+    let mut a = ch.endpoint(Side::A).unwrap();
+    let mut b = ch.endpoint(Side::B).unwrap();
+    b.send(b"new producer", within(5)).unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..5u8 {
+        assert_eq!(a.recv(&mut buf, within(5)).unwrap(), 33);
+        assert!(buf[..33].iter().all(|&x| x == i));
+    }
+    let n = a.recv(&mut buf, within(5)).unwrap();
+    assert_eq!(&buf[..n], b"new producer");
+}
