@@ -73,6 +73,7 @@ impl<T: ShareSafe> SharedMutex<T> {
         Ok(SharedMutexGuard {
             m: self,
             owner_died: how == Acquired::OwnerDied,
+            _not_send: std::marker::PhantomData,
         })
     }
 
@@ -85,9 +86,17 @@ impl<T: ShareSafe> SharedMutex<T> {
 
 /// Holds a [`SharedMutex`]; derefs to the value; unlocks on drop. Not `Send`: the lock records the
 /// holding process, and the guard must be released where it was taken.
+///
+/// ```compile_fail
+/// fn assert_send<T: Send>(_: T) {}
+/// fn f(m: &context_forkpool::SharedMutex<u64>) {
+///     assert_send(m.lock(None).unwrap());
+/// }
+/// ```
 pub struct SharedMutexGuard<'a, T: ShareSafe> {
     m: &'a SharedMutex<T>,
     owner_died: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl<T: ShareSafe> SharedMutexGuard<'_, T> {
