@@ -366,9 +366,6 @@ impl Pool {
         if cfg.workers > MAX_WORKERS {
             return Err(PoolError::TooManyWorkers(cfg.workers));
         }
-        if cfg.workers > 0 {
-            thread_check()?;
-        }
         let geo = Geometry::new(
             cfg.chunk_shift,
             (cfg.reserve >> cfg.chunk_shift.min(63)) as u64,
@@ -409,19 +406,35 @@ impl Pool {
 
     fn spawn_all(&mut self) -> Result<(), PoolError> {
         self.workers.clear();
+        if self.cfg.workers > 0 {
+            thread_check()?;
+        }
         for i in 0..self.cfg.workers {
-            let w = self.fork_worker(i)?;
+            // Checked once above: nothing in this loop starts a thread.
+            let w = self.fork_worker(i, true)?;
             self.workers.push(w);
         }
+        // Handshake with all at once: the second child starts while the first answers.
         for i in 0..self.workers.len() {
-            self.control(i, OP_PING, 0, 0, None)?;
+            self.send(i, OP_PING, [0; 4], None)?;
+        }
+        let t = self.cfg.control_timeout;
+        let deadline = Instant::now() + t;
+        for i in 0..self.workers.len() {
+            match self.recv(i, deadline, t)? {
+                (ST_OK, _) => {}
+                _ => return Err(self.kill_protocol(i, "bad handshake")),
+            }
         }
         Ok(())
     }
 
-    /// Forks worker `index`. The child path up to `worker_main` allocates nothing.
-    fn fork_worker(&self, index: usize) -> Result<Worker, PoolError> {
-        thread_check()?;
+    /// Forks worker `index`. The child path up to `worker_main` allocates nothing. `checked`: the
+    /// caller has just verified that the process is single-threaded.
+    fn fork_worker(&self, index: usize, checked: bool) -> Result<Worker, PoolError> {
+        if !checked {
+            thread_check()?;
+        }
         let (master_end, worker_end) =
             sys::seqpacket_pair().map_err(PoolError::os("socketpair"))?;
         use std::io::Write;
@@ -439,7 +452,8 @@ impl Pool {
         };
         let parent = self.master;
         let wfd = worker_end.as_raw_fd();
-        // SAFETY: thread_check() above found one thread, and nothing in between starts one; the child
+        // SAFETY: thread_check() (here or in the caller, `checked`) found one thread, and nothing in
+        // between starts one; the child
         // never returns from this function (worker_main ends in _exit).
         match unsafe { sys::fork() }.map_err(PoolError::os("fork"))? {
             0 => {
@@ -681,7 +695,7 @@ impl Pool {
     /// handling: a replacement that does not answer is killed and the slot stays empty (a child
     /// that cannot start would otherwise be replaced forever).
     fn replace_worker(&mut self, w: usize) -> Result<(), String> {
-        let nw = self.fork_worker(w).map_err(|e| e.to_string())?;
+        let nw = self.fork_worker(w, false).map_err(|e| e.to_string())?;
         let pid = nw.pid;
         let fd = nw.sock.as_ref().map(AsRawFd::as_raw_fd).unwrap_or(-1);
         let ping = encode_req(OP_PING, 1, 0, 0, 0, 0);
