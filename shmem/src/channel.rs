@@ -249,6 +249,18 @@ impl Channel {
         (hdr, data)
     }
 
+    /// The frame header word at position `pos` of ring `data` (0 = nothing here; `len + 1` = a
+    /// committed frame). `data` must be the data pointer returned by [`Self::ring`].
+    fn header(&self, data: *mut u8, pos: u64) -> &AtomicU64 {
+        let off = (pos as usize) & (self.cap - 1) & !7;
+        // SAFETY: `data` points to `cap` bytes of one of our rings, 64-aligned (INVARIANTS and
+        // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64), so the 8 bytes are
+        // in bounds and aligned. The reference is tied to `&self`, which keeps the segment
+        // mapped. Header words are only accessed atomically while they can hold a header (payload
+        // bytes that later become a header position are synchronized through `head`).
+        unsafe { &*data.wrapping_add(off).cast::<AtomicU64>() }
+    }
+
     /// Attaches this process as `side`. A side held by a dead process may be taken over (its
     /// rings are consistent: a frame becomes visible only when its header is committed, and the
     /// new producer finds its position by walking the committed headers).
@@ -293,7 +305,7 @@ impl Channel {
                 if used >= self.cap {
                     break;
                 }
-                let h = header(data, self.cap, tail).load(Ordering::Acquire);
+                let h = self.header(data, tail).load(Ordering::Acquire);
                 if h == 0 {
                     break;
                 }
@@ -334,17 +346,6 @@ fn frame_need(len: u64, cap: usize) -> Option<usize> {
     let len = usize::try_from(len).ok()?;
     let need = len.checked_add(8 + 7)? & !7;
     (need <= cap).then_some(need)
-}
-
-/// The frame header word at ring position `pos` (0 = no frame; `len + 1` = committed frame).
-fn header<'a>(data: *mut u8, cap: usize, pos: u64) -> &'a AtomicU64 {
-    let off = (pos as usize) & (cap - 1) & !7;
-    // SAFETY: `data` points to `cap` bytes of ring, 64-aligned (Channel INVARIANTS); `off` is a
-    // multiple of 8 below `cap` (cap is a power of two >= 64), so the 8 bytes are in bounds and
-    // aligned. Header words are only ever accessed atomically while they can be a header; the
-    // returned reference lives no longer than the caller's borrow of the channel (callers hold
-    // `&Channel` for the whole use).
-    unsafe { &*data.wrapping_add(off).cast::<AtomicU64>() }
 }
 
 /// One process's end of a [`Channel`]: sends frames on one ring, receives on the other.
@@ -424,7 +425,8 @@ impl Endpoint {
                 // Commit: the header store (SeqCst >= Release) publishes the payload; the consumer
                 // polls this very word. SeqCst also orders it before the `consumer_sleeping` load
                 // (store-load pattern with the consumer's sleep announcement).
-                header(data, cap, tail).store(frame.len() as u64 + 1, Ordering::SeqCst);
+                ch.header(data, tail)
+                    .store(frame.len() as u64 + 1, Ordering::SeqCst);
                 let new_tail = tail.wrapping_add(need as u64);
                 self.tx_tail = new_tail;
                 hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
@@ -454,7 +456,7 @@ impl Endpoint {
         let spin = &mut self.spin;
         let head = self.rx_head;
         let (hdr, data) = ch.ring(self.rx);
-        let word = header(data, cap, head);
+        let word = ch.header(data, head);
         loop {
             let h = word.load(Ordering::SeqCst);
             if h != 0 {
