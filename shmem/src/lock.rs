@@ -522,6 +522,15 @@ impl RawSharedLock {
         self.health.load(Ordering::Relaxed) == HEALTH_NOT_RECOVERABLE
     }
 
+    /// How many tickets are pending (waiters in line, including ones that timed out and were not
+    /// skipped yet): a snapshot for diagnostics and tests.
+    #[must_use]
+    pub fn pending_tickets(&self) -> u32 {
+        let head = self.head.load(Ordering::SeqCst);
+        let next = self.next.load(Ordering::SeqCst) & TICKET_MASK;
+        dist(head, next)
+    }
+
     /// Wakes every waiter so it re-checks the state (harmless; used by models of a death that the
     /// waiters' periodic liveness check would notice).
     pub fn wake_waiters(&self) {
@@ -1071,6 +1080,38 @@ mod tests {
         let live = DeadSet(dead.clone());
         let me = l.register(999 << 32 | 1, &live).unwrap();
         assert_eq!(l.try_lock(me), Ok(Acquired::OwnerDied));
+    }
+
+    #[test]
+    fn waiters_are_served_in_arrival_order() {
+        use std::sync::Arc;
+        use std::sync::Mutex;
+        let l = Arc::new(RawSharedLock::new());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a = l.register(1 << 32 | 1, &AllAlive).unwrap();
+        assert_eq!(l.try_lock(a), Ok(Acquired::Fast));
+        let mut hs = Vec::new();
+        for (i, p) in [(1u32, 2u64), (2, 3), (3, 4)] {
+            let (l2, order2) = (Arc::clone(&l), Arc::clone(&order));
+            hs.push(std::thread::spawn(move || {
+                let me = l2.register(p << 32 | 1, &AllAlive).unwrap();
+                assert_eq!(l2.lock(me, None, &AllAlive), Ok(Acquired::Contended));
+                order2.lock().unwrap().push(i);
+                // SAFETY: held.
+                unsafe { l2.unlock() };
+            }));
+            // Let this waiter take its ticket before the next one starts.
+            while l.pending_tickets() < i {
+                std::thread::yield_now();
+            }
+        }
+        // SAFETY: held since the try_lock above.
+        unsafe { l.unlock() };
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(l.pending_tickets(), 0);
     }
 
     #[test]
