@@ -851,3 +851,67 @@ fn shared_mutex() -> anyhow::Result<()> {
     Ok(())
 }
 isolated_test!(shared_mutex_across_processes, shared_mutex, 60);
+
+#[test]
+fn bad_configurations_are_clear_errors() {
+    let mib = 1usize << 20;
+    let heap_only = || Pool::builder().workers(0).reserve(1 << 30);
+    assert!(matches!(
+        heap_only().initial_region(64 * mib + 4096).build(),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::BadSize { .. }
+        ))
+    ));
+    // The first region must hold more than the allocator's management area.
+    assert!(matches!(
+        heap_only().initial_region(mib).build(),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::BadSize { .. }
+        ))
+    ));
+    assert!(matches!(
+        heap_only().initial_region(2 << 30).build(),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::ReservationFull { .. }
+        ))
+    ));
+    assert!(matches!(
+        heap_only().chunk_shift(12).build(),
+        Err(PoolError::Alloc(AllocError::BadGeometry))
+    ));
+    let missing = std::env::temp_dir().join("context-forkpool-no-such-dir");
+    assert!(matches!(
+        heap_only()
+            .initial_region(64 * mib)
+            .backing(Backing::TempDir(missing))
+            .build(),
+        Err(PoolError::Region(context_forkpool::RegionError::Os { .. }))
+    ));
+    let mut pool = heap_only().initial_region(64 * mib).build().expect("heap");
+    assert!(matches!(
+        pool.grow(mib + 1),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::BadSize { .. }
+        ))
+    ));
+    assert!(matches!(
+        pool.release_region(0),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::BadSize { .. }
+        ))
+    ));
+    assert!(matches!(
+        pool.release_region(7),
+        Err(PoolError::Region(
+            context_forkpool::RegionError::NoSuchRegion(7)
+        ))
+    ));
+    // Exhaustion is an error, and the heap stays usable.
+    let big = SharedVec::<u8>::with_capacity(pool.heap(), 2 << 30);
+    assert!(matches!(big, Err(AllocError::OutOfMemory)));
+    let idx = pool.grow(64 * mib).expect("grow");
+    let v = SharedVec::<u8>::with_capacity(pool.heap(), 48 * mib).expect("fits after growth");
+    assert!(pool.heap().contains(v.as_ptr()));
+    drop(v);
+    pool.release_region(idx).expect("release");
+}
