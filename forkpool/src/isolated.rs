@@ -17,6 +17,11 @@
 //! the executable's device, inode, size and modification time; a child whose `/proc/self/exe`
 //! differs (the binary was rebuilt in between) refuses to run and exits with code 97. The variable is
 //! removed before the entry runs, so processes the entry spawns do not inherit it.
+//!
+//! Trust: whoever sets [`ENV`] chooses a code offset in this binary to call, the same power that
+//! `LD_PRELOAD` or a debugger gives someone who controls the environment. The identity check only
+//! guards against stale or foreign values, not against an attacker; do not run binaries linking this
+//! crate with an environment you do not control (set-uid programs must not link it).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
