@@ -21,7 +21,8 @@
 //! Trust: whoever sets [`ENV`] chooses a code offset in this binary to call, the same power that
 //! `LD_PRELOAD` or a debugger gives someone who controls the environment. The identity check only
 //! guards against stale or foreign values, not against an attacker; do not run binaries linking this
-//! crate with an environment you do not control (set-uid programs must not link it).
+//! crate with an environment you do not control. The hook ignores [`ENV`] in privileged starts
+//! (`AT_SECURE`: set-uid, set-gid, file capabilities).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -217,6 +218,11 @@ extern "C" fn startup_hook() {
     let Some(v) = std::env::var_os(ENV) else {
         return;
     };
+    // SAFETY: getauxval only reads the auxiliary vector; AT_SECURE is a valid type.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        // Set-uid/set-gid or otherwise privileged start: never act on the environment.
+        return;
+    }
     let v = v.to_string_lossy().into_owned();
     // SAFETY: this runs from .init_array before main, when the process has a single thread, so no
     // other thread can be reading the environment.
