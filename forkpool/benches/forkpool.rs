@@ -49,10 +49,10 @@ fn pointer_chase(c: &mut Criterion) {
         .build()
         .expect("pool");
     let mut list = SharedList::new(pool.heap()).expect("list");
-    for v in 0..200_000u64 {
+    for v in 0..1_000_000u64 {
         list.push_front(v).expect("push");
     }
-    let mut g = c.benchmark_group("pointer_chase_200k");
+    let mut g = c.benchmark_group("pointer_chase_1m");
     g.bench_function("worker", |b| {
         b.iter(|| pool.run(0, walk, &list, T).expect("run"))
     });
