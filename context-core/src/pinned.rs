@@ -47,16 +47,17 @@ const SLEEPING: u32 = 1;
 const DONE: u32 = 2;
 const REJECTED: u32 = 3;
 
-trait JobRun {
-    /// Runs the job and finishes it. Called once, by the home thread, after popping it.
-    fn run(&self);
-    /// Finishes the job unrun. Called once, by the home thread, after popping it.
-    fn reject(&self);
-}
-
-/// A queued job: a pointer to a cell on a waiting caller's stack.
+/// A queued job: a pointer to a cell on a waiting caller's stack, and the monomorphized functions
+/// that run or reject it. Raw pointers rather than `&dyn Trait` methods on purpose (rayon-core's
+/// `JobRef` and `Latch::set(*const Self)` make the same choice): the caller may free the cell the
+/// instant its final state is published, so the home side must not hold a reference to the cell
+/// across that moment, not even as a `&self` argument of a function that is still returning.
 #[derive(Clone, Copy)]
-struct JobPtr(NonNull<dyn JobRun>);
+struct JobPtr {
+    cell: NonNull<()>,
+    run: unsafe fn(NonNull<()>),
+    reject: unsafe fn(NonNull<()>),
+}
 
 // SAFETY: the pointee is `Sync` (`JobCell`'s impl) and stays valid while queued or running (module
 // docs); the pointer moves between threads only through the queue mutex.
@@ -64,7 +65,25 @@ unsafe impl Send for JobPtr {}
 
 impl JobPtr {
     fn same(self, other: Self) -> bool {
-        std::ptr::addr_eq(self.0.as_ptr(), other.0.as_ptr())
+        self.cell == other.cell
+    }
+
+    /// Runs the job and finishes it.
+    ///
+    /// # Safety
+    /// Called once, by the home thread, after popping the job from the queue.
+    unsafe fn run(self) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { (self.run)(self.cell) }
+    }
+
+    /// Finishes the job unrun.
+    ///
+    /// # Safety
+    /// As for [`JobPtr::run`].
+    unsafe fn reject(self) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { (self.reject)(self.cell) }
     }
 }
 
@@ -95,44 +114,70 @@ struct JobCell<G, R> {
 // `state`. `G` and `R` are `Send` because they move between the caller's and the home thread.
 unsafe impl<G: Send, R: Send> Sync for JobCell<G, R> {}
 
-impl<G, R> JobCell<G, R> {
-    /// Publishes a final state and wakes the caller. The `swap` is this side's last access to the
-    /// cell: the wake-up uses only addresses copied before it.
-    fn finish(&self, state: u32) {
-        let wake = self.wake;
-        let own_word = &raw const self.state;
-        let previous = self.state.swap(state, Ordering::AcqRel);
-        match wake {
-            Wake::Own if previous == SLEEPING => futex::wake_addr(own_word),
-            Wake::Own => {}
-            Wake::Home(word) => futex::wake_addr(word),
-        }
-    }
-
-    fn is_finished(&self) -> bool {
-        self.state.load(Ordering::Acquire) >= DONE
-    }
-}
-
-impl<G, R> JobRun for JobCell<G, R>
+impl<G, R> JobCell<G, R>
 where
     G: FnOnce() -> Result<R, EnterError> + Send,
     R: Send,
 {
-    fn run(&self) {
-        // SAFETY: popped and not finished: the home thread owns `work` and `result` (INVARIANT).
-        let work = unsafe { (*self.work.get()).take() };
-        let result = match work {
-            Some(g) => handoff::with_chain(self.chain, g),
-            None => Err(EnterError::Closed(self.id)),
-        };
-        // SAFETY: as above.
-        unsafe { *self.result.get() = Some(result) };
-        self.finish(DONE);
+    fn job_ptr(&self) -> JobPtr {
+        JobPtr {
+            cell: NonNull::from(self).cast(),
+            run: Self::run_raw,
+            reject: Self::reject_raw,
+        }
     }
 
-    fn reject(&self) {
-        self.finish(REJECTED);
+    /// # Safety
+    /// `cell` points to a live `JobCell<G, R>` that the home thread has popped and not finished.
+    unsafe fn run_raw(cell: NonNull<()>) {
+        let cell = cell.cast::<Self>().as_ptr();
+        // SAFETY: popped and not finished: the home thread owns `work` and `result` (INVARIANT);
+        // the cell is live (the caller waits). Reads go through the raw pointer: no reference to
+        // the whole cell is created.
+        let (work, chain, id) =
+            unsafe { ((*(*cell).work.get()).take(), (*cell).chain, (*cell).id) };
+        let result = match work {
+            Some(g) => handoff::with_chain(chain, g),
+            None => Err(EnterError::Closed(id)),
+        };
+        // SAFETY: as above.
+        unsafe { *(*cell).result.get() = Some(result) };
+        // SAFETY: as above; `finish` is the last access.
+        unsafe { Self::finish(cell, DONE) };
+    }
+
+    /// # Safety
+    /// As for `run_raw`.
+    unsafe fn reject_raw(cell: NonNull<()>) {
+        // SAFETY: forwarded.
+        unsafe { Self::finish(cell.cast::<Self>().as_ptr(), REJECTED) };
+    }
+
+    /// Publishes a final state and wakes the caller. The `swap` is the last access to the cell: the
+    /// wake-up uses only values copied before it.
+    ///
+    /// # Safety
+    /// `cell` is live, popped and not finished.
+    unsafe fn finish(cell: *const Self, state: u32) {
+        // SAFETY: the cell is live until the swap below publishes the final state (contract).
+        let wake = unsafe { (*cell).wake };
+        // SAFETY: as above; a raw place projection, no reference to the cell.
+        let word = unsafe { &raw const (*cell).state };
+        // SAFETY: as above. The `&AtomicU32` made for the call covers only the atomic (interior
+        // mutability), which the caller may free once it sees the new state; as in rayon-core's
+        // `CoreLatch::set`, nothing is read or written through it after the swap itself.
+        let previous = unsafe { (*word).swap(state, Ordering::AcqRel) };
+        match wake {
+            Wake::Own if previous == SLEEPING => futex::wake_addr(word),
+            Wake::Own => {}
+            Wake::Home(home_word) => futex::wake_addr(home_word),
+        }
+    }
+}
+
+impl<G, R> JobCell<G, R> {
+    fn is_finished(&self) -> bool {
+        self.state.load(Ordering::Acquire) >= DONE
     }
 }
 
@@ -236,7 +281,7 @@ impl Home {
             Some(job) => {
                 // SAFETY: the job was queued by a caller that waits until it is finished (module
                 // docs), and popping it made this thread its only user.
-                unsafe { job.0.as_ref() }.run();
+                unsafe { job.run() };
                 true
             }
             None => false,
@@ -343,7 +388,7 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>) {
     };
     for job in rejected {
         // SAFETY: popped from the queue (drained under the mutex); its caller waits for it.
-        unsafe { job.0.as_ref() }.reject();
+        unsafe { job.reject() };
     }
     let _ = enter_inner(inner, Wait::Until(None), true, |_cx: &mut Cx<'_>| {
         inner.close_held()
@@ -435,13 +480,10 @@ where
             id,
             chain: handoff::current_chain(),
         };
-        let erased: NonNull<dyn JobRun + '_> = NonNull::from(&cell as &dyn JobRun);
-        // SAFETY: only the lifetime bound is erased. The home thread dereferences this pointer
-        // only while the cell is queued or popped-not-finished, and `wait_for` below does not
-        // return (nor unwind: it calls nothing that panics) in those phases (module docs).
-        let job = JobPtr(unsafe {
-            std::mem::transmute::<NonNull<dyn JobRun + '_>, NonNull<dyn JobRun>>(erased)
-        });
+        // The home thread uses this pointer only while the cell is queued or popped-not-finished, and
+        // `wait_for` below does not return (nor unwind: it calls nothing that panics) in those
+        // phases (module docs), so the cell outlives every use.
+        let job = cell.job_ptr();
         if !home.push(job) {
             return Err(EnterError::Closed(id));
         }
