@@ -3,15 +3,19 @@
 //!
 //! - `lock_uncontended`: `SharedLock` try_lock + unlock vs `parking_lot::Mutex` lock + unlock.
 //! - `channel_roundtrip_xproc`: 16-byte round trip to a forked echo child over the channel vs a
-//!   Unix socketpair, a pipe pair, and a bare spin-then-futex shared word.
-//! - `bulk_write_64mib_xproc`: a child copies 64 MiB into a shared buffer vs in-process memcpy.
+//!   Unix socketpair, a pipe pair, and a bare spin-then-futex shared word (parent pinned to CPU 0,
+//!   child to CPU 1).
+//! - `bulk_write_64mib_xproc`: a worker child copies 64 MiB into a shared buffer vs in-process
+//!   memcpy; also a child forked for each fill (includes populating its page tables).
 #![allow(missing_docs)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use context_core::RawContextLock;
-use context_shmem::benchkit::{Echo, Transport, bulk_write_xproc};
+use context_shmem::benchkit::{
+    BulkWriter, Echo, NoForkBuf, Transport, bulk_write_xproc, pin_current_thread,
+};
 use context_shmem::{SharedBuf, SharedLock};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -37,13 +41,16 @@ fn lock_uncontended(c: &mut Criterion) {
 
 fn channel_roundtrip(c: &mut Criterion) {
     let mut g = c.benchmark_group("channel_roundtrip_xproc");
+    // Parent on CPU 0, echo children on CPU 1 (see `Echo::spawn_on`).
+    let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let _pin = apart.then(|| pin_current_thread(0).expect("pin to CPU 0"));
     for (name, t) in [
         ("channel", Transport::Channel),
         ("spin_futex_pingpong", Transport::SpinFutex),
         ("unix_socket", Transport::UnixSocket),
         ("pipe", Transport::Pipe),
     ] {
-        let mut echo = Echo::spawn(t).expect("echo child");
+        let mut echo = Echo::spawn_on(t, apart.then_some(1)).expect("echo child");
         g.bench_function(name, |b| {
             b.iter_custom(|n| {
                 let t0 = Instant::now();
@@ -63,14 +70,27 @@ fn bulk(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     let buf = SharedBuf::<u8>::create(N).expect("64 MiB buffer");
     let src = vec![0x5au8; N];
-    let mut dst = vec![0u8; N];
+    // Not inherited by the forked writers, so the forks do not leave these pages write-protected
+    // (which would add a fault per page to the parent's writes; see `NoForkBuf`).
+    let mut dst = NoForkBuf::new(N).expect("read buffer");
+    let mut copy = NoForkBuf::new(N).expect("memcpy buffer");
     // Warm the shared pages once.
-    bulk_write_xproc(&buf, &src, &mut dst).expect("warm-up");
-    g.bench_function("child_write", |b| {
+    bulk_write_xproc(&buf, &src, dst.as_mut_slice()).expect("warm-up");
+    let mut worker = BulkWriter::spawn(&buf, &src).expect("bulk worker");
+    worker.fill().expect("warm-up");
+    g.bench_function("worker_child_write", |b| {
+        b.iter_custom(|n| {
+            (0..n)
+                .map(|_| Duration::from_nanos(worker.fill().expect("fill")))
+                .sum()
+        });
+    });
+    drop(worker);
+    g.bench_function("fresh_child_write", |b| {
         b.iter_custom(|n| {
             let mut total = Duration::ZERO;
             for _ in 0..n {
-                let (w, _) = bulk_write_xproc(&buf, &src, &mut dst).expect("bulk");
+                let (w, _) = bulk_write_xproc(&buf, &src, dst.as_mut_slice()).expect("bulk");
                 total += Duration::from_nanos(w);
             }
             total
@@ -78,7 +98,7 @@ fn bulk(c: &mut Criterion) {
     });
     g.bench_function("memcpy_in_process", |b| {
         b.iter(|| {
-            dst.copy_from_slice(black_box(&src));
+            copy.as_mut_slice().copy_from_slice(black_box(&src));
         });
     });
     g.finish();

@@ -3,8 +3,9 @@
 //! same two processes in the same run.
 //!
 //! [`Echo::spawn`] forks a child that echoes 16-byte messages over one [`Transport`];
-//! [`Echo::roundtrips`] times round trips from the parent. [`bulk_write_xproc`] has a child fill a
-//! shared buffer that the parent then reads.
+//! [`Echo::roundtrips`] times round trips from the parent. [`bulk_write_xproc`] has a fresh child
+//! fill a shared buffer that the parent then reads; [`BulkWriter`] is the same with a long-lived
+//! worker.
 //!
 //! Forking: the child only runs a tight loop over descriptors and shared memory that exist before
 //! the fork, allocates nothing it needs the parent's locks for, and leaves with `_exit`. This is
@@ -112,7 +113,7 @@ fn pipe() -> Result<(std::fs::File, std::fs::File), Error> {
 }
 
 /// Forks. The child runs `f` and `_exit`s; the parent gets the child's pid.
-fn fork_then(f: impl FnOnce() -> i32) -> Result<libc::pid_t, Error> {
+fn fork_then(cpu: Option<usize>, f: impl FnOnce() -> i32) -> Result<libc::pid_t, Error> {
     // SAFETY: fork itself has no memory-safety preconditions; the child runs only `f`, a loop over
     // descriptors and shared memory created before the fork, and then `_exit`s without returning
     // into the caller, running destructors, or unwinding (a panic is caught and becomes 101).
@@ -127,6 +128,9 @@ fn fork_then(f: impl FnOnce() -> i32) -> Result<libc::pid_t, Error> {
         // Die with the parent, so a crashed benchmark leaves no busy children behind.
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        if let Some(cpu) = cpu {
+            let _ = set_affinity(&cpu_set_of(cpu));
+        }
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
         // SAFETY: ends the child at once, skipping atexit handlers and destructors that belong to
         // the parent's state.
@@ -136,18 +140,29 @@ fn fork_then(f: impl FnOnce() -> i32) -> Result<libc::pid_t, Error> {
 }
 
 impl Echo {
-    /// Forks an echo child for `t`.
+    /// Forks an echo child for `t`, placed wherever the scheduler likes.
     ///
     /// # Errors
     /// Setting up the transport or forking failed.
     pub fn spawn(t: Transport) -> Result<Self, Error> {
+        Self::spawn_on(t, None)
+    }
+
+    /// Forks an echo child for `t`, pinned to `cpu` if given. Pin the parent elsewhere with
+    /// [`pin_current_thread`] to measure the two processes on different CPUs: otherwise the
+    /// scheduler may put both on one CPU, where no spinning can succeed, and the figures swing
+    /// between runs by two orders of magnitude.
+    ///
+    /// # Errors
+    /// Setting up the transport or forking failed.
+    pub fn spawn_on(t: Transport, cpu: Option<usize>) -> Result<Self, Error> {
         match t {
             Transport::Channel => {
                 let ch = Channel::create(4096).map_err(|e| match e {
                     crate::ChannelError::Setup(e) => e,
                     _ => Error::BadHeader("channel setup"),
                 })?;
-                let pid = fork_then(|| {
+                let pid = fork_then(cpu, || {
                     let Ok(mut ep) = ch.endpoint(Side::B) else {
                         return 2;
                     };
@@ -170,7 +185,7 @@ impl Echo {
             Transport::UnixSocket => {
                 let (a, b) = UnixStream::pair().map_err(io_err("socketpair"))?;
                 let (mut a, mut b) = (Some(a), Some(b));
-                let pid = fork_then(|| {
+                let pid = fork_then(cpu, || {
                     drop(a.take()); // the parent's end: close it here, or EOF never comes
                     let Some(mut b) = b.take() else { return 2 };
                     let mut buf = [0u8; MSG];
@@ -193,7 +208,7 @@ impl Echo {
                 let (r2, w2) = pipe()?; // child -> parent
                 let mut child_ends = Some((r1, w2));
                 let mut parent_ends = Some((w1, r2));
-                let pid = fork_then(|| {
+                let pid = fork_then(cpu, || {
                     drop(parent_ends.take());
                     let Some((mut r, mut w)) = child_ends.take() else {
                         return 2;
@@ -215,7 +230,7 @@ impl Echo {
             }
             Transport::SpinFutex => {
                 let seg = Arc::new(Segment::create_memfd(256, WORD_TYPE)?);
-                let pid = fork_then(|| {
+                let pid = fork_then(cpu, || {
                     // word 0: ping (parent -> child), 1: pong, 2: child sleeping, 3: parent sleeping.
                     let (ping, pong, cs) = (word(&seg, 0), word(&seg, 1), word(&seg, 2));
                     let ps = word(&seg, 3);
@@ -292,23 +307,210 @@ impl Drop for Echo {
         // Closing our end (channel close flag, EOF on socket/pipe) ends the child; SIGKILL after
         // 200 ms is the backstop, so drop never hangs.
         drop(self.end.take());
-        let deadline = Instant::now() + Duration::from_millis(200);
-        loop {
-            let mut st = 0;
-            // SAFETY: waiting for our own child; `st` is a valid out-pointer.
-            let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
-            if r != 0 {
-                return;
-            }
-            if Instant::now() > deadline {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(self.pid, libc::SIGKILL) };
-                // SAFETY: as above; blocking wait for the child we just killed.
-                unsafe { libc::waitpid(self.pid, &mut st, 0) };
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        reap(self.pid);
+    }
+}
+
+fn cpu_set_of(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of `set`, a valid exclusive cpu_set_t; CPUs beyond the
+    // set's capacity are ignored by libc's implementation.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 means the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Keeps the calling thread pinned to one CPU; restores the previous affinity on drop.
+#[derive(Debug)]
+pub struct Pinned {
+    old: Option<libc::cpu_set_t>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = set_affinity(old);
         }
+    }
+}
+
+/// Pins the calling thread to `cpu` until the returned guard drops.
+///
+/// # Errors
+/// The affinity could not be read or set (for example `cpu` is not available to this process).
+pub fn pin_current_thread(cpu: usize) -> Result<Pinned, Error> {
+    // SAFETY: all zeroes is a valid (empty) cpu_set_t, filled in by sched_getaffinity below.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a writable cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+    if r != 0 {
+        return Err(Error::Io {
+            op: "sched_getaffinity",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    set_affinity(&cpu_set_of(cpu)).map_err(|source| Error::Io {
+        op: "sched_setaffinity",
+        source,
+    })?;
+    Ok(Pinned { old: Some(old) })
+}
+
+/// A private, zeroed, page-aligned buffer that forked children do not inherit (`MADV_DONTFORK`).
+///
+/// For baselines measured in a process that also forks: after a fork, every private page the child
+/// shares is write-protected in the parent, so the parent's next write to each page takes a fault
+/// (no copy once the child has exited, but one fault per 4 KiB page). A `memcpy` baseline into an
+/// ordinary `Vec` is thus slowed by the fork that measured the case; this buffer is not.
+pub struct NoForkBuf {
+    map: memmap2::MmapMut,
+}
+
+impl std::fmt::Debug for NoForkBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoForkBuf")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+impl NoForkBuf {
+    /// `len` zeroed bytes, pre-faulted.
+    ///
+    /// # Errors
+    /// The mapping or `madvise` failed.
+    pub fn new(len: usize) -> Result<Self, Error> {
+        let mut map = memmap2::MmapMut::map_anon(len).map_err(io_err("mmap anonymous"))?;
+        if len > 0 {
+            // SAFETY: the range is exactly this private anonymous mapping (page-aligned start,
+            // `len` bytes); MADV_DONTFORK only excludes it from future children's address spaces.
+            let r = unsafe { libc::madvise(map.as_mut_ptr().cast(), len, libc::MADV_DONTFORK) };
+            if r != 0 {
+                return Err(Error::Io {
+                    op: "madvise(MADV_DONTFORK)",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        map.fill(0);
+        Ok(Self { map })
+    }
+
+    /// The bytes.
+    #[must_use]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
+/// A long-lived forked worker that fills a shared buffer on request: the warm version of
+/// [`bulk_write_xproc`]. The child populates its page tables for the buffer once, at start (a
+/// fresh child has none for shared mappings), then on each request locks the buffer, copies `src`
+/// into it, unlocks, and reports the nanoseconds that took (timed in the child). Requests and
+/// replies travel over this crate's [`Channel`].
+#[derive(Debug)]
+pub struct BulkWriter {
+    pid: libc::pid_t,
+    ep: Option<crate::Endpoint>,
+}
+
+impl BulkWriter {
+    /// Forks the worker. `src` must not be longer than `buf`.
+    ///
+    /// # Errors
+    /// Setup or fork failed.
+    pub fn spawn(buf: &SharedBuf<u8>, src: &[u8]) -> Result<Self, Error> {
+        let ch = Channel::create(4096).map_err(|_| Error::BadHeader("control channel"))?;
+        let pid = fork_then(None, || {
+            let Ok(mut ep) = ch.endpoint(Side::B) else {
+                return 2;
+            };
+            let _ = buf.segment().prefault();
+            let mut req = [0u8; 8];
+            while ep.recv(&mut req, None).is_ok() {
+                let t0 = Instant::now();
+                let ok = match buf.lock(None) {
+                    Ok(mut g) => g.write_from(0, src).is_ok(),
+                    Err(_) => false,
+                };
+                let ns = if ok {
+                    u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+                } else {
+                    0
+                };
+                if ep.send(&ns.to_le_bytes(), None).is_err() {
+                    break;
+                }
+            }
+            0
+        })?;
+        let ep = ch
+            .endpoint(Side::A)
+            .map_err(|_| Error::BadHeader("control channel side A"))?;
+        Ok(Self { pid, ep: Some(ep) })
+    }
+
+    /// One fill; returns the child's lock + copy + unlock time in nanoseconds.
+    ///
+    /// # Errors
+    /// The worker failed or died.
+    pub fn fill(&mut self) -> Result<u64, Error> {
+        let ep = self.ep.as_mut().ok_or(Error::BadHeader("worker closed"))?;
+        let deadline = Some(Instant::now() + Duration::from_secs(60));
+        ep.send(b"fill", deadline)
+            .map_err(|_| Error::BadHeader("bulk worker: send failed"))?;
+        let mut b = [0u8; 8];
+        let n = ep
+            .recv(&mut b, deadline)
+            .map_err(|_| Error::BadHeader("bulk worker: no reply"))?;
+        let ns = u64::from_le_bytes(b);
+        if n != 8 || ns == 0 {
+            return Err(Error::BadHeader("bulk worker failed to fill the buffer"));
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for BulkWriter {
+    fn drop(&mut self) {
+        drop(self.ep.take()); // closes the channel: the worker's recv fails and it exits
+        reap(self.pid);
+    }
+}
+
+/// Waits up to 200 ms for a child to exit, then SIGKILLs and reaps it.
+fn reap(pid: libc::pid_t) {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    loop {
+        let mut st = 0;
+        // SAFETY: waiting for our own child; `st` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r != 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above; blocking wait for the child we just killed.
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -325,7 +527,7 @@ pub fn bulk_write_xproc(
     dst: &mut [u8],
 ) -> Result<(u64, u64), Error> {
     let timing = crate::AtomicArray::create(1)?;
-    let pid = fork_then(|| {
+    let pid = fork_then(None, || {
         let t0 = Instant::now();
         // A forked child has no page-table entries for the shared mapping: populate them in one
         // call (timed, it is part of the child's cost) rather than faulting 16 384 times.
