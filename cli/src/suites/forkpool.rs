@@ -152,7 +152,48 @@ fn measure() -> anyhow::Result<()> {
     pointer_chase(&mut r, quick)?;
     release_rss(quick)?;
     pool_start(&mut r)?;
+    // Last: it starts threads, and no pool may fork after that.
+    threads_reference(&mut r, quick);
     Ok(())
+}
+
+/// The same sum with 1 and 2 threads of one process over private memory: how far this machine
+/// scales this memory-bound loop at all, independent of the pool.
+fn threads_reference(r: &mut Runner, quick: bool) {
+    let bytes = if quick { 256 * MIB } else { 1024 * MIB };
+    let v = vec![1u64; bytes / 8];
+    let sum = |s: &[u64]| s.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+    let _ = black_box(sum(&v));
+    let mut t1s = Vec::new();
+    let mut t2s = Vec::new();
+    for _ in 0..r.config().trials() {
+        let t0 = Instant::now();
+        black_box(sum(&v));
+        t1s.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let (a, b) = v.split_at(v.len() / 2);
+        let total = std::thread::scope(|s| {
+            let h = s.spawn(|| sum(a));
+            let x = sum(b);
+            h.join().unwrap_or(0).wrapping_add(x)
+        });
+        black_box(total);
+        t2s.push(t0.elapsed().as_secs_f64());
+    }
+    let gb = bytes as f64 / 1e9;
+    row(
+        "parallel_sum_threads_reference",
+        "gb_per_s",
+        gb / crate::bench::median(&mut t2s),
+        true,
+        "1_thread",
+        gb / crate::bench::median(&mut t1s),
+        format!(
+            "reference, no pool: the same sum over {} MiB of private memory with 2 threads vs 1 \
+             (thread start included); the machine's own scaling for this memory-bound loop",
+            bytes / MIB
+        ),
+    );
 }
 
 fn alloc_free(r: &mut Runner) -> anyhow::Result<()> {
