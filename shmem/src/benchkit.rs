@@ -100,6 +100,14 @@ fn word_post(w: &AtomicU32, sleeping: &AtomicU32, v: u32) {
     }
 }
 
+/// A benchmark-harness failure (a child misbehaved, a transport failed) as an [`Error::Io`].
+fn fail(op: &'static str, what: impl std::fmt::Display) -> Error {
+    Error::Io {
+        op,
+        source: std::io::Error::other(what.to_string()),
+    }
+}
+
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { op, source }
 }
@@ -158,10 +166,7 @@ impl Echo {
     pub fn spawn_on(t: Transport, cpu: Option<usize>) -> Result<Self, Error> {
         match t {
             Transport::Channel => {
-                let ch = Channel::create(4096).map_err(|e| match e {
-                    crate::ChannelError::Setup(e) => e,
-                    _ => Error::BadHeader("channel setup"),
-                })?;
+                let ch = Channel::create(4096).map_err(|e| fail("echo channel", e))?;
                 let pid = fork_then(cpu, || {
                     let Ok(mut ep) = ch.endpoint(Side::B) else {
                         return 2;
@@ -176,7 +181,7 @@ impl Echo {
                 })?;
                 let ep = ch
                     .endpoint(Side::A)
-                    .map_err(|_| Error::BadHeader("channel side A"))?;
+                    .map_err(|e| fail("echo channel side A", e))?;
                 Ok(Self {
                     pid,
                     end: Some(End::Channel(ep)),
@@ -197,7 +202,9 @@ impl Echo {
                     0
                 })?;
                 drop(b.take());
-                let a = a.take().ok_or(Error::BadHeader("socket end"))?;
+                let a = a
+                    .take()
+                    .ok_or_else(|| fail("socketpair", "parent end missing"))?;
                 Ok(Self {
                     pid,
                     end: Some(End::Socket(a)),
@@ -222,7 +229,9 @@ impl Echo {
                     0
                 })?;
                 drop(child_ends.take());
-                let (tx, rx) = parent_ends.take().ok_or(Error::BadHeader("pipe ends"))?;
+                let (tx, rx) = parent_ends
+                    .take()
+                    .ok_or_else(|| fail("pipe", "parent ends missing"))?;
                 Ok(Self {
                     pid,
                     end: Some(End::Pipe { tx, rx }),
@@ -266,10 +275,9 @@ impl Echo {
         match end {
             End::Channel(ep) => {
                 for _ in 0..n {
-                    ep.send(&msg, None)
-                        .map_err(|_| Error::BadHeader("channel send"))?;
+                    ep.send(&msg, None).map_err(|e| fail("channel send", e))?;
                     ep.recv(&mut buf, None)
-                        .map_err(|_| Error::BadHeader("channel recv"))?;
+                        .map_err(|e| fail("channel recv", e))?;
                 }
             }
             End::Socket(s) => {
@@ -435,7 +443,7 @@ impl BulkWriter {
     /// # Errors
     /// Setup or fork failed.
     pub fn spawn(buf: &SharedBuf<u8>, src: &[u8]) -> Result<Self, Error> {
-        let ch = Channel::create(4096).map_err(|_| Error::BadHeader("control channel"))?;
+        let ch = Channel::create(4096).map_err(|e| fail("bulk control channel", e))?;
         let pid = fork_then(None, || {
             let Ok(mut ep) = ch.endpoint(Side::B) else {
                 return 2;
@@ -461,7 +469,7 @@ impl BulkWriter {
         })?;
         let ep = ch
             .endpoint(Side::A)
-            .map_err(|_| Error::BadHeader("control channel side A"))?;
+            .map_err(|e| fail("bulk control channel side A", e))?;
         Ok(Self { pid, ep: Some(ep) })
     }
 
@@ -470,17 +478,20 @@ impl BulkWriter {
     /// # Errors
     /// The worker failed or died.
     pub fn fill(&mut self) -> Result<u64, Error> {
-        let ep = self.ep.as_mut().ok_or(Error::BadHeader("worker closed"))?;
+        let ep = self
+            .ep
+            .as_mut()
+            .ok_or_else(|| fail("bulk worker", "closed"))?;
         let deadline = Some(Instant::now() + Duration::from_secs(60));
         ep.send(b"fill", deadline)
-            .map_err(|_| Error::BadHeader("bulk worker: send failed"))?;
+            .map_err(|e| fail("bulk worker request", e))?;
         let mut b = [0u8; 8];
         let n = ep
             .recv(&mut b, deadline)
-            .map_err(|_| Error::BadHeader("bulk worker: no reply"))?;
+            .map_err(|e| fail("bulk worker reply", e))?;
         let ns = u64::from_le_bytes(b);
         if n != 8 || ns == 0 {
-            return Err(Error::BadHeader("bulk worker failed to fill the buffer"));
+            return Err(fail("bulk worker", "failed to fill the buffer"));
         }
         Ok(ns)
     }
@@ -547,7 +558,7 @@ pub fn bulk_write_xproc(
     // SAFETY: waiting for our own child; `st` is a valid out-pointer.
     let r = unsafe { libc::waitpid(pid, &mut st, 0) };
     if r != pid || !libc::WIFEXITED(st) || libc::WEXITSTATUS(st) != 0 {
-        return Err(Error::BadHeader("bulk writer child failed"));
+        return Err(fail("bulk writer child", format!("wait status {st:#x}")));
     }
     let write_ns = timing
         .get(0)

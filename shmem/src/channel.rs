@@ -78,6 +78,9 @@ pub enum ChannelError {
     /// The shared ring state is inconsistent (a misbehaving peer, or memory corruption).
     #[error("channel state is corrupt: {0}")]
     Corrupt(&'static str),
+    /// The requested ring capacity is not a power of two in `MIN_CAPACITY..=MAX_CAPACITY`.
+    #[error("channel capacity {0} is not a power of two between 64 B and 1 GiB")]
+    BadCapacity(usize),
     /// That side is already attached by a live process.
     #[error("that side of the channel is taken by a live process")]
     SideTaken,
@@ -153,9 +156,7 @@ impl Channel {
     /// A bad capacity, or OS errors creating the segment.
     pub fn create(capacity: usize) -> Result<Self, ChannelError> {
         if !capacity.is_power_of_two() || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
-            return Err(ChannelError::Setup(Error::BadHeader(
-                "channel capacity must be a power of two in 64..=1GiB",
-            )));
+            return Err(ChannelError::BadCapacity(capacity));
         }
         let seg = Arc::new(Segment::create_memfd(seg_payload(capacity), CHANNEL_TYPE)?);
         let ch = Self { seg, cap: capacity };
