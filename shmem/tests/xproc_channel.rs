@@ -77,12 +77,11 @@ fn receiver_learns_that_the_sender_died() {
         assert_eq!(ep.recv(&mut buf, within(5)).unwrap(), 100);
         assert_eq!(buf[0], i);
     }
-    let t0 = Instant::now();
+    // (A deadline, not a wall-clock assertion: if the death went unnoticed this is TimedOut.)
     match ep.recv(&mut buf, within(30)) {
         Err(ChannelError::PeerDead { pid }) => assert_eq!(pid as i32, child),
         other => panic!("expected PeerDead, got {other:?}"),
     }
-    assert!(t0.elapsed() < Duration::from_secs(20));
 }
 
 #[test]
