@@ -131,17 +131,25 @@ where
     /// `cell` points to a live `JobCell<G, R>` that the home thread has popped and not finished.
     unsafe fn run_raw(cell: NonNull<()>) {
         let cell = cell.cast::<Self>().as_ptr();
-        // SAFETY: popped and not finished: the home thread owns `work` and `result` (INVARIANT);
-        // the cell is live (the caller waits). Reads go through the raw pointer: no reference to
-        // the whole cell is created.
-        let (work, chain, id) =
-            unsafe { ((*(*cell).work.get()).take(), (*cell).chain, (*cell).id) };
+        // SAFETY (for the blocks below): popped and not finished, so the home thread owns `work` and
+        // `result` (INVARIANT) and the cell is live (its caller waits). Everything goes through the
+        // raw pointer: no reference to the whole cell is created.
+        // SAFETY: `cell` is live; reading a `Copy` field through a raw place.
+        let chain = unsafe { (*cell).chain };
+        // SAFETY: as above.
+        let id = unsafe { (*cell).id };
+        // SAFETY: as above; a raw pointer to the `work` slot, which this thread owns.
+        let work_slot = unsafe { (*cell).work.get() };
+        // SAFETY: `work_slot` is valid and nobody else touches it now (INVARIANT).
+        let work = unsafe { (*work_slot).take() };
         let result = match work {
             Some(g) => handoff::with_chain(chain, g),
             None => Err(EnterError::Closed(id)),
         };
-        // SAFETY: as above.
-        unsafe { *(*cell).result.get() = Some(result) };
+        // SAFETY: as above; a raw pointer to the `result` slot, which this thread owns.
+        let result_slot = unsafe { (*cell).result.get() };
+        // SAFETY: `result_slot` is valid and nobody else touches it until the state is published.
+        unsafe { *result_slot = Some(result) };
         // SAFETY: as above; `finish` is the last access.
         unsafe { Self::finish(cell, DONE) };
     }
