@@ -297,6 +297,13 @@ fn next_request(sock: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<O
 /// The worker's loop. Never returns: leaves with `_exit` when the master closes the socket.
 fn worker_main(sock: RawFd, cx: JobContext, regions: WorkerRegions) -> ! {
     let mut buf = [0u8; 64];
+    // Hello (sequence 0): the master learns the worker is running without asking first.
+    let mut hello = [0u8; REP_LEN];
+    hello[0..4].copy_from_slice(&ST_OK.to_le_bytes());
+    hello[8..16].copy_from_slice(&u64::from(sys::getpid().unsigned_abs()).to_le_bytes());
+    if sys::send_msg(sock, &hello, None).is_err() {
+        sys::exit_now(0);
+    }
     loop {
         let (n, fd) = match next_request(sock, &mut buf) {
             Ok((0, _)) | Err(_) => sys::exit_now(0),
@@ -414,9 +421,9 @@ impl Pool {
             let w = self.fork_worker(i, true)?;
             self.workers.push(w);
         }
-        // Handshake with all at once: the second child starts while the first answers.
-        for i in 0..self.workers.len() {
-            self.send(i, OP_PING, [0; 4], None)?;
+        // Every worker says hello (sequence 0) as soon as it runs; wait for all of them.
+        for w in &mut self.workers {
+            w.pending = Some(0);
         }
         let t = self.cfg.control_timeout;
         let deadline = Instant::now() + t;
@@ -691,24 +698,23 @@ impl Pool {
         }
     }
 
-    /// Forks a replacement for slot `w` and waits for its first answer. Never recurses into death
+    /// Forks a replacement for slot `w` and waits for its hello. Never recurses into death
     /// handling: a replacement that does not answer is killed and the slot stays empty (a child
     /// that cannot start would otherwise be replaced forever).
     fn replace_worker(&mut self, w: usize) -> Result<(), String> {
         let nw = self.fork_worker(w, false).map_err(|e| e.to_string())?;
         let pid = nw.pid;
         let fd = nw.sock.as_ref().map(AsRawFd::as_raw_fd).unwrap_or(-1);
-        let ping = encode_req(OP_PING, 1, 0, 0, 0, 0);
         let t = self.cfg.control_timeout;
         let ms = i32::try_from(t.as_millis()).unwrap_or(i32::MAX);
         let mut buf = [0u8; 64];
-        let ok = sys::send_msg(fd, &ping, None).is_ok()
-            && sys::poll_readable(fd, ms).unwrap_or(false)
+        // The worker's hello (sequence 0).
+        let ok = sys::poll_readable(fd, ms).unwrap_or(false)
             && matches!(sys::recv_msg(fd, &mut buf), Ok((REP_LEN, _)))
             && u32_at(&buf, 0) == ST_OK
-            && u32_at(&buf, 4) == 1;
+            && u32_at(&buf, 4) == 0;
         if ok {
-            self.workers[w] = Worker { seq: 1, ..nw };
+            self.workers[w] = nw;
             Ok(())
         } else {
             drop(nw);
@@ -1152,6 +1158,21 @@ impl Drop for Pool {
 }
 
 impl Pool {
+    /// Asks worker `w` for a sign of life and returns the round-trip time (a health check between
+    /// jobs).
+    ///
+    /// # Errors
+    /// As for control operations: [`PoolError::Busy`], [`PoolError::WorkerDied`] (then handled and
+    /// replaced), [`PoolError::Timeout`] (the worker is killed and replaced).
+    pub fn ping(&mut self, w: usize) -> Result<Duration, PoolError> {
+        let t0 = Instant::now();
+        let pid = self.control(w, OP_PING, 0, 0, None)?;
+        if pid != u64::from(self.workers[w].pid.unsigned_abs()) {
+            return Err(self.kill_protocol(w, "ping answered by another process"));
+        }
+        Ok(t0.elapsed())
+    }
+
     /// Sends `SIGKILL` to worker `w` (fault injection). The death is noticed, reported and handled
     /// by the next operation on that worker.
     ///

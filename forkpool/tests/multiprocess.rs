@@ -465,6 +465,7 @@ fn jobs_fail_cleanly() -> anyhow::Result<()> {
         Err(PoolError::ForeignArgument)
     ));
     ensure!(pool.run_fn(0, |_| 5, T)? == 5);
+    ensure!(pool.ping(1)? < T);
     Ok(())
 }
 isolated_test!(jobs_panics_timeouts_and_deaths, jobs_fail_cleanly, 60);
