@@ -97,6 +97,16 @@ fn svg_and_markdown_outputs() {
         .success();
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") && svg_text.contains("enter_exit_idle"));
+    // Well-formed enough for a browser: every `<` opens a tag (targets such as "<= 1.5x" are
+    // escaped), and the document closes.
+    for (i, _) in svg_text.match_indices('<') {
+        let next = svg_text[i + 1..].chars().next().unwrap_or(' ');
+        assert!(
+            next.is_ascii_alphabetic() || next == '/',
+            "unescaped '<' at byte {i}"
+        );
+    }
+    assert!(svg_text.trim_end().ends_with("</svg>"));
     let md_text = std::fs::read_to_string(&md).unwrap();
     assert!(md_text.contains("| handoff | enter_exit_idle |"));
     let _ = std::fs::remove_dir_all(&dir);

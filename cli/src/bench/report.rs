@@ -76,8 +76,10 @@ fn fmt_ratio(r: f64) -> String {
         "-".to_owned()
     } else if r >= 100.0 {
         format!("{r:.0}x")
-    } else {
+    } else if r >= 0.01 {
         format!("{r:.2}x")
+    } else {
+        format!("{r:.4}x")
     }
 }
 
@@ -251,9 +253,11 @@ pub fn svg(rows: &[Row]) -> String {
             xml_escape(&r.metric),
             fmt_ratio(r.ratio),
             better,
-            r.target
-                .map(|t| t.describe())
-                .unwrap_or_else(|| "none".to_owned()),
+            xml_escape(
+                &r.target
+                    .map(|t| t.describe())
+                    .unwrap_or_else(|| "none".to_owned())
+            ),
             label_w + chart_w + 8.0,
             y + 13.0,
             fmt_ratio(r.ratio),
