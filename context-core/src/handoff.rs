@@ -61,6 +61,18 @@ pub(crate) struct FrameEntry<'a> {
 }
 
 impl<'a> FrameEntry<'a> {
+    /// An entry for a context of a known type: the id is read without a virtual call.
+    #[inline]
+    fn of<T: Lockable>(ctx: &'a T) -> Self {
+        Self {
+            ctx,
+            id: ctx.id(),
+            held: Cell::new(true),
+            suspended: Cell::new(false),
+        }
+    }
+
+    #[inline]
     fn new(ctx: &'a dyn Lockable) -> Self {
         Self {
             ctx,
@@ -81,6 +93,7 @@ pub(crate) struct Holding<'a> {
 
 impl<'a> Holding<'a> {
     /// The `held` flag of the entry for `id`, if this frame holds it.
+    #[inline]
     pub(crate) fn flag(&self, id: ContextId) -> Option<&'a Cell<bool>> {
         self.entries.iter().find(|e| e.id == id).map(|e| &e.held)
     }
@@ -271,7 +284,7 @@ pub(crate) fn run_one<T: Lockable, R>(
     allow_closed: bool,
     f: impl FnOnce(&Holding<'_>) -> R,
 ) -> Result<R, EnterError> {
-    let entries = [FrameEntry::new(target)];
+    let entries = [FrameEntry::of(target)];
     run_frame(&entries, |_| target, wait, allow_closed, f)
 }
 

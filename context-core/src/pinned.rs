@@ -30,9 +30,9 @@
 use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, ThreadId};
+use std::thread;
 use std::time::Instant;
 
 use crate::context::{Cx, Inner, enter_inner};
@@ -197,7 +197,10 @@ struct Queue {
 
 /// The home thread's shared state, kept inside the context.
 pub(crate) struct Home {
-    thread_id: ThreadId,
+    /// The home thread's `handoff::thread_tag`, written by the home thread itself as it starts (0
+    /// before). Only the home thread can ever find its own tag here, so a stale 0 seen by another
+    /// thread is harmless and no ordering is needed.
+    home_tag: AtomicU64,
     queue: Mutex<Queue>,
     /// Jobs in `queue` (read without the mutex by the polling home thread).
     queued: AtomicUsize,
@@ -208,9 +211,9 @@ pub(crate) struct Home {
 }
 
 impl Home {
-    fn new(thread_id: ThreadId) -> Self {
+    fn new() -> Self {
         Self {
-            thread_id,
+            home_tag: AtomicU64::new(0),
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 closed: false,
@@ -227,8 +230,9 @@ impl Home {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    #[inline]
     pub(crate) fn is_current(&self) -> bool {
-        thread::current().id() == self.thread_id
+        self.home_tag.load(Ordering::Relaxed) == handoff::thread_tag()
     }
 
     /// Asks the home loop to exit after the current job (used by `close` on the home thread).
@@ -344,7 +348,8 @@ pub(crate) fn spawn<L: RawContextLock>(
     make: impl FnOnce(Home) -> Inner<L>,
 ) -> std::io::Result<(Arc<Inner<L>>, Arc<Owner>)> {
     let (inner_tx, inner_rx) = std::sync::mpsc::sync_channel::<Arc<Inner<L>>>(1);
-    let handle = thread::Builder::new()
+    // Detached: the home thread exits on its own when the context closes (see `Owner`).
+    let _detached = thread::Builder::new()
         .name(format!("ctx-{name}-{id}"))
         .spawn(move || {
             // The creator sends the context right after spawning; if it failed to, there is nothing
@@ -353,7 +358,7 @@ pub(crate) fn spawn<L: RawContextLock>(
                 home_main(&inner);
             }
         })?;
-    let inner = Arc::new(make(Home::new(handle.thread().id())));
+    let inner = Arc::new(make(Home::new()));
     // The receiver is alive (the thread waits on it), so this cannot fail.
     let _ = inner_tx.send(Arc::clone(&inner));
     let owner = Owner {
@@ -370,6 +375,8 @@ fn home_main<L: RawContextLock>(inner: &Arc<Inner<L>>) {
             HOME.with(|h| h.set(std::ptr::null()));
         }
     }
+    home.home_tag
+        .store(handoff::thread_tag(), Ordering::Relaxed);
     HOME.with(|h| h.set(std::ptr::from_ref(home)));
     let reset = ResetHome;
 
