@@ -615,6 +615,7 @@ impl<'a> Cx<'a> {
     /// [`AccessError::NotHeld`], [`AccessError::WrongContext`], [`AccessError::Stale`],
     /// [`AccessError::WrongType`], [`AccessError::Busy`], [`AccessError::InUse`],
     /// [`AccessError::Poisoned`].
+    #[inline]
     pub fn with<T: 'static, R>(
         &self,
         h: Handle<T>,
@@ -626,6 +627,7 @@ impl<'a> Cx<'a> {
             h: Handle<T>,
         }
         impl<T: 'static> Drop for EndBorrow<'_, '_, T> {
+            #[inline]
             fn drop(&mut self) {
                 let poison = std::thread::panicking();
                 // If the thread lost the context meanwhile (`CallerLost`) the borrow flag cannot be

@@ -82,6 +82,7 @@ impl Table {
         Ok(Handle::new(self.context, slot_index, slot.generation))
     }
 
+    #[inline]
     fn entry_mut<T: ?Sized>(&mut self, h: Handle<T>) -> Result<&mut Entry, AccessError> {
         if h.context != self.context {
             return Err(AccessError::WrongContext {
@@ -98,6 +99,7 @@ impl Table {
         }
     }
 
+    #[inline]
     fn check_type<T: 'static>(e: &Entry) -> Result<(), AccessError> {
         if e.type_id == TypeId::of::<T>() {
             Ok(())
@@ -116,6 +118,7 @@ impl Table {
 
     /// Marks the object borrowed by call chain `me` (never 0) and returns a pointer to it. The
     /// caller must call [`Table::end_borrow`] with the same handle when done (a drop guard does).
+    #[inline]
     pub(crate) fn begin_borrow<T: 'static>(
         &mut self,
         h: Handle<T>,
@@ -139,6 +142,7 @@ impl Table {
     }
 
     /// Ends a borrow from [`Table::begin_borrow`]; `poison` marks the object poisoned.
+    #[inline]
     pub(crate) fn end_borrow<T: ?Sized>(&mut self, h: Handle<T>, poison: bool) {
         if let Ok(e) = self.entry_mut(h) {
             e.borrower = 0;

@@ -1,0 +1,39 @@
+//! Profiling aid: a tight loop of small proxy calls in move mode and serialize mode
+//! (`cargo run --release -p context-proxy --example move_loop`).
+use context_core::Context;
+use context_proxy::{Mode, Proxy, service};
+
+/// The benchmark's small call.
+#[service]
+pub trait Small {
+    /// Adds `n`, tagged.
+    fn add(&mut self, n: u64, tag: &str) -> u64;
+}
+
+struct S(u64);
+impl Small for S {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        self.0 += n + tag.len() as u64;
+        self.0
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000_000);
+    let ctx = Context::new("b");
+    let p: Proxy<SmallService> = Proxy::adopt(&ctx, S(0)).expect("adopt");
+    let m = p.clone().with_mode(Mode::Move).expect("move");
+    for (name, proxy) in [("move", &m), ("serialize", &p)] {
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            std::hint::black_box(proxy.add(i, "sixteen-byte-tag").expect("call"));
+        }
+        println!(
+            "{name}: {:.1} ns per call",
+            t0.elapsed().as_nanos() as f64 / n as f64
+        );
+    }
+}
