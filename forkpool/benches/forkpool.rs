@@ -23,12 +23,13 @@ fn alloc_free(c: &mut Criterion) {
         .initial_region(64 << 20)
         .build()
         .expect("heap");
-    let heap = pool.heap().raw();
+    let heap = pool.heap();
+    let layout = std::alloc::Layout::from_size_align(64, 8).expect("layout");
     let mut g = c.benchmark_group("alloc_free_64b");
     g.bench_function("forkpool", |b| {
         b.iter(|| {
-            let p = heap.alloc(black_box(64), 8).expect("alloc");
-            heap.free(black_box(p)).expect("free");
+            heap.alloc_free_round_trip(black_box(layout))
+                .expect("alloc + free");
         });
     });
     g.bench_function("glibc_box", |b| {

@@ -62,8 +62,22 @@ unsafe impl<A: ShareSafe, B: ShareSafe> ShareSafe for (A, B) {}
 
 /// A handle on the pool's shared heap. Cheap to clone; every typed owner holds one, which is how the
 /// pool knows whether a reset would leave dangling owners.
+///
+/// The raw allocator underneath is not reachable from it, so nothing can copy it out of the count
+/// and use it after the pool unmapped the heap:
+///
+/// ```compile_fail
+/// fn f(pool: context_forkpool::Pool) {
+///     let raw = *pool.heap().raw();
+///     drop(pool);
+///     let _ = raw.alloc(16, 8);
+/// }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Heap {
+    /// Never handed out: a [`RawHeap`] is `Copy` and not counted by `handle_count`, so a copy could
+    /// outlive the mapping (the pool unmaps it when the last `Heap` goes), and its safe `free` could
+    /// free a block a typed owner still uses (review F1).
     raw: Arc<RawHeap>,
 }
 
@@ -76,10 +90,15 @@ impl Heap {
         Arc::strong_count(&self.raw)
     }
 
-    /// The underlying lock-free allocator.
-    #[must_use]
-    pub fn raw(&self) -> &RawHeap {
-        &self.raw
+    /// Allocates a block for `layout` and frees it at once: the cost of one allocation round trip
+    /// (benchmarks). Safe because the block is never visible to the caller.
+    ///
+    /// # Errors
+    /// As [`Heap::alloc`], then as [`Heap::free`] (which cannot fail for a block just allocated
+    /// unless the bookkeeping is corrupt).
+    pub fn alloc_free_round_trip(&self, layout: Layout) -> Result<(), AllocError> {
+        let p = std::hint::black_box(self.raw.alloc(layout.size(), layout.align())?);
+        self.raw.free(p)
     }
 
     /// Allocates a block for `layout` (contents unspecified: zero on fresh pages, old data on reuse).

@@ -202,15 +202,13 @@ fn alloc_free(r: &mut Runner) -> anyhow::Result<()> {
         .reserve(1 << 30)
         .initial_region(64 * MIB)
         .build()?;
-    let heap = pool.heap().raw();
+    let heap = pool.heap();
+    let layout = std::alloc::Layout::from_size_align(64, 8)?;
     let mut failed = false;
     let (case, base) = r.compare_ns(
         |n| {
             for _ in 0..n {
-                match heap.alloc(black_box(64), 8) {
-                    Ok(p) => failed |= heap.free(black_box(p)).is_err(),
-                    Err(_) => failed = true,
-                }
+                failed |= heap.alloc_free_round_trip(black_box(layout)).is_err();
             }
         },
         |n| {
