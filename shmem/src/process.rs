@@ -58,15 +58,18 @@ impl ProcessToken {
         u32::try_from(self.0 & 0xffff_ffff).unwrap_or(u32::MAX)
     }
 
-    /// The token of the process with this PID right now (`None` if there is none, or it is a zombie).
+    /// The token of the process with this PID right now (`None` if there is none, it is a zombie,
+    /// or its status cannot be read).
     #[must_use]
     pub fn of_pid(pid: u32) -> Option<Self> {
-        match read_stat(pid)? {
-            StatInfo {
+        match read_stat(pid) {
+            StatRead::Found(StatInfo {
                 state: b'Z' | b'X' | b'x',
                 ..
-            } => None,
-            StatInfo { start, .. } => Some(Self::new(pid, start)),
+            })
+            | StatRead::NoProcess
+            | StatRead::Unknown => None,
+            StatRead::Found(StatInfo { start, .. }) => Some(Self::new(pid, start)),
         }
     }
 
@@ -91,12 +94,55 @@ impl ProcessToken {
     }
 
     /// Whether the process this token names is still running (not dead, not a zombie, PID not
-    /// reused). A token whose status cannot be read is reported dead.
+    /// reused).
+    ///
+    /// Only positive evidence counts as death: `/proc/<pid>` does not exist (`ENOENT`/`ESRCH`), the
+    /// process is a zombie, or the PID now belongs to a process with another start time. When the
+    /// status cannot be read for any other reason (`EMFILE`, `ENFILE`, `EACCES` under `hidepid`,
+    /// `ENOMEM`, a short or garbled read) the answer is *unknown* and this returns `true`: callers
+    /// use "dead" to take over a lock or a channel side, and taking it from a live process would
+    /// give two holders, while a wrong "alive" only delays recovery until a later check succeeds.
     #[must_use]
     pub fn is_alive(self) -> bool {
-        Self::of_pid(self.pid()) == Some(self)
+        liveness_from(self, read_stat(self.pid()))
     }
 }
+
+/// The tri-state outcome of reading `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatRead {
+    /// The file was read and parsed.
+    Found(StatInfo),
+    /// The kernel says there is no such process (`ENOENT` / `ESRCH`).
+    NoProcess,
+    /// Any other failure: the process may well be alive.
+    Unknown,
+}
+
+/// Maps the errno of a failed `open`/`read` of `/proc/<pid>/stat` to the tri-state: only
+/// `ENOENT` and `ESRCH` prove that the process is gone.
+pub(crate) fn stat_error_kind(errno: i32) -> StatRead {
+    if errno == libc::ENOENT || errno == libc::ESRCH {
+        StatRead::NoProcess
+    } else {
+        StatRead::Unknown
+    }
+}
+
+/// Decides liveness of `token` from one stat read (see [`ProcessToken::is_alive`]).
+pub(crate) fn liveness_from(token: ProcessToken, read: StatRead) -> bool {
+    match read {
+        StatRead::Found(StatInfo {
+            state: b'Z' | b'X' | b'x',
+            ..
+        })
+        | StatRead::NoProcess => false,
+        StatRead::Found(StatInfo { start, .. }) => ProcessToken::new(token.pid(), start) == token,
+        StatRead::Unknown => true,
+    }
+}
+
+impl ProcessToken {}
 
 /// Our own token, 0 until computed; reset to 0 in a forked child.
 static MY_TOKEN: AtomicU64 = AtomicU64::new(0);
@@ -172,7 +218,7 @@ pub(crate) fn parse_stat(buf: &[u8]) -> Option<StatInfo> {
 }
 
 /// Reads and parses `/proc/<pid>/stat` without allocating.
-pub(crate) fn read_stat(pid: u32) -> Option<StatInfo> {
+pub(crate) fn read_stat(pid: u32) -> StatRead {
     let mut path = [0u8; 32];
     let mut n = 0;
     for &b in b"/proc/" {
@@ -205,10 +251,12 @@ pub(crate) fn read_stat(pid: u32) -> Option<StatInfo> {
     // - O_RDONLY|O_CLOEXEC opens without side effects.
     let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
-        return None;
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return stat_error_kind(errno);
     }
     let mut buf = [0u8; 1024];
     let mut len = 0usize;
+    let mut failed = None;
     while len < buf.len() {
         let spare = &mut buf[len..];
         // SAFETY:
@@ -219,17 +267,22 @@ pub(crate) fn read_stat(pid: u32) -> Option<StatInfo> {
             Ok(0) => break,
             Ok(k) => len += k,
             Err(_) => {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if errno == libc::EINTR {
                     continue;
                 }
-                len = 0;
+                failed = Some(stat_error_kind(errno));
                 break;
             }
         }
     }
     // SAFETY: `fd` was opened above, is owned by this function and is closed exactly once.
     unsafe { libc::close(fd) };
-    parse_stat(&buf[..len])
+    if let Some(kind) = failed {
+        return kind;
+    }
+    // A stat file that does not parse (truncated, an unexpected kernel format) proves nothing.
+    parse_stat(&buf[..len]).map_or(StatRead::Unknown, StatRead::Found)
 }
 
 #[cfg(test)]
@@ -258,6 +311,73 @@ mod tests {
         let other = ProcessToken::new(t.pid(), u64::from(t.start_ticks()) + 1);
         assert!(!other.is_alive());
         assert_eq!(ProcessToken::from_bits(0), None);
+    }
+
+    #[test]
+    fn only_no_such_process_errors_mean_dead() {
+        let t = ProcessToken::new(4242, 777);
+        assert_eq!(stat_error_kind(libc::ENOENT), StatRead::NoProcess);
+        assert_eq!(stat_error_kind(libc::ESRCH), StatRead::NoProcess);
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EACCES,
+            libc::EPERM,
+            libc::ENOMEM,
+            libc::EIO,
+        ] {
+            assert_eq!(stat_error_kind(errno), StatRead::Unknown, "errno {errno}");
+            assert!(liveness_from(t, stat_error_kind(errno)), "errno {errno}");
+        }
+        assert!(!liveness_from(t, StatRead::NoProcess));
+        let found = |state, start| StatRead::Found(StatInfo { state, start });
+        assert!(liveness_from(t, found(b'S', 777)));
+        assert!(liveness_from(t, found(b'S', 777 + (1 << 32))));
+        assert!(!liveness_from(t, found(b'S', 778)));
+        assert!(!liveness_from(t, found(b'Z', 777)));
+        assert!(!liveness_from(t, found(b'X', 777)));
+    }
+
+    /// The reviewer's reproduction: with every descriptor in use, `open` fails with `EMFILE` and a
+    /// live process must still be reported alive. Runs in a forked child so the lowered descriptor
+    /// limit and the filled table do not disturb the other tests.
+    #[test]
+    fn emfile_does_not_make_a_live_process_dead() {
+        let me = ProcessToken::current().unwrap();
+        // SAFETY: the child only calls async-signal-safe functions (setrlimit, open, the raw
+        // open/read/close of `is_alive`) and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let lim = libc::rlimit {
+                rlim_cur: 32,
+                rlim_max: 32,
+            };
+            // SAFETY: `lim` is a valid rlimit that lives across the call.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            loop {
+                // SAFETY: a NUL-terminated literal path; the descriptor is leaked on purpose.
+                let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+                if fd < 0 {
+                    break;
+                }
+            }
+            let code = if read_stat(me.pid()) == StatRead::Unknown && me.is_alive() {
+                0
+            } else {
+                1
+            };
+            // SAFETY: `_exit` is always safe to call; it skips the parent's atexit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status}"
+        );
     }
 
     #[test]

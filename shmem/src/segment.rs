@@ -512,7 +512,10 @@ impl Segment {
         seal(&file)?;
         let mut seg = Self::finish_create(file, SegmentKind::Named, total, type_id)?;
         let me = ProcessToken::current().map_err(io("/proc/self/stat"))?;
-        let start = crate::process::read_stat(me.pid()).map_or(0, |s| s.start);
+        let start = match crate::process::read_stat(me.pid()) {
+            crate::process::StatRead::Found(s) => s.start,
+            crate::process::StatRead::NoProcess | crate::process::StatRead::Unknown => 0,
+        };
         let hex: String = random_nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         let name = format!("{}{tag}-{hex}", crate::registry::PREFIX);
         let path = dir.join(&name);
