@@ -381,9 +381,18 @@ impl<T: ShareSafe> ListHead<T> {
 
     /// Pushes a value at the front, allocating the node from `heap`.
     ///
+    /// `heap` must be a handle on the heap this list lives in (any process's): a node from another
+    /// pool's heap would dangle once that pool unmaps its memory.
+    ///
     /// # Errors
-    /// [`AllocError::OutOfMemory`]; the list is unchanged then.
+    /// [`AllocError::ForeignPointer`] when the list does not live in `heap`;
+    /// [`AllocError::OutOfMemory`]. The list is unchanged then.
     pub fn push_front(&mut self, heap: &Heap, value: T) -> Result<(), AllocError> {
+        // A ListHead exists only inside a heap (built by SharedList::new, reached by jobs), so the
+        // head's own address names the one heap its nodes may come from.
+        if !heap.contains(self as *const Self) {
+            return Err(AllocError::ForeignPointer);
+        }
         let node = heap
             .alloc(Layout::new::<ListNode<T>>())?
             .cast::<ListNode<T>>();
@@ -395,25 +404,38 @@ impl<T: ShareSafe> ListHead<T> {
             })
         };
         self.head = node.as_ptr();
-        self.len += 1;
+        // A process killed between the two stores leaves `len` one short: never trust it to be
+        // exact (saturating here and in pop_front).
+        self.len = self.len.saturating_add(1);
         Ok(())
     }
 
-    /// Removes the front value, freeing its node into `heap`.
-    pub fn pop_front(&mut self, heap: &Heap) -> Option<T>
+    /// Removes the front value, freeing its node into `heap` (a handle on the heap this list lives
+    /// in). `Ok(None)` when the list is empty.
+    ///
+    /// # Errors
+    /// [`AllocError::ForeignPointer`] when the list does not live in `heap`; the list is unchanged.
+    pub fn pop_front(&mut self, heap: &Heap) -> Result<Option<T>, AllocError>
     where
         T: Copy,
     {
-        let node = NonNull::new(self.head)?;
+        if !heap.contains(self as *const Self) {
+            return Err(AllocError::ForeignPointer);
+        }
+        let Some(node) = NonNull::new(self.head) else {
+            return Ok(None);
+        };
         // SAFETY: non-null heads point at live nodes of this list (structure invariant).
         let n = unsafe { node.as_ref() };
         let (value, next) = (n.value, n.next);
         self.head = next;
-        self.len -= 1;
+        self.len = self.len.saturating_sub(1);
         // SAFETY: the node is unlinked and owned by nobody now.
         let r = unsafe { heap.free(node.cast()) };
-        debug_assert!(r.is_ok());
-        Some(value)
+        // Nodes come from the head's heap (push_front checks it), so this cannot fail unless the
+        // bookkeeping is corrupt; then the node is leaked rather than panicking.
+        let _ = r;
+        Ok(Some(value))
     }
 
     /// Walks the list.
@@ -442,7 +464,9 @@ impl<T: ShareSafe> ListHead<T> {
             p = unsafe { (*n.as_ptr()).next };
             // SAFETY: unlinked from the walk above; nobody else owns it.
             let r = unsafe { heap.free(n.cast()) };
-            debug_assert!(r.is_ok());
+            // A node that is not a live block of `heap` (impossible since push_front checks the
+            // heap, short of corruption) is leaked: never panic in a destructor over shared data.
+            let _ = r;
         }
         self.head = std::ptr::null_mut();
         self.len = 0;
@@ -466,6 +490,16 @@ impl<'a, T> Iterator for ListIter<'a, T> {
 }
 
 /// The owner of a [`ListHead`] in the shared heap; frees every node on drop.
+///
+/// It derefs to `&ListHead` only: `&mut ListHead` is reachable in the owner's process only through
+/// these methods (and in a job through [`crate::Pool::run_mut`]), so two lists of different pools
+/// cannot swap their nodes (which would leave nodes of one pool's heap in the other's):
+///
+/// ```compile_fail
+/// fn f(a: &mut context_forkpool::SharedList<u64>, b: &mut context_forkpool::SharedList<u64>) {
+///     std::mem::swap(&mut **a, &mut **b);
+/// }
+/// ```
 pub struct SharedList<T: ShareSafe> {
     head: SharedBox<ListHead<T>>,
 }
@@ -495,18 +529,27 @@ impl<T: ShareSafe> SharedList<T> {
         let heap = self.head.heap.clone();
         self.head.push_front(&heap, value)
     }
+
+    /// Removes the front value (freeing its node into this owner's heap).
+    pub fn pop_front(&mut self) -> Option<T>
+    where
+        T: Copy,
+    {
+        let heap = self.head.heap.clone();
+        // The head lives in `heap` (SharedList::new put it there), so the check cannot fail.
+        self.head.pop_front(&heap).ok().flatten()
+    }
+
+    /// Walks the list mutably (values only).
+    pub fn for_each_mut(&mut self, f: impl FnMut(&mut T)) {
+        self.head.for_each_mut(f);
+    }
 }
 
 impl<T: ShareSafe> std::ops::Deref for SharedList<T> {
     type Target = ListHead<T>;
     fn deref(&self) -> &ListHead<T> {
         &self.head
-    }
-}
-
-impl<T: ShareSafe> std::ops::DerefMut for SharedList<T> {
-    fn deref_mut(&mut self) -> &mut ListHead<T> {
-        &mut self.head
     }
 }
 

@@ -162,6 +162,66 @@ fn pointer_structures() -> anyhow::Result<()> {
 isolated_test!(pointer_structures_cross_process, pointer_structures, 60);
 
 // ---------------------------------------------------------------------------------------------
+// A list refuses nodes from another pool's heap (review F2): such a node would dangle once that
+// pool unmaps its memory. A job reaches a foreign `Heap` through a static the master set before
+// forking (safe code).
+
+static OTHER_HEAP: std::sync::OnceLock<Heap> = std::sync::OnceLock::new();
+
+fn push_pop_foreign(cx: &JobContext, l: &mut ListHead<u64>) -> u64 {
+    let Some(other) = OTHER_HEAP.get() else {
+        return u64::MAX;
+    };
+    let mut bits = 0;
+    if l.push_front(other, 2) == Err(AllocError::ForeignPointer) {
+        bits |= 1;
+    }
+    if l.pop_front(other) == Err(AllocError::ForeignPointer) {
+        bits |= 2;
+    }
+    // The pool's own heap still works, from the worker's handle.
+    if l.push_front(cx.heap(), 5).is_ok() {
+        bits |= 4;
+    }
+    if l.pop_front(cx.heap()) == Ok(Some(5)) {
+        bits |= 8;
+    }
+    bits
+}
+
+fn foreign_list_nodes() -> anyhow::Result<()> {
+    let other = small_pool(0).build()?;
+    ensure!(
+        OTHER_HEAP.set(other.heap().clone()).is_ok(),
+        "static set once"
+    );
+    let mut pool = small_pool(1).build()?;
+    let mut list = SharedList::new(pool.heap())?;
+    list.push_front(1)?;
+    let bits = pool.run_mut(0, push_pop_foreign, &mut list, T)?;
+    ensure!(
+        bits == 15,
+        "foreign heap refused, own heap accepted: {bits:#b}"
+    );
+    ensure!(
+        list.len() == 1 && list.iter().sum::<u64>() == 1,
+        "list unchanged"
+    );
+    ensure!(
+        other.heap().stats().live_bytes == 0,
+        "nothing allocated from the other heap: {:?}",
+        other.heap().stats()
+    );
+    ensure!(list.pop_front() == Some(1) && list.pop_front().is_none());
+    drop(list);
+    let r = pool.heap().check();
+    ensure!(r.is_consistent(), "{:?}", r.problems);
+    ensure!(r.stats.live_bytes == 0, "everything freed: {:?}", r.stats);
+    Ok(())
+}
+isolated_test!(list_refuses_another_pools_heap, foreign_list_nodes, 60);
+
+// ---------------------------------------------------------------------------------------------
 // Allocation from every process at once, with pattern checks and the invariant checker.
 
 fn xorshift(s: &mut u64) -> u64 {
