@@ -337,6 +337,7 @@ impl Channel {
             tx_tail,
             tx_head,
             rx_head,
+            me: me.to_bits(),
         })
     }
 }
@@ -365,6 +366,8 @@ pub struct Endpoint {
     tx_head: u64,
     /// Our receive position (private).
     rx_head: u64,
+    /// Our token as published in `tokens[side]`; cleared from there on drop.
+    me: u64,
 }
 
 enum Wait {
@@ -576,6 +579,16 @@ fn check_peer(ch: &Channel, peer: usize) -> Result<bool, ChannelError> {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.ch.ctrl().closed[self.side].store(1, Ordering::SeqCst);
+        // Give the side back so it can be attached again (by this process or another). Only our
+        // own token is cleared: if the side was taken over (we were presumed dead), the new
+        // holder's token stays. `closed` is set first, so a peer that sees the token gone also
+        // sees the close.
+        let _ = self.ch.ctrl().tokens[self.side].compare_exchange(
+            self.me,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         for i in 0..2 {
             let (hdr, _) = self.ch.ring(i);
             hdr.data_seq.fetch_add(1, Ordering::SeqCst);
@@ -656,6 +669,23 @@ mod tests {
             a.send(&[0u8; 61], None),
             Err(ChannelError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_dropped_side_can_be_attached_again() {
+        let ch = Channel::create(64).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        let mut buf = [0u8; 64];
+        for round in 0..3u8 {
+            let mut a = ch.endpoint(Side::A).unwrap();
+            assert!(matches!(ch.endpoint(Side::A), Err(ChannelError::SideTaken)));
+            a.send(&[round; 5], None).unwrap();
+            drop(a);
+            assert_eq!(b.recv(&mut buf, None).unwrap(), 5);
+            assert_eq!(&buf[..5], &[round; 5]);
+        }
+        drop(b);
+        let _b = ch.endpoint(Side::B).unwrap();
     }
 
     #[test]
