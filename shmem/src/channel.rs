@@ -3,12 +3,23 @@
 //! Each direction is a single-producer single-consumer ring of frames. A frame is an 8-byte header
 //! word (`0` = nothing here, `len + 1` = a committed frame of `len` bytes) followed by the payload,
 //! rounded up to 8 bytes so every header is 8-aligned; payloads wrap around the ring end. The
-//! producer copies the payload into free space and then *commits* it by storing the header
-//! (Release); the consumer polls the header word at its own position (Acquire), copies the payload
-//! into the caller's buffer, zeroes the frame's bytes (so stale bytes can never look like a header
-//! later) and frees the space by advancing `head` (Release). So a frame is either entirely
-//! visible or not at all, even if the producer is killed mid-copy: the rings are crash-consistent
-//! by construction. Polling the header itself, rather than a separate `tail` word, saves the
+//! producer copies the payload into free space, stores 0 into the header word *after* the frame
+//! (where the next frame will start, so stale bytes there can never look like a header), and then
+//! *commits* the frame by storing its header (Release); the consumer polls the header word at its
+//! own position (Acquire), copies the payload into the caller's buffer and frees the space by
+//! advancing `head` (Release). So a frame is either entirely visible or not at all, even if the
+//! producer is killed mid-copy: the rings are crash-consistent by construction.
+//!
+//! **Only the producer writes ring bytes; the consumer writes only `head`.** Invariant: the header
+//! word at the producer's position is 0 whenever no commit is in progress (the ring starts zeroed,
+//! and each commit zeroes the next position before publishing the frame), and every header word
+//! between `head` and that position is a committed header. Hence a process taking over a dead
+//! producer's side can find the send position by walking committed headers from any `head` it
+//! loaded, stale or not, while the live consumer keeps receiving: nothing it reads can change under
+//! it (review F5). And a process taking over a dead consumer's side finds the frame the dead
+//! consumer was reading intact at `head` and receives it again, whole (at-least-once delivery;
+//! review F6). The price is 8 bytes of ring: a frame needs its own bytes plus the next header word
+//! free, so the largest frame is `capacity - 16` bytes. Polling the header itself, rather than a separate `tail` word, saves the
 //! consumer one cache-line transfer per frame; the producer reloads `head` only when its cached
 //! copy says the ring is full.
 //!
@@ -219,10 +230,10 @@ impl Channel {
         self.cap
     }
 
-    /// The largest frame payload.
+    /// The largest frame payload (`capacity - 16`: the header, and the next frame's header word).
     #[must_use]
     pub fn max_frame(&self) -> usize {
-        self.cap - 8
+        self.cap - 16
     }
 
     fn ctrl(&self) -> &Ctrl {
@@ -298,7 +309,10 @@ impl Channel {
                 return Err(ChannelError::Corrupt("misaligned ring position"));
             }
             // Our send position: after the last committed frame (the previous owner of this side
-            // may have died between committing a header and publishing `tail`).
+            // may have died between committing a header and publishing `tail`). The walk is exact
+            // even while a live consumer advances `head` (so `tx_head` may already be stale): the
+            // consumer never writes ring bytes, the dead producer writes nothing more, and the
+            // header word after its last committed frame is 0 (module docs, invariant).
             let mut tail = tx_head;
             let (_, data) = self.ring(tx);
             for _ in 0..self.cap / 8 {
@@ -343,11 +357,12 @@ impl Channel {
 }
 
 /// Bytes a frame of `len` payload bytes occupies: an 8-byte header plus the payload, rounded up to
-/// 8 so every header is 8-aligned. `None` if it cannot fit a ring of `cap` bytes.
+/// 8 so every header is 8-aligned. `None` if it cannot fit a ring of `cap` bytes together with the
+/// next frame's header word (which the producer zeroes before committing).
 fn frame_need(len: u64, cap: usize) -> Option<usize> {
     let len = usize::try_from(len).ok()?;
     let need = len.checked_add(8 + 7)? & !7;
-    (need <= cap).then_some(need)
+    (need.checked_add(8)? <= cap).then_some(need)
 }
 
 /// One process's end of a [`Channel`]: sends frames on one ring, receives on the other.
@@ -394,7 +409,7 @@ impl Endpoint {
         let cap = self.ch.cap;
         let too_large = || ChannelError::FrameTooLarge {
             len: frame.len(),
-            max: cap - 8,
+            max: cap - 16,
         };
         let need = frame_need(frame.len() as u64, cap).ok_or_else(too_large)?;
         let peer = self.peer();
@@ -410,8 +425,10 @@ impl Endpoint {
             // The consumer's `head` only grows, so a cached (older) value underestimates the free
             // space: reload it (one cache-line transfer) only when the cached value says full.
             let mut head = *head_cache;
+            // `room`: the frame plus the next frame's header word, which we zero before committing.
+            let room = need + 8;
             let mut used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
-            if used > cap || cap - used < need {
+            if used > cap || cap - used < room {
                 head = hdr.head.load(Ordering::Acquire);
                 *head_cache = head;
                 used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
@@ -419,19 +436,23 @@ impl Endpoint {
                     return Err(ChannelError::Corrupt("ring positions out of range"));
                 }
             }
-            if cap - used >= need {
+            if cap - used >= room {
                 let pos = (tail as usize) & (cap - 1);
                 // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS), `pos + 8 < cap`
-                // is 8-aligned, so `(pos + 8) & (cap - 1) < cap`; the bytes [tail, tail + need)
+                // is 8-aligned, so `(pos + 8) & (cap - 1) < cap`; the bytes [tail, tail + need + 8)
                 // are free (the consumer released them: `head` came from an Acquire load, now or
                 // earlier), so nobody reads or writes them until we commit the header.
                 unsafe { ring_write(data, cap, (pos + 8) & (cap - 1), frame) };
+                let new_tail = tail.wrapping_add(need as u64);
+                // Clear the next frame's header word (free space, see `room`) before the commit:
+                // the consumer reads it only after acquiring our header below, so it sees 0 or a
+                // later commit, never stale bytes of an earlier lap.
+                ch.header(data, new_tail).store(0, Ordering::Relaxed);
                 // Commit: the header store (SeqCst >= Release) publishes the payload; the consumer
                 // polls this very word. SeqCst also orders it before the `consumer_sleeping` load
                 // (store-load pattern with the consumer's sleep announcement).
                 ch.header(data, tail)
                     .store(frame.len() as u64 + 1, Ordering::SeqCst);
-                let new_tail = tail.wrapping_add(need as u64);
                 self.tx_tail = new_tail;
                 hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
                 if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
@@ -477,15 +498,13 @@ impl Endpoint {
                 // (SeqCst >= Acquire), the producer does not touch it until we advance `head`;
                 // `(pos + 8) & (cap - 1) < cap`, `len <= cap`; `buf[..len]` is private.
                 unsafe { ring_read(data, cap, (pos + 8) & (cap - 1), &mut buf[..len]) };
-                // Free the space. Zero it first, so that stale bytes can never look like a
-                // committed header when a later frame boundary falls on them.
-                // SAFETY: same range as just read, still exclusively ours until `head` moves.
-                unsafe { ring_zero(data, cap, (pos + 8) & (cap - 1), need - 8) };
-                word.store(0, Ordering::Relaxed);
+                // Free the space. The ring bytes are left as they are (the consumer never writes
+                // them; module docs): a process that takes over after we die before the store
+                // below receives this frame again, whole.
                 let new_head = head.wrapping_add(need as u64);
                 self.rx_head = new_head;
                 // Release (SeqCst): the producer reuses the space only after an Acquire load of
-                // this, which orders our zeroing before its writes.
+                // this, which orders our reads before its writes.
                 hdr.head.store(new_head, Ordering::SeqCst);
                 if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
                     hdr.space_seq.fetch_add(1, Ordering::SeqCst);
@@ -599,18 +618,6 @@ impl Drop for Endpoint {
     }
 }
 
-/// Zeroes `n` ring bytes from `pos`, wrapping at `cap`.
-///
-/// # Safety
-/// As for [`ring_write`] with a source of `n` bytes.
-unsafe fn ring_zero(data: *mut u8, cap: usize, pos: usize, n: usize) {
-    let first = n.min(cap - pos);
-    // SAFETY: `pos + first <= cap`, destination exclusive (caller).
-    unsafe { std::ptr::write_bytes(data.wrapping_add(pos), 0, first) };
-    // SAFETY: the wrapped rest from the ring's start, `n - first <= pos` bytes (caller: n <= cap).
-    unsafe { std::ptr::write_bytes(data, 0, n - first) };
-}
-
 /// Copies `src` into the ring at `pos`, wrapping at `cap`.
 ///
 /// # Safety
@@ -666,9 +673,13 @@ mod tests {
             assert_eq!(&buf[..n], &msg[..]);
         }
         assert!(matches!(
-            a.send(&[0u8; 61], None),
+            a.send(&[0u8; 49], None),
             Err(ChannelError::FrameTooLarge { .. })
         ));
+        assert_eq!(a.max_frame(), 48);
+        a.send(&[7u8; 48], None).unwrap();
+        assert_eq!(b.recv(&mut buf, None).unwrap(), 48);
+        assert_eq!(&buf[..48], &[7u8; 48]);
     }
 
     #[test]
@@ -686,6 +697,91 @@ mod tests {
         }
         drop(b);
         let _b = ch.endpoint(Side::B).unwrap();
+    }
+
+    /// A token for this PID that is certainly dead (another start time).
+    fn dead_token() -> u64 {
+        let me = ProcessToken::current().unwrap();
+        ProcessToken::new(me.pid(), u64::from(me.start_ticks()) + 1).to_bits()
+    }
+
+    fn numbered(i: u32) -> Vec<u8> {
+        let len = 4 + (i % 21) as usize;
+        let mut v = vec![u8::try_from(i % 251).unwrap(); len];
+        v[..4].copy_from_slice(&i.to_le_bytes());
+        v
+    }
+
+    /// Review F5: a new producer takes over a dead producer's side while the live consumer is
+    /// still receiving that producer's frames. Every frame must arrive once, in order, intact.
+    #[test]
+    fn producer_takeover_while_the_consumer_receives() {
+        const TOTAL: u32 = 60;
+        for round in 0..150u32 {
+            let ch = Channel::create(256).unwrap();
+            let mut a = ch.endpoint(Side::A).unwrap();
+            let mut b = ch.endpoint(Side::B).unwrap();
+            let before = 2 + round % 6;
+            for i in 0..before {
+                a.send(&numbered(i), None).unwrap();
+            }
+            // The old producer "dies": its token no longer names a live process.
+            ch.ctrl().tokens[0].store(dead_token(), Ordering::SeqCst);
+            drop(a);
+            let consumer = std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                let give_up = Instant::now() + Duration::from_secs(20);
+                let mut i = 0;
+                while i < TOTAL {
+                    match b.recv(&mut buf, Some(give_up)) {
+                        Ok(n) => {
+                            assert_eq!(&buf[..n], &numbered(i)[..], "frame {i}");
+                            i += 1;
+                        }
+                        // Between the death and the takeover the side looks closed or dead.
+                        Err(ChannelError::Closed | ChannelError::PeerDead { .. }) => {
+                            assert!(Instant::now() < give_up);
+                            std::thread::yield_now();
+                        }
+                        Err(e) => panic!("frame {i}: {e}"),
+                    }
+                }
+            });
+            let mut a2 = ch.endpoint(Side::A).unwrap();
+            let deadline = Some(Instant::now() + Duration::from_secs(20));
+            for i in before..TOTAL {
+                a2.send(&numbered(i), deadline).unwrap();
+            }
+            consumer.join().unwrap();
+        }
+    }
+
+    /// Review F6: `recv` writes nothing but `head`, so a consumer killed after reading a frame
+    /// and before moving `head` leaves the frame intact; whoever takes over receives it whole.
+    #[test]
+    fn consumer_killed_before_moving_head_leaves_the_frame_intact() {
+        let ch = Channel::create(256).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        a.send(&numbered(7), None).unwrap();
+        a.send(&numbered(8), None).unwrap();
+        let head0 = ch.ring(0).0.head.load(Ordering::SeqCst);
+        let mut buf = [0u8; 256];
+        let n = b.recv(&mut buf, None).unwrap();
+        assert_eq!(&buf[..n], &numbered(7)[..]);
+        // The state of a consumer killed just before its `head` store: everything but `head`.
+        ch.ring(0).0.head.store(head0, Ordering::SeqCst);
+        ch.ctrl().tokens[1].store(dead_token(), Ordering::SeqCst);
+        std::mem::forget(b); // a killed process runs no destructor
+        let mut b2 = ch.endpoint(Side::B).unwrap();
+        for i in [7, 8] {
+            let n = b2.recv(&mut buf, None).unwrap();
+            assert_eq!(&buf[..n], &numbered(i)[..]);
+        }
+        // The producer carries on from where it was.
+        a.send(&numbered(9), None).unwrap();
+        let n = b2.recv(&mut buf, None).unwrap();
+        assert_eq!(&buf[..n], &numbered(9)[..]);
     }
 
     #[test]
