@@ -796,6 +796,20 @@ impl RawHeap {
     /// Call only once the process that used `slot` is known to be dead (reaped), and before the slot
     /// is reused.
     pub fn reclaim_slot(&self, slot: u16) -> u64 {
+        self.reclaim_slot_stepwise(slot, &mut || {})
+    }
+
+    /// [`RawHeap::reclaim_slot`], calling `step` after every store to shared memory (tests run
+    /// other allocations there to probe the order of the stores).
+    ///
+    /// A dead run's head is freed **last**: while it is still `CLAIMING(slot)` / `FREEING(slot)` no
+    /// other process can start a run at it, so the tails that carry this run's marker
+    /// (`LARGE_TAIL` at distance `j - i`) are still the dead run's and nobody else writes them. They
+    /// are found first, then freed from the far end (so the tails still standing always follow the
+    /// head directly, as for `finish_large_free`). Freeing the head first would let a live process
+    /// claim a new run at `i` and write tails that this loop would then free (two owners of a chunk;
+    /// review F8).
+    fn reclaim_slot_stepwise(&self, slot: u16, step: &mut dyn FnMut()) -> u64 {
         let mut n = 0;
         for i in self.geo.mgmt_chunks..self.geo.max_chunks {
             let m = self.meta(i);
@@ -809,35 +823,33 @@ impl RawHeap {
                 K_RETIRING => st(K_SMALL, class_of(s) as u64, 0, 0),
                 _ => K_FREE,
             };
+            // Tails of a large run this slot was claiming (it may have written some before dying:
+            // the claim's length is not recorded, so up to the first chunk without the marker) or
+            // freeing (at most its recorded length).
+            let bound = match k {
+                K_FREEING => i + hi(s).min(self.geo.max_chunks - i),
+                K_CLAIMING => self.geo.max_chunks,
+                _ => i + 1,
+            };
+            let mut end = i + 1;
+            while end < bound {
+                let ts = self.meta(end).state.load(Ordering::Acquire);
+                if kind(ts) != K_TAIL || hi(ts) != end - i {
+                    break;
+                }
+                end += 1;
+            }
+            for j in (i + 1..end).rev() {
+                self.meta(j).state.store(K_FREE, Ordering::Release);
+                step();
+            }
+            // The slot's process is dead, so nothing else changes the head: the CAS succeeds.
             if m.state
                 .compare_exchange(s, new, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
                 n += 1;
-                if k == K_FREEING {
-                    let run = hi(s).min(self.geo.max_chunks - i);
-                    for j in i + 1..i + run {
-                        let t = self.meta(j);
-                        let ts = t.state.load(Ordering::Acquire);
-                        if kind(ts) == K_TAIL && hi(ts) == j - i {
-                            t.state.store(K_FREE, Ordering::Release);
-                        }
-                    }
-                }
-                if k == K_CLAIMING {
-                    // A large claim may have written tails before dying: free them too.
-                    let mut j = i + 1;
-                    while j < self.geo.max_chunks {
-                        let t = self.meta(j);
-                        let ts = t.state.load(Ordering::Acquire);
-                        if kind(ts) == K_TAIL && hi(ts) == j - i {
-                            t.state.store(K_FREE, Ordering::Release);
-                            j += 1;
-                        } else {
-                            break;
-                        }
-                    }
-                }
+                step();
                 self.header().free_hint.fetch_min(i, Ordering::Relaxed);
             }
         }
@@ -1128,6 +1140,72 @@ mod tests {
         let r = h.check();
         assert!(r.is_consistent(), "{:?}", r.problems);
         assert_eq!(r.stats.free_chunks, 8 - m);
+    }
+
+    /// Review F8: while the master repairs a dead slot's large run, a live process allocates after
+    /// every store the repair makes. The repair must never free a chunk of the live process's new
+    /// block (the head of the dead run is freed last, so no new run can start at it earlier).
+    #[test]
+    fn reclaim_never_frees_a_chunk_claimed_meanwhile() {
+        for dead_kind in [K_CLAIMING, K_FREEING] {
+            let (_buf, h) = small_heap(8);
+            let live = h.with_slot(2);
+            let m = h.geometry().mgmt_chunks();
+            // Fill the heap with one-chunk blocks, then give chunks m, m+1, m+2 to a dead run of
+            // slot 3: head at m, one tail written at m+1, m+2 free (a claim of 2 that died before
+            // writing its head, or a free of 2 whose process freed nothing yet).
+            let mut blocks = Vec::new();
+            while let Ok(p) = live.alloc(1 << 16, 8) {
+                blocks.push(p);
+            }
+            let chunk_of =
+                |p: NonNull<u8>| ((p.as_ptr() as usize - h.base().as_ptr() as usize) >> 16) as u64;
+            blocks.retain(|&p| {
+                if chunk_of(p) < m + 3 {
+                    live.free(p).expect("free");
+                    false
+                } else {
+                    true
+                }
+            });
+            let head = match dead_kind {
+                K_CLAIMING => st(K_CLAIMING, 0, 3, 0),
+                _ => st(K_FREEING, 0, 3, 2),
+            };
+            h.meta(m).state.store(head, Ordering::Release);
+            h.meta(m + 1)
+                .state
+                .store(st(K_TAIL, 0, 0, 1), Ordering::Release);
+            let mut got = Vec::new();
+            let repaired = h.reclaim_slot_stepwise(3, &mut || {
+                if let Ok(p) = live.alloc(3 << 16, 8) {
+                    got.push(p);
+                }
+            });
+            assert_eq!(repaired, 1);
+            // Every block handed out meanwhile is intact: head and all its tails.
+            for &p in &got {
+                let i = chunk_of(p);
+                assert_eq!(live.usable_size(p), Ok(3 << 16));
+                for d in 1..3 {
+                    assert_eq!(
+                        h.meta(i + d).state.load(Ordering::Acquire),
+                        st(K_TAIL, 0, 0, d),
+                        "{dead_kind}: tail {d} of a block claimed during the repair was freed"
+                    );
+                }
+            }
+            assert_eq!(got.len(), 1, "the repaired run is allocated once freed");
+            let r = h.check();
+            assert!(r.is_consistent(), "{dead_kind}: {:?}", r.problems);
+            assert_eq!(r.stats.transitional_chunks, 0);
+            for p in got.into_iter().chain(blocks) {
+                live.free(p).expect("free");
+            }
+            let r = h.check();
+            assert!(r.is_consistent(), "{dead_kind}: {:?}", r.problems);
+            assert_eq!(r.stats.free_chunks, 8 - m);
+        }
     }
 
     #[test]
