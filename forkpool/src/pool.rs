@@ -922,7 +922,8 @@ impl Pool {
 
     /// As [`Pool::broadcast`], running `during` in the master while the workers run (for example to
     /// allocate from the master at the same time, or to inject a fault); `during` gets the heap and
-    /// the worker pids.
+    /// the worker pids. If `during` panics, every worker that got the job is killed (and replaced)
+    /// before the panic goes on, so none still reads `arg` once the borrow ends.
     pub fn broadcast_during<A: JobArg, R>(
         &mut self,
         f: fn(&JobContext, &A::Target) -> u64,
@@ -984,7 +985,21 @@ impl Pool {
             })
             .collect();
         let pids = self.worker_pids();
-        let r = during(&self.heap, &pids);
+        // If `during` panics, the unwinding would end the caller's borrow of the argument (and may
+        // drop it) while workers still read it: kill every worker that got the job first.
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            during(&self.heap, &pids)
+        })) {
+            Ok(r) => r,
+            Err(payload) => {
+                for (w, s) in sent.iter().enumerate() {
+                    if s.is_ok() && self.workers[w].pending.is_some() {
+                        let _ = self.on_death(w, Some(DeathCause::KilledByPool));
+                    }
+                }
+                std::panic::resume_unwind(payload)
+            }
+        };
         let deadline = Instant::now() + timeout;
         let results = sent
             .into_iter()
@@ -1021,7 +1036,15 @@ impl Pool {
                 let _ = self.on_death(w, Some(DeathCause::KilledByPool));
                 Err(PoolError::Timeout { worker: w, timeout })
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Any other failure (poll failing, say) leaves the job running as far as we know:
+                // the caller's borrow of the argument ends when this returns, so the worker must
+                // not outlive it (errors that already handled the worker took `pending`).
+                if self.workers[w].pending.is_some() {
+                    let _ = self.on_death(w, Some(DeathCause::KilledByPool));
+                }
+                Err(e)
+            }
         }
     }
 

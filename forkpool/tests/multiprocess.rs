@@ -222,6 +222,46 @@ fn foreign_list_nodes() -> anyhow::Result<()> {
 isolated_test!(list_refuses_another_pools_heap, foreign_list_nodes, 60);
 
 // ---------------------------------------------------------------------------------------------
+// A panic in `broadcast_during`'s closure kills the workers before the unwinding ends the borrow
+// of the argument (review F9).
+
+fn read_until_set(_: &JobContext, flag: &std::sync::atomic::AtomicU64) -> u64 {
+    while flag.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        std::hint::spin_loop();
+    }
+    1
+}
+
+fn during_panics() -> anyhow::Result<()> {
+    let mut pool = small_pool(2).build()?;
+    let flag = SharedBox::new(pool.heap(), std::sync::atomic::AtomicU64::new(0))?;
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.broadcast_during(read_until_set, &flag, T, |_, _| {
+            panic!("during panics (expected by this test)")
+        })
+    }));
+    ensure!(unwound.is_err(), "the panic reached the caller");
+    let deaths = pool.take_deaths();
+    ensure!(
+        deaths.len() == 2
+            && deaths
+                .iter()
+                .all(|d| d.during_job && d.cause == DeathCause::KilledByPool),
+        "both workers killed while the job ran: {deaths:?}"
+    );
+    drop(flag);
+    // The pool works on with the replacements.
+    let flag = SharedBox::new(pool.heap(), std::sync::atomic::AtomicU64::new(1))?;
+    let res = pool.broadcast(read_until_set, &flag, T);
+    ensure!(
+        res.iter().all(|r| matches!(r, Ok(1))),
+        "replacements run jobs: {res:?}"
+    );
+    Ok(())
+}
+isolated_test!(broadcast_during_panic_kills_workers, during_panics, 60);
+
+// ---------------------------------------------------------------------------------------------
 // Allocation from every process at once, with pattern checks and the invariant checker.
 
 fn xorshift(s: &mut u64) -> u64 {
