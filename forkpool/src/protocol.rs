@@ -5,15 +5,16 @@
 //! The functions only compare chunk state words for equality and store `0` (the free state) when a
 //! chunk is retired; the encoding of states is the allocator's business (see `alloc` module docs).
 //!
-//! The argument (Dekker's pattern made of read-modify-writes): an allocator sets its bit with a CAS
-//! on the bitmap word, then *reads the chunk state with a read-modify-write* (`fetch_or(0)`); a retirer
-//! CASes the state to `RETIRING`, then reads every bitmap word with `fetch_or(0)`. All are `AcqRel`.
-//! The allocator's state RMW and the retirer's state CAS are both RMWs of one word, so one comes first
-//! in its modification order:
+//! The argument (Dekker's pattern with the state word as a read-modify-write meeting point): an
+//! allocator sets its bit with an `AcqRel` CAS on the bitmap word, then *reads the chunk state with a
+//! read-modify-write* (`fetch_or(0)`, `AcqRel`); a retirer CASes the state to `RETIRING` (`SeqCst`),
+//! then reads every bitmap word with a plain load (`SeqCst`, though coherence alone is what the
+//! argument uses). The allocator's state RMW and the retirer's state CAS are both RMWs of one word, so
+//! one comes first in its modification order:
 //! - retirer first: the allocator's RMW reads `RETIRING` (or what followed it) and gives its bit back;
 //! - allocator first: the retirer's CAS reads the allocator's RMW (release -> acquire), so the
-//!   allocator's bit CAS happens-before the retirer's bitmap RMW, which therefore sees the bit and
-//!   restores the state.
+//!   allocator's bit CAS happens-before the retirer's bitmap load, which therefore (write-read
+//!   coherence) sees the bit, or a later free of it, and restores the state.
 //!
 //! Never both "block handed out" and "chunk retired". Plain `SeqCst` loads would also be correct by
 //! the single total order, but loom models `SeqCst` as `AcqRel` only; the RMW form is exact under
