@@ -44,9 +44,20 @@
 //! |--------------------------|-----------------------------------------------------|------------------------------------------|
 //! | `0` FREE                 | idle                                                | fast CAS -> HELD(me); a ticket holder -> HANDOFF(head) |
 //! | `DIED` FREE+DIED         | idle, last holder died, nobody repaired yet         | CAS -> HELD(me), caller gets `OwnerDied` |
-//! | `slot+1` HELD(slot)      | held by a thread of the process in `procs[slot]`   | holder: fast CAS -> FREE; a waiter about to sleep: CAS -> HELD+QUEUED; a waiter that finds `procs[slot]` dead: -> HANDOFF(head)+DIED or FREE+DIED |
+//! | `gen<<16 \| slot+1` HELD(slot) | held by a thread of the process in `procs[slot]`, registered in the slot's generation `gen` | holder: fast CAS -> FREE; a waiter about to sleep: CAS -> HELD+QUEUED; a waiter that finds `procs[slot]` dead: -> HANDOFF(head)+DIED or FREE+DIED |
 //! | `HELD(slot)+QUEUED`      | held, a waiter may be asleep                       | holder (slow path): -> HANDOFF(head), or FREE + wake if every ticket was cancelled; dead-owner recovery as above |
 //! | `HANDOFF|t` (+`DIED`)    | released to the waiter holding ticket `t`          | that waiter: CAS -> HELD(it)+QUEUED; anyone, if `t` was cancelled or nobody claims it within `PATIENCE`: -> HANDOFF(t+1) or FREE |
+//!
+//! Bits of a HELD value: 0..16 `slot + 1`, 16..29 the slot's generation (`gens[slot]` as the
+//! holder found it when it registered), 29 QUEUED; 30 and 31 are 0. The generation makes the
+//! dead-owner recovery CAS fail when the slot changed hands between a waiter's load of HELD(slot)
+//! and its CAS (review F4): the waiter reads `procs[slot]` and sees the dead previous occupant,
+//! but meanwhile a registrant recovered the lock, reused the slot and its new occupant took the
+//! lock; without the generation the state would be HELD(slot) again and the stale CAS would take
+//! the lock from a live holder. A registrant that reuses a dead slot bumps `gens[slot]` *before*
+//! publishing its token there, and generations only grow, so the new occupant's HELD values differ
+//! from every earlier occupant's (until the 13-bit counter wraps: 8192 reuses of one slot while a
+//! waiter sits between one load and one CAS).
 //!
 //! The uncontended path is one CAS to lock and one CAS to unlock (plus plain loads), like a
 //! futex mutex: only a waiter that is about to sleep sets QUEUED, which sends the holder's unlock
@@ -84,6 +95,9 @@ const DIED: u32 = 1 << 30;
 const QUEUED: u32 = 1 << 29;
 const TICKET_MASK: u32 = QUEUED - 1;
 const OWNER_MASK: u32 = 0xffff;
+/// Where a slot's generation sits in a HELD value (bits 16..29, below QUEUED).
+const GEN_SHIFT: u32 = 16;
+const GEN_MASK: u32 = (1 << 13) - 1;
 const CANCEL_VALID: u32 = 1 << 31;
 
 const HEALTH_OK: u32 = 0;
@@ -147,19 +161,27 @@ impl Liveness for ProcLiveness {
     }
 }
 
-/// A registration slot of one process with one lock.
+/// A registration slot of one process with one lock, in the slot generation it was registered in.
 ///
-/// INVARIANTS: `0 < MAX_PROCS` bounds the index, so `index + 1` fits the owner field of the state.
+/// INVARIANTS: bits 0..16 hold the index, `< MAX_PROCS`, so `index + 1` fits the owner field of
+/// the state; bits 16..29 hold the generation (`<= GEN_MASK`); the other bits are 0. So
+/// `self.0 + 1` is a HELD value without QUEUED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(u32);
 
 impl Slot {
+    fn new(index: usize, generation: u32) -> Self {
+        let index = u32::try_from(index).unwrap_or(0) & OWNER_MASK;
+        Self(((generation & GEN_MASK) << GEN_SHIFT) | index)
+    }
+
     /// The slot index (`< MAX_PROCS`).
     #[must_use]
     pub fn index(self) -> usize {
-        self.0 as usize
+        (self.0 & OWNER_MASK) as usize
     }
 
+    /// This slot's HELD value (without QUEUED).
     fn held(self) -> u32 {
         self.0 + 1
     }
@@ -217,6 +239,9 @@ pub struct RawSharedLock {
     /// unclaimed handoff to a dead waiter is skipped after `CLAIM_GRACE` instead of `PATIENCE`.
     ticket_owners: [AtomicU64; OWNER_RING],
     procs: [AtomicU64; MAX_PROCS],
+    /// Per-slot generation, bumped by a registrant before it reuses a dead process's slot; part
+    /// of every HELD value (module docs).
+    gens: [AtomicU32; MAX_PROCS],
 }
 
 impl Default for RawSharedLock {
@@ -253,6 +278,7 @@ impl RawSharedLock {
             cancelled: std::array::from_fn(|_| AtomicU32::new(0)),
             ticket_owners: std::array::from_fn(|_| AtomicU64::new(0)),
             procs: std::array::from_fn(|_| AtomicU64::new(0)),
+            gens: std::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
 
@@ -272,6 +298,9 @@ impl RawSharedLock {
         for p in &self.procs {
             p.store(0, Ordering::SeqCst);
         }
+        for g in &self.gens {
+            g.store(0, Ordering::SeqCst);
+        }
         self.magic.store(LOCK_MAGIC, Ordering::SeqCst);
     }
 
@@ -288,7 +317,9 @@ impl RawSharedLock {
     /// # Errors
     /// [`LockFull`] when every slot belongs to a live process.
     pub fn register(&self, token: u64, live: &impl Liveness) -> Result<Slot, LockFull> {
-        let slot = |i: usize| Slot(u32::try_from(i).unwrap_or(0));
+        // The current generation of slot `i`. Any value at least the one in force when our token
+        // was published there will do: it only has to differ from earlier occupants' (module docs).
+        let slot = |i: usize| Slot::new(i, self.gens[i].load(Ordering::SeqCst));
         if let Some(i) = self
             .procs
             .iter()
@@ -297,6 +328,8 @@ impl RawSharedLock {
             return Ok(slot(i));
         }
         for (i, p) in self.procs.iter().enumerate() {
+            // A slot is 0 only before its first use (never reset outside `init`), so no earlier
+            // occupant's HELD value can exist for it.
             if p.compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
@@ -310,18 +343,24 @@ impl RawSharedLock {
             }
             let s = self.state.load(Ordering::SeqCst);
             if held_slot(s) == Some(i) {
-                // The dead process still holds the lock: pass it on (marked DIED) first.
+                // The dead process still holds the lock: pass it on (marked DIED) first. If the
+                // slot changed hands since our loads (another registrant reused it and the new
+                // occupant took the lock), `s` carries the old generation and the CAS in `recover`
+                // fails: a live holder is never recovered.
                 self.recover(s);
                 if held_slot(self.state.load(Ordering::SeqCst)) == Some(i) {
                     continue;
                 }
             }
             // Slot i is dead and not referenced by the state; only its (dead) owner could make it
-            // referenced again, so reusing it is safe.
+            // referenced again, so reusing it is safe. Bump its generation first, so that our
+            // HELD values differ from the dead occupant's (a waiter may still hold a stale copy
+            // of one and try to recover it). If the CAS below fails the bump is merely wasted.
+            let generation = self.gens[i].fetch_add(1, Ordering::SeqCst).wrapping_add(1);
             if p.compare_exchange(old, token, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
-                return Ok(slot(i));
+                return Ok(Slot::new(i, generation));
             }
         }
         Err(LockFull)
@@ -542,7 +581,7 @@ impl RawSharedLock {
     fn take_ticket_for(&self, me: Slot) -> u32 {
         let t = self.next.fetch_add(1, Ordering::SeqCst) & TICKET_MASK;
         self.ticket_owners[t as usize % OWNER_RING].store(
-            (u64::from(t) << 32) | u64::from(me.held()),
+            (u64::from(t) << 32) | (me.index() as u64 + 1),
             Ordering::SeqCst,
         );
         t
@@ -633,7 +672,9 @@ impl RawSharedLock {
         }
     }
 
-    /// Takes HELD(dead) = `s` away from a dead owner, passing it on marked DIED.
+    /// Takes HELD(dead) = `s` away from a dead owner, passing it on marked DIED. `s` includes the
+    /// owner's slot generation, so the CAS fails if the slot was reused and its new occupant took
+    /// the lock since the caller loaded `s` (module docs).
     fn recover(&self, s: u32) {
         let h = self.head.load(Ordering::SeqCst);
         let n = self.next.load(Ordering::SeqCst) & TICKET_MASK;
@@ -990,6 +1031,81 @@ mod tests {
         fn is_alive(&self, t: u64) -> bool {
             !self.0.contains(&t)
         }
+    }
+
+    /// Review F4, the reviewer's replay (`aba.rs`): inside waiter W's liveness check of the dead
+    /// holder D, a registrant recovers D's hold and reuses D's slot for N, another waiter X
+    /// passes through the lock, and N takes it on the fast path. W's stale recovery must fail.
+    #[test]
+    fn stale_recovery_after_slot_reuse_does_not_take_a_live_holders_lock() {
+        use std::cell::Cell;
+        const D: u64 = 1; // dies holding the lock (slot 0)
+        const W: u64 = 2; // the waiter whose liveness check straddles the reuse (slot 1)
+        const X: u64 = 3; // another process (slot 2)
+        const N: u64 = 999; // the new occupant of slot 0
+
+        struct Evil<'a> {
+            lock: &'a RawSharedLock,
+            fired: Cell<bool>,
+            n_slot: Cell<Option<Slot>>,
+        }
+        impl Liveness for Evil<'_> {
+            fn is_alive(&self, t: u64) -> bool {
+                if t == D && !self.fired.get() {
+                    self.fired.set(true);
+                    let l = self.lock;
+                    let sn = l.register(N, &DeadSet(vec![D])).unwrap();
+                    assert_eq!(sn.index(), 0);
+                    let sx = l.register(X, &AllAlive).unwrap();
+                    let soon = Some(Instant::now() + Duration::from_secs(5));
+                    assert!(l.lock(sx, soon, &DeadSet(vec![D, W])).is_ok());
+                    // SAFETY: X holds the lock (the `lock` above succeeded).
+                    unsafe { l.mark_consistent() };
+                    // SAFETY: X holds the lock.
+                    unsafe { l.unlock() };
+                    assert_eq!(l.try_lock(sn), Ok(Acquired::Fast));
+                    self.n_slot.set(Some(sn));
+                }
+                t != D
+            }
+        }
+
+        let l = RawSharedLock::new();
+        for t in 1..=MAX_PROCS as u64 {
+            l.register(t, &AllAlive).unwrap();
+        }
+        let sd = l.register(D, &AllAlive).unwrap();
+        let sw = l.register(W, &AllAlive).unwrap();
+        assert_eq!((sd.index(), sw.index()), (0, 1));
+        assert_eq!(l.try_lock(sd), Ok(Acquired::Fast));
+        let evil = Evil {
+            lock: &l,
+            fired: Cell::new(false),
+            n_slot: Cell::new(None),
+        };
+        let r = l.lock(sw, Some(Instant::now() + Duration::from_millis(300)), &evil);
+        assert!(evil.fired.get());
+        let sn = evil.n_slot.get().unwrap();
+        assert_eq!(r, Err(LockError::TimedOut), "W took N's lock");
+        // N still holds it: its own release works and leaves the lock free.
+        assert_eq!(l.state.load(Ordering::SeqCst) & !QUEUED, sn.held());
+        // SAFETY: N holds the lock (its `try_lock` succeeded and nobody took it since).
+        unsafe { l.unlock() };
+        assert_eq!(l.try_lock(sw), Ok(Acquired::Fast));
+    }
+
+    #[test]
+    fn reused_slot_gets_a_new_generation() {
+        let l = RawSharedLock::new();
+        let tok = |i: u64| (i << 32) | 1;
+        let a = l.register(tok(1), &AllAlive).unwrap();
+        for i in 2..=MAX_PROCS as u64 {
+            l.register(tok(i), &AllAlive).unwrap();
+        }
+        let b = l.register(tok(999), &DeadSet(vec![tok(1)])).unwrap();
+        assert_eq!(a.index(), b.index());
+        assert_ne!(a.held(), b.held());
+        assert_eq!(l.register(tok(999), &AllAlive).unwrap(), b);
     }
 
     #[test]
