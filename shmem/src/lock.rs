@@ -1037,6 +1037,10 @@ mod tests {
     /// holder D, a registrant recovers D's hold and reuses D's slot for N, another waiter X
     /// passes through the lock, and N takes it on the fast path. W's stale recovery must fail.
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "timing-based: the interpreted waiter needs longer than the 300 ms deadline to reach its liveness check"
+    )]
     fn stale_recovery_after_slot_reuse_does_not_take_a_live_holders_lock() {
         use std::cell::Cell;
         const D: u64 = 1; // dies holding the lock (slot 0)
