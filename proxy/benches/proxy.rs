@@ -1,52 +1,17 @@
 //! Criterion benches of proxied calls, each beside the baseline the issue names (run in the same
 //! process): `cargo bench -p context-proxy --bench proxy`. Ratios are printed by `ctx bench proxy`;
 //! here criterion reports each case's time.
-#![allow(missing_docs)] // bench-only service trait
+#![allow(missing_docs)] // criterion_group! generates an undocumented public fn
 
 use std::hint::black_box;
-use std::thread;
 
 use context_core::Context;
-use context_proxy::{Bincode, Buffer, BufferService, Mode, Proxy, copy, service};
+use context_proxy::benchkit::{
+    BigFrames, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, spawn_thread_hop,
+};
+use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use crossbeam_channel::{Receiver, Sender, bounded};
 use parking_lot::Mutex;
-
-#[service]
-pub trait Counter {
-    fn add(&mut self, n: u64, tag: &str) -> u64;
-}
-
-#[derive(Default)]
-struct Tally {
-    total: u64,
-    tag_bytes: u64,
-}
-
-impl Counter for Tally {
-    fn add(&mut self, n: u64, tag: &str) -> u64 {
-        self.total = self.total.wrapping_add(n);
-        self.tag_bytes += tag.len() as u64;
-        self.total
-    }
-}
-
-const TAG: &str = "sixteen-byte-tag";
-
-/// A server thread that runs `Tally::add` for requests arriving over a channel.
-fn thread_hop() -> (Sender<(u64, &'static str)>, Receiver<u64>) {
-    let (req_tx, req_rx) = bounded::<(u64, &'static str)>(1);
-    let (rep_tx, rep_rx) = bounded::<u64>(1);
-    thread::spawn(move || {
-        let mut t = Tally::default();
-        for (n, tag) in req_rx {
-            if rep_tx.send(t.add(n, tag)).is_err() {
-                break;
-            }
-        }
-    });
-    (req_tx, rep_rx)
-}
 
 fn calls(c: &mut Criterion) {
     let mut g = c.benchmark_group("call_small");
@@ -84,7 +49,7 @@ fn calls(c: &mut Criterion) {
         b.iter(|| pp.add(black_box(5), black_box(TAG)).expect("call"))
     });
 
-    let (tx, rx) = thread_hop();
+    let (tx, rx) = spawn_thread_hop();
     g.bench_function("thread_hop_roundtrip", |b| {
         b.iter(|| {
             tx.send((black_box(5), black_box(TAG))).expect("send");
@@ -94,8 +59,8 @@ fn calls(c: &mut Criterion) {
     g.finish();
 }
 
-const N: usize = 64 << 20;
-type Big = Bincode<{ 128 << 20 }>;
+const N: usize = COPY_BYTES;
+type Big = BigFrames;
 
 fn copies(c: &mut Criterion) {
     let mut g = c.benchmark_group("copy_64mib");

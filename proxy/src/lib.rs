@@ -158,6 +158,7 @@
 // Lets `#[service]` (which names `::context_proxy`) be used inside this crate's own tests.
 extern crate self as context_proxy;
 
+pub mod benchkit;
 mod buffer;
 pub mod codec;
 mod error;

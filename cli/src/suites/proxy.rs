@@ -2,69 +2,16 @@
 //! each beside the baseline issue 3 names, measured in the same run.
 
 use std::hint::black_box;
-use std::thread;
 use std::time::Instant;
 
 use context_core::Context;
-use context_proxy::{Bincode, Buffer, BufferService, Mode, Proxy, copy, service};
-use crossbeam_channel::{Receiver, Sender, bounded};
+use context_proxy::benchkit::{
+    BigFrames as Big, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, spawn_echo,
+    spawn_thread_hop,
+};
+use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 
 use crate::bench::{Better, Runner, Target, median};
-
-/// The small call of the issue: a u64 and a 16-byte string.
-#[service]
-pub trait Counter {
-    /// Adds `n`; returns the new total.
-    fn add(&mut self, n: u64, tag: &str) -> u64;
-}
-
-#[derive(Default)]
-struct Tally {
-    total: u64,
-    tag_bytes: u64,
-}
-
-impl Counter for Tally {
-    fn add(&mut self, n: u64, tag: &str) -> u64 {
-        self.total = self.total.wrapping_add(n);
-        self.tag_bytes += tag.len() as u64;
-        self.total
-    }
-}
-
-const TAG: &str = "sixteen-byte-tag";
-const COPY_BYTES: usize = 64 << 20;
-/// Frames big enough for a 64 MiB body, for the serialized copy.
-type Big = Bincode<{ 128 << 20 }>;
-
-/// A thread that runs `Tally::add` for each request arriving over a channel and answers it.
-fn spawn_thread_hop() -> (Sender<(u64, &'static str)>, Receiver<u64>) {
-    let (req_tx, req_rx) = bounded::<(u64, &'static str)>(1);
-    let (rep_tx, rep_rx) = bounded::<u64>(1);
-    thread::spawn(move || {
-        let mut t = Tally::default();
-        for (n, tag) in req_rx {
-            if rep_tx.send(t.add(n, tag)).is_err() {
-                break;
-            }
-        }
-    });
-    (req_tx, rep_rx)
-}
-
-/// A thread that echoes each u64 back: the bare request/reply over a pair of crossbeam channels.
-fn spawn_echo() -> (Sender<u64>, Receiver<u64>) {
-    let (req_tx, req_rx) = bounded::<u64>(1);
-    let (rep_tx, rep_rx) = bounded::<u64>(1);
-    thread::spawn(move || {
-        for n in req_rx {
-            if rep_tx.send(n).is_err() {
-                break;
-            }
-        }
-    });
-    (req_tx, rep_rx)
-}
 
 fn gb_per_s(bytes: usize, f: impl FnOnce()) -> f64 {
     let t0 = Instant::now();
