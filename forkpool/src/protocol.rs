@@ -40,48 +40,35 @@ pub trait Word {
     fn swap(&self, v: u64, o: Ordering) -> u64;
 }
 
-impl Word for std::sync::atomic::AtomicU64 {
-    fn load(&self, o: Ordering) -> u64 {
-        self.load(o)
-    }
-    fn store(&self, v: u64, o: Ordering) {
-        self.store(v, o);
-    }
-    fn cas(&self, cur: u64, new: u64, ok: Ordering, fail: Ordering) -> Result<u64, u64> {
-        self.compare_exchange(cur, new, ok, fail)
-    }
-    fn fetch_and(&self, v: u64, o: Ordering) -> u64 {
-        self.fetch_and(v, o)
-    }
-    fn fetch_or(&self, v: u64, o: Ordering) -> u64 {
-        self.fetch_or(v, o)
-    }
-    fn swap(&self, v: u64, o: Ordering) -> u64 {
-        self.swap(v, o)
-    }
+/// `Word` for an atomic type with the std method set (std's, and loom's under `cfg(loom)`).
+macro_rules! impl_word {
+    ($atomic:ty) => {
+        impl Word for $atomic {
+            fn load(&self, o: Ordering) -> u64 {
+                self.load(o)
+            }
+            fn store(&self, v: u64, o: Ordering) {
+                self.store(v, o);
+            }
+            fn cas(&self, cur: u64, new: u64, ok: Ordering, fail: Ordering) -> Result<u64, u64> {
+                self.compare_exchange(cur, new, ok, fail)
+            }
+            fn fetch_and(&self, v: u64, o: Ordering) -> u64 {
+                self.fetch_and(v, o)
+            }
+            fn fetch_or(&self, v: u64, o: Ordering) -> u64 {
+                self.fetch_or(v, o)
+            }
+            fn swap(&self, v: u64, o: Ordering) -> u64 {
+                self.swap(v, o)
+            }
+        }
+    };
 }
 
+impl_word!(std::sync::atomic::AtomicU64);
 #[cfg(loom)]
-impl Word for loom::sync::atomic::AtomicU64 {
-    fn load(&self, o: Ordering) -> u64 {
-        self.load(o)
-    }
-    fn store(&self, v: u64, o: Ordering) {
-        self.store(v, o);
-    }
-    fn cas(&self, cur: u64, new: u64, ok: Ordering, fail: Ordering) -> Result<u64, u64> {
-        self.compare_exchange(cur, new, ok, fail)
-    }
-    fn fetch_and(&self, v: u64, o: Ordering) -> u64 {
-        self.fetch_and(v, o)
-    }
-    fn fetch_or(&self, v: u64, o: Ordering) -> u64 {
-        self.fetch_or(v, o)
-    }
-    fn swap(&self, v: u64, o: Ordering) -> u64 {
-        self.swap(v, o)
-    }
-}
+impl_word!(loom::sync::atomic::AtomicU64);
 
 /// Outcome of [`claim_bit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
