@@ -11,6 +11,27 @@ use std::time::Duration;
 use common::watchdog;
 use context_core::{Context, EnterError};
 
+/// Has another thread enter `ctx` and stay inside until the returned flag is set; returns once it
+/// is inside.
+fn keep_busy(ctx: &Context) -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
+    let started = Arc::new(Barrier::new(2));
+    let release = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (ctx, started, release) = (ctx.clone(), started.clone(), release.clone());
+        std::thread::spawn(move || {
+            ctx.enter(move |_| {
+                started.wait();
+                while !release.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .unwrap();
+        })
+    };
+    started.wait();
+    (busy, release)
+}
+
 #[test]
 fn calls_run_on_the_home_thread_and_hold_non_send_values() {
     watchdog(30, || {
@@ -100,21 +121,7 @@ fn panics_on_the_home_thread_are_errors() {
 fn timeout_while_the_home_thread_is_busy() {
     watchdog(30, || {
         let p = Context::pinned("p").unwrap();
-        let started = Arc::new(Barrier::new(2));
-        let release = Arc::new(AtomicBool::new(false));
-        let busy = {
-            let (p, started, release) = (p.clone(), started.clone(), release.clone());
-            std::thread::spawn(move || {
-                p.enter(move |_| {
-                    started.wait();
-                    while !release.load(Ordering::Acquire) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                })
-                .unwrap();
-            })
-        };
-        started.wait();
+        let (busy, release) = keep_busy(&p);
         assert_eq!(
             p.enter_timeout(Duration::from_millis(30), |_| ()),
             Err(EnterError::TimedOut(p.id()))
@@ -162,21 +169,7 @@ fn close_and_last_drop_free_objects_on_the_home_thread() {
 fn a_queued_call_that_times_out_never_runs() {
     watchdog(30, || {
         let p = Context::pinned("p").unwrap();
-        let started = Arc::new(Barrier::new(2));
-        let release = Arc::new(AtomicBool::new(false));
-        let busy = {
-            let (p, started, release) = (p.clone(), started.clone(), release.clone());
-            std::thread::spawn(move || {
-                p.enter(move |_| {
-                    started.wait();
-                    while !release.load(Ordering::Acquire) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                })
-                .unwrap();
-            })
-        };
-        started.wait();
+        let (busy, release) = keep_busy(&p);
         let ran = Arc::new(AtomicBool::new(false));
         let ran2 = ran.clone();
         let r = p.enter_timeout(Duration::from_millis(20), move |_| {

@@ -14,20 +14,27 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let a = Context::new("bench-a");
     let b = Context::new("bench-b");
     let mutex = parking_lot::Mutex::new(0u64);
-
-    r.step("enter_exit_idle");
-    let (enter, lock) = r.compare_ns(
-        |n| {
+    // The three loops measured below, each once (closures over references are `Copy`).
+    let mutex_pairs = |n: u64| {
+        for _ in 0..n {
+            drop(black_box(mutex.lock()));
+        }
+    };
+    let idle_enters = |n: u64| {
+        for _ in 0..n {
+            let _ = black_box(b.enter(|_| ()));
+        }
+    };
+    let idle_handoffs = |n: u64| {
+        let _ = a.enter(|_| {
             for _ in 0..n {
                 let _ = black_box(b.enter(|_| ()));
             }
-        },
-        |n| {
-            for _ in 0..n {
-                drop(black_box(mutex.lock()));
-            }
-        },
-    );
+        });
+    };
+
+    r.step("enter_exit_idle");
+    let (enter, lock) = r.compare_ns(idle_enters, mutex_pairs);
     r.row(
         "enter_exit_idle",
         "ns_per_op",
@@ -39,20 +46,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     );
 
     r.step("handoff_idle_roundtrip");
-    let (handoff, lock) = r.compare_ns(
-        |n| {
-            let _ = a.enter(|_| {
-                for _ in 0..n {
-                    let _ = black_box(b.enter(|_| ()));
-                }
-            });
-        },
-        |n| {
-            for _ in 0..n {
-                drop(black_box(mutex.lock()));
-            }
-        },
-    );
+    let (handoff, lock) = r.compare_ns(idle_handoffs, mutex_pairs);
     r.row(
         "handoff_idle_roundtrip",
         "ns_per_op",
@@ -120,15 +114,9 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let (ours, baseline) = std::thread::scope(|s| {
         s.spawn(|| -> std::io::Result<(u64, u64)> {
             let (v0, _) = os::thread_context_switches()?;
-            let _ = a.enter(|_| {
-                for _ in 0..IDLE_HANDOFFS {
-                    let _ = black_box(b.enter(|_| ()));
-                }
-            });
+            idle_handoffs(IDLE_HANDOFFS);
             let (v1, _) = os::thread_context_switches()?;
-            for _ in 0..IDLE_HANDOFFS {
-                drop(black_box(mutex.lock()));
-            }
+            mutex_pairs(IDLE_HANDOFFS);
             let (v2, _) = os::thread_context_switches()?;
             Ok((v1 - v0, v2 - v1))
         })
