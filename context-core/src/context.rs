@@ -1,6 +1,6 @@
 //! Contexts: isolated domains with their own lock and their own object table.
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -119,7 +119,7 @@ impl<L: RawContextLock> Lockable for Inner<L> {
     }
 
     #[inline]
-    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<(), EnterError> {
+    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<Acquired, EnterError> {
         let got = match self.lock.try_lock() {
             Ok(a) => Ok((a, 0)),
             Err(LockError::WouldBlock) => match wait {
@@ -149,7 +149,7 @@ impl<L: RawContextLock> Lockable for Inner<L> {
                     unsafe { self.lock.unlock() };
                     return Err(EnterError::Closed(self.id));
                 }
-                Ok(())
+                Ok(acquired)
             }
             Err(e) => {
                 self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
@@ -158,11 +158,15 @@ impl<L: RawContextLock> Lockable for Inner<L> {
         }
     }
 
-    fn reacquire(&self) -> Result<(), EnterError> {
+    fn reacquire(&self) -> Result<Acquired, EnterError> {
         self.lock
             .lock(None)
-            .map(|_| ())
             .map_err(|e| EnterError::from_lock(self.id, e))
+    }
+
+    unsafe fn mark_consistent(&self) {
+        // SAFETY: the caller holds the lock (this method's contract).
+        unsafe { self.lock.mark_consistent() }
     }
 
     #[inline]
@@ -513,9 +517,10 @@ pub struct Cx<'a> {
     pinned: bool,
     name: &'a str,
     table: &'a UnsafeCell<Table>,
-    /// The `held` flag of the frame entry through which this thread holds the context (see
-    /// `handoff::Holding`); `None` only if the frame does not hold it, which never happens.
-    held: Option<&'a Cell<bool>>,
+    /// The frame entry through which this thread holds the context (see `handoff::Holding`): its
+    /// `held` flag is true exactly while this thread holds the lock through it. `None` only if the
+    /// frame does not hold it, which never happens.
+    entry: Option<&'a handoff::FrameEntry<'a>>,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -527,7 +532,7 @@ impl<'a> Cx<'a> {
             pinned: inner.is_pinned(),
             name: &inner.name,
             table: &inner.table,
-            held: holding.flag(inner.id),
+            entry: holding.entry(inner.id),
             _not_send: PhantomData,
         }
     }
@@ -550,10 +555,33 @@ impl<'a> Cx<'a> {
         self.pinned
     }
 
+    /// Whether the previous holder of this context's lock died holding it (possible only with a
+    /// process-shared lock, such as `context-shmem`'s): the state the lock protects may be
+    /// half-updated. Repair it, then call [`Cx::mark_consistent`]; a context released without that
+    /// becomes unrecoverable for a lock that tracks it (every later entry fails with
+    /// [`EnterError::NotRecoverable`](crate::EnterError::NotRecoverable)). Also set when the lock is
+    /// re-acquired after a nested call and its holder meanwhile died.
+    #[must_use]
+    pub fn owner_died(&self) -> bool {
+        self.entry.is_some_and(handoff::FrameEntry::owner_died)
+    }
+
+    /// Declares the state this context's lock protects repaired after [`Cx::owner_died`]. Does
+    /// nothing harmful when no holder died.
+    ///
+    /// # Errors
+    /// [`AccessError::NotHeld`] if this `Cx` is suspended.
+    pub fn mark_consistent(&mut self) -> Result<(), AccessError> {
+        match self.entry {
+            Some(e) if e.mark_consistent() => Ok(()),
+            _ => Err(AccessError::NotHeld(self.id)),
+        }
+    }
+
     /// Runs `f` on the table after checking this thread holds the context now.
     #[inline]
     fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
-        if !self.held.is_some_and(Cell::get) {
+        if !self.entry.is_some_and(handoff::FrameEntry::is_held) {
             return Err(AccessError::NotHeld(self.id));
         }
         // SAFETY: the thread holds the context's lock right now (checked above: the flag is true

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use crate::error::EnterError;
 use crate::handle::ContextId;
+use crate::lock::Acquired;
 
 /// How long step 3 may wait.
 #[derive(Debug, Clone, Copy)]
@@ -38,9 +39,14 @@ pub(crate) trait Lockable: Sync {
     fn id(&self) -> ContextId;
     /// Acquires the lock (recording statistics) and checks the context is open; on any error the
     /// lock is not held.
-    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<(), EnterError>;
+    fn acquire(&self, wait: Wait, allow_closed: bool) -> Result<Acquired, EnterError>;
     /// Re-acquires after a nested call returned: waits without deadline, open or closed.
-    fn reacquire(&self) -> Result<(), EnterError>;
+    fn reacquire(&self) -> Result<Acquired, EnterError>;
+    /// Declares the state the lock protects repaired after [`Acquired::OwnerDied`].
+    ///
+    /// # Safety
+    /// The calling thread holds the lock through a frame entry with `held == true`.
+    unsafe fn mark_consistent(&self);
     /// Releases the lock.
     ///
     /// # Safety
@@ -58,9 +64,43 @@ pub(crate) struct FrameEntry<'a> {
     held: Cell<bool>,
     /// Released by a nested enter (step 2), to be re-acquired when it returns (step 6).
     suspended: Cell<bool>,
+    /// The lock was last acquired from a holder that died holding it (process-shared locks), and
+    /// the state has not been declared repaired since.
+    owner_died: Cell<bool>,
 }
 
 impl<'a> FrameEntry<'a> {
+    /// Whether this thread holds the context through this entry right now.
+    #[inline]
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.get()
+    }
+
+    /// Whether the lock came from a holder that died, with the state not yet declared repaired.
+    #[inline]
+    pub(crate) fn owner_died(&self) -> bool {
+        self.owner_died.get()
+    }
+
+    /// Declares the state repaired (see [`Lockable::mark_consistent`]). Returns `false`, doing
+    /// nothing, if this entry does not hold the lock now.
+    pub(crate) fn mark_consistent(&self) -> bool {
+        if !self.held.get() {
+            return false;
+        }
+        // SAFETY: `held` is true, so this thread holds the lock via this entry.
+        unsafe { self.ctx.mark_consistent() };
+        self.owner_died.set(false);
+        true
+    }
+
+    #[inline]
+    fn record(&self, how: Acquired) {
+        if how == Acquired::OwnerDied {
+            self.owner_died.set(true);
+        }
+    }
+
     /// An entry for a context of a known type: the id is read without a virtual call.
     #[inline]
     fn of<T: Lockable>(ctx: &'a T) -> Self {
@@ -69,6 +109,7 @@ impl<'a> FrameEntry<'a> {
             id: ctx.id(),
             held: Cell::new(true),
             suspended: Cell::new(false),
+            owner_died: Cell::new(false),
         }
     }
 
@@ -79,6 +120,7 @@ impl<'a> FrameEntry<'a> {
             id: ctx.id(),
             held: Cell::new(true),
             suspended: Cell::new(false),
+            owner_died: Cell::new(false),
         }
     }
 }
@@ -92,10 +134,10 @@ pub(crate) struct Holding<'a> {
 }
 
 impl<'a> Holding<'a> {
-    /// The `held` flag of the entry for `id`, if this frame holds it.
+    /// The entry for `id`, if this frame holds it.
     #[inline]
-    pub(crate) fn flag(&self, id: ContextId) -> Option<&'a Cell<bool>> {
-        self.entries.iter().find(|e| e.id == id).map(|e| &e.held)
+    pub(crate) fn entry(&self, id: ContextId) -> Option<&'a FrameEntry<'a>> {
+        self.entries.iter().find(|e| e.id == id)
     }
 }
 
@@ -215,7 +257,10 @@ fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
                 continue;
             }
             match e.ctx.reacquire() {
-                Ok(()) => e.held.set(true),
+                Ok(how) => {
+                    e.held.set(true);
+                    e.record(how);
+                }
                 Err(_) if result.is_ok() => result = Err(EnterError::CallerLost(e.id)),
                 Err(_) => {}
             }
@@ -331,12 +376,15 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     // Step 3. The entries start `held = true`; on failure mark what we did not get.
     let mut failure = None;
     for (i, e) in entries.iter().enumerate() {
-        if let Err(err) = target_of(e).acquire(wait, allow_closed) {
-            for later in &entries[i..] {
-                later.held.set(false);
+        match target_of(e).acquire(wait, allow_closed) {
+            Ok(how) => e.record(how),
+            Err(err) => {
+                for later in &entries[i..] {
+                    later.held.set(false);
+                }
+                failure = Some(err);
+                break;
             }
-            failure = Some(err);
-            break;
         }
     }
     if let Some(err) = failure {
