@@ -555,6 +555,15 @@ impl<'a> Cx<'a> {
         self.pinned
     }
 
+    /// Whether this thread holds the context through this `Cx` right now: false while a nested call
+    /// into another context has suspended it. Layers that keep state of their own under the
+    /// context's lock (e.g. objects in shared memory) check this before touching it.
+    #[inline]
+    #[must_use]
+    pub fn is_held(&self) -> bool {
+        self.entry.is_some_and(handoff::FrameEntry::is_held)
+    }
+
     /// Whether the previous holder of this context's lock died holding it (possible only with a
     /// process-shared lock, such as `context-shmem`'s): the state the lock protects may be
     /// half-updated. Repair it, then call [`Cx::mark_consistent`]; a context released without that
@@ -581,7 +590,7 @@ impl<'a> Cx<'a> {
     /// Runs `f` on the table after checking this thread holds the context now.
     #[inline]
     fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
-        if !self.entry.is_some_and(handoff::FrameEntry::is_held) {
+        if !self.is_held() {
             return Err(AccessError::NotHeld(self.id));
         }
         // SAFETY: the thread holds the context's lock right now (checked above: the flag is true

@@ -101,6 +101,7 @@ fn a_suspended_cx_cannot_mark_consistent() {
                 // SAFETY: `cx` outlives this nested call on the same thread and is not used by the
                 // outer closure while this reference lives.
                 let cx = unsafe { &mut *ptr };
+                assert!(!cx.is_held());
                 assert!(cx.mark_consistent().is_err());
             })
             .unwrap();
