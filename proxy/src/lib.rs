@@ -15,6 +15,11 @@
 //! - **Transports** move frames: [`InProcess`] here (idle fast path on the caller's thread, FIFO
 //!   wait when busy, home thread for pinned contexts); a cross-process transport implements
 //!   [`Transport`] and serves frames with [`Exports`], behind the same `Proxy<S>`.
+//! - **Cross-process** (feature `xproc`): `xproc` is that transport over `context-shmem`'s
+//!   frame channel: a `Host` serves a context's named objects to other processes (a forked worker,
+//!   or an unrelated process reached through a Unix socket), and a `Client` gives ordinary
+//!   `Proxy<S>`s to them, with timeouts, discarded late replies, FIFO order among callers and a
+//!   dead server detected as an error rather than a hang.
 //! - **Move mode** ([`Mode::Move`]) passes `Send` values without serialization, in-process only.
 //! - **The cheat path** copies plain buffers ([`PlainBuffer`], e.g. [`Buffer`]) directly between
 //!   contexts: [`copy`] enters both contexts in the global order and `memcpy`s.
@@ -166,6 +171,8 @@ pub mod frame;
 mod proxy;
 mod service;
 mod transport;
+#[cfg(feature = "xproc")]
+pub mod xproc;
 
 pub use buffer::{
     Buffer, BufferRequest, BufferResponse, BufferService, PlainAccess, PlainBuffer, copy,

@@ -1,0 +1,448 @@
+//! The calling side: a [`Transport`] over one channel endpoint, shared by any number of threads.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use context_core::{Context, ContextId, Cx, EnterError, Handle};
+use context_shmem::{Channel, ChannelError, Endpoint, Segment, Side};
+
+use super::wire::{Export, Hello, SEQ_LEN, split_seq};
+use super::{XprocError, handshake_io};
+use crate::codec::{Bincode, Codec};
+use crate::error::CallError;
+use crate::frame::{self, FrameError};
+use crate::proxy::Proxy;
+use crate::service::Service;
+use crate::transport::Transport;
+
+/// Settings of the calling side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// How long attaching waits for the server's export table (and, over a socket, for the
+    /// channel's descriptor).
+    pub handshake_timeout: Duration,
+    /// The timeout given to proxies made by [`Client::proxy`]: how long a call may wait for its
+    /// turn on the channel plus the server's answer. `None`: calls wait as long as the server
+    /// lives (a dead or departed server is still detected). Default: 30 s.
+    pub call_timeout: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            call_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Why a channel became unusable for good. Later calls fail at once with the same cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkFailure {
+    /// The server process died (its liveness token no longer names a running process).
+    PeerDead {
+        /// The dead server's pid.
+        pid: u32,
+    },
+    /// The server stopped serving and closed its end.
+    Closed,
+    /// The server broke the protocol or the shared ring state is inconsistent.
+    Corrupt(&'static str),
+}
+
+impl std::fmt::Display for LinkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PeerDead { pid } => write!(f, "the server process (pid {pid}) died"),
+            Self::Closed => f.write_str("the server closed the channel"),
+            Self::Corrupt(what) => write!(f, "the channel is corrupt: {what}"),
+        }
+    }
+}
+
+/// Why one exchange on the lane failed (turned into a [`CallError`] by the link).
+enum LaneError {
+    TimedOut,
+    TooLarge { len: usize, max: usize },
+    ShortReply(usize),
+    Failed(LinkFailure),
+}
+
+/// The channel endpoint and its buffers. Lives as the only object of the link's private context,
+/// whose FIFO lock (direct handoff, no barging) orders the callers.
+struct Lane {
+    ep: Endpoint,
+    /// Sequence number of the next request (the export table was 0).
+    next_seq: u64,
+    /// The outgoing message: request frame + sequence number (reused; no allocation once warm).
+    out: Vec<u8>,
+    /// The incoming message (grown on demand up to the channel's largest frame).
+    inb: Vec<u8>,
+    /// Set once the link is unusable for good.
+    failed: Option<LinkFailure>,
+}
+
+impl Lane {
+    fn fail(&mut self, e: ChannelError) -> LaneError {
+        let f = match e {
+            ChannelError::TimedOut => return LaneError::TimedOut,
+            ChannelError::PeerDead { pid } => LinkFailure::PeerDead { pid },
+            ChannelError::Closed => LinkFailure::Closed,
+            ChannelError::FrameTooLarge { len, max } => {
+                return LaneError::TooLarge { len, max };
+            }
+            ChannelError::Corrupt(what) => LinkFailure::Corrupt(what),
+            // Not produced by send/recv on an attached endpoint (buffer growth is handled by the
+            // caller); treated as a broken link rather than a panic.
+            _ => LinkFailure::Corrupt("unexpected channel error"),
+        };
+        self.failed = Some(f);
+        LaneError::Failed(f)
+    }
+
+    /// Receives one message into `inb`, growing it if the message is larger. Returns its length.
+    fn recv(&mut self, deadline: Option<Instant>) -> Result<usize, LaneError> {
+        loop {
+            match self.ep.recv(&mut self.inb, deadline) {
+                Ok(n) => return Ok(n),
+                Err(ChannelError::BufferTooSmall { needed }) => self.inb.resize(needed, 0),
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    /// One exchange: sends `request` with the next sequence number, then reads messages until the
+    /// one answering it, discarding late answers to callers that gave up.
+    fn call(
+        &mut self,
+        request: &[u8],
+        reply: &mut Vec<u8>,
+        timeout: Option<Duration>,
+        discarded: &AtomicU64,
+    ) -> Result<(), LaneError> {
+        if let Some(f) = self.failed {
+            return Err(LaneError::Failed(f));
+        }
+        let max = self.ep.max_frame();
+        if request.len() > max - SEQ_LEN {
+            return Err(LaneError::TooLarge {
+                len: request.len(),
+                max: max - SEQ_LEN,
+            });
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.out.clear();
+        self.out.extend_from_slice(request);
+        self.out.extend_from_slice(&seq.to_le_bytes());
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        if let Err(e) = self.ep.send(&self.out, deadline) {
+            return Err(self.fail(e));
+        }
+        loop {
+            let n = self.recv(deadline)?;
+            let Some((frame, got)) = split_seq(&self.inb[..n]) else {
+                // A message too short to be numbered cannot be matched to a caller; the stream
+                // itself is intact (messages are delimited by the channel).
+                return Err(LaneError::ShortReply(n));
+            };
+            if got == seq {
+                reply.clear();
+                reply.extend_from_slice(frame);
+                return Ok(());
+            }
+            if got < seq {
+                // The late answer to a caller that timed out: nobody waits for it any more.
+                discarded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let f = LinkFailure::Corrupt("the server answered a request that was never sent");
+            self.failed = Some(f);
+            return Err(LaneError::Failed(f));
+        }
+    }
+}
+
+/// The shared state behind a [`Client`] and every proxy made from it.
+struct Link {
+    /// A private context whose only object is the lane; its lock orders the callers (FIFO, direct
+    /// handoff), and entering it releases the caller's own context for the duration of the call,
+    /// exactly as an in-process call does.
+    lane_ctx: Context,
+    lane: Handle<Lane>,
+    exports: Vec<Export>,
+    codec: String,
+    server_pid: u32,
+    call_timeout: Option<Duration>,
+    discarded: AtomicU64,
+    failure: OnceLock<LinkFailure>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Drops the endpoint, which closes our end: the server's loop sees it and returns.
+        let _ = self.lane_ctx.close();
+    }
+}
+
+/// The target context named in a request frame's header, for errors that happen before the frame
+/// reaches it (timeouts, a closed channel). Falls back to `fallback` for a frame without one.
+fn target_of(request: &[u8], fallback: ContextId) -> ContextId {
+    frame::parse(request, usize::MAX)
+        .ok()
+        .and_then(|(h, _)| ContextId::from_raw(h.object.context))
+        .unwrap_or(fallback)
+}
+
+impl Link {
+    fn call_error(&self, e: LaneError, request: &[u8]) -> CallError {
+        let target = || target_of(request, self.lane_ctx.id());
+        match e {
+            LaneError::TimedOut => CallError::TimedOut(target()),
+            LaneError::TooLarge { len, max } => CallError::Frame(FrameError::TooLarge {
+                len: len as u64,
+                limit: max as u64,
+            }),
+            LaneError::ShortReply(n) => CallError::Frame(FrameError::Short(n)),
+            LaneError::Failed(f) => {
+                let _ = self.failure.set(f);
+                match f {
+                    LinkFailure::Closed => CallError::Closed(target()),
+                    // No dedicated `CallError` variant yet: the typed cause is
+                    // `Client::failure()`.
+                    other => CallError::Transport(other.to_string()),
+                }
+            }
+        }
+    }
+}
+
+impl Transport for Link {
+    fn round_trip(
+        &self,
+        request: &[u8],
+        reply: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<(), CallError> {
+        let (lane, discarded) = (self.lane, &self.discarded);
+        let run =
+            move |cx: &mut Cx<'_>| cx.with(lane, |l| l.call(request, reply, timeout, discarded));
+        let entered = match timeout {
+            None => self.lane_ctx.enter(run),
+            Some(t) => self.lane_ctx.enter_timeout(t, run),
+        };
+        match entered {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(self.call_error(e, request)),
+            Ok(Err(access)) => Err(CallError::Transport(format!(
+                "the channel's lane is unusable: {access}"
+            ))),
+            Err(EnterError::TimedOut(_)) => {
+                Err(CallError::TimedOut(target_of(request, self.lane_ctx.id())))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The calling end of a cross-process channel: a [`Transport`] that any number of threads share,
+/// and the server's table of exported objects.
+///
+/// Callers are served one at a time in arrival order: each call enters a private context (FIFO
+/// with direct handoff, so nobody barges past a waiting caller), sends its request with the next
+/// sequence number and waits for the answer carrying that number. A caller that times out simply
+/// leaves; the late answer is recognised by its number and discarded by whoever reads next, so the
+/// stream never desynchronises. Entering that context releases the caller's own context for the
+/// duration of the call, as an in-process call does (so a server may call back into it).
+///
+/// Cloning is cheap (a reference count); the channel closes when the client and every proxy made
+/// from it are dropped.
+#[derive(Clone)]
+pub struct Client {
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server_pid", &self.link.server_pid)
+            .field("codec", &self.link.codec)
+            .field("exports", &self.link.exports.len())
+            .field("failure", &self.link.failure.get())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Attaches side A of `channel` (created before a fork, or received from the server) and
+    /// waits for the server's export table.
+    ///
+    /// # Errors
+    /// [`XprocError::Channel`] if the side is taken or the server died or closed before
+    /// answering; [`XprocError::HandshakeTimedOut`] if no table came within the handshake timeout;
+    /// [`XprocError::Handshake`] for a malformed one.
+    pub fn attach(channel: &Channel, options: &ClientOptions) -> Result<Self, XprocError> {
+        let ep = channel.endpoint(Side::A)?;
+        Self::finish(ep, options)
+    }
+
+    /// Connects to a [`super::Listener`] at `path`: receives the channel's sealed memfd over the
+    /// socket (SCM_RIGHTS), attaches to it and reads the export table.
+    ///
+    /// # Errors
+    /// [`XprocError::Io`] if nobody listens at `path`, and everything [`Client::handshake`]
+    /// returns.
+    pub fn connect(path: impl AsRef<Path>, options: &ClientOptions) -> Result<Self, XprocError> {
+        let stream = UnixStream::connect(path.as_ref()).map_err(|source| XprocError::Io {
+            op: "connecting to the server socket",
+            source,
+        })?;
+        Self::handshake(&stream, options)
+    }
+
+    /// The client's half of the socket handshake on an already connected stream (for a
+    /// socketpair shared with a child process, say): receives the channel's descriptor, attaches
+    /// side A, acknowledges, and reads the export table. The stream is not needed afterwards.
+    ///
+    /// # Errors
+    /// [`XprocError::Shmem`] if no sealed channel segment arrives, [`XprocError::Io`] if the
+    /// acknowledgement cannot be written, [`XprocError::HandshakeTimedOut`], and everything
+    /// [`Client::attach`] returns.
+    pub fn handshake(stream: &UnixStream, options: &ClientOptions) -> Result<Self, XprocError> {
+        let t = options.handshake_timeout.max(Duration::from_millis(1));
+        stream
+            .set_read_timeout(Some(t))
+            .and_then(|()| stream.set_write_timeout(Some(t)))
+            .map_err(handshake_io("setting the socket timeouts"))?;
+        let seg = Segment::recv_fd(stream, Channel::type_id()).map_err(|e| match e {
+            context_shmem::Error::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                XprocError::HandshakeTimedOut(t)
+            }
+            other => XprocError::Shmem(other),
+        })?;
+        let channel = Channel::from_segment(Arc::new(seg))?;
+        let ep = channel.endpoint(Side::A)?;
+        (&*stream)
+            .write_all(super::ACK)
+            .map_err(handshake_io("acknowledging the channel"))?;
+        Self::finish(ep, options)
+    }
+
+    fn finish(mut ep: Endpoint, options: &ClientOptions) -> Result<Self, XprocError> {
+        let deadline = Instant::now().checked_add(options.handshake_timeout);
+        let mut inb = vec![0u8; 4096.min(ep.max_frame())];
+        let n = loop {
+            match ep.recv(&mut inb, deadline) {
+                Ok(n) => break n,
+                Err(ChannelError::BufferTooSmall { needed }) => inb.resize(needed, 0),
+                Err(ChannelError::TimedOut) => {
+                    return Err(XprocError::HandshakeTimedOut(options.handshake_timeout));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let hello = Hello::from_message(&inb[..n]).map_err(XprocError::Handshake)?;
+        let lane_ctx = Context::new("xproc-client");
+        let lane = Lane {
+            ep,
+            next_seq: 1,
+            out: Vec::new(),
+            inb,
+            failed: None,
+        };
+        let lane = lane_ctx.enter(move |cx| cx.adopt(lane))??;
+        Ok(Self {
+            link: Arc::new(Link {
+                lane_ctx,
+                lane,
+                exports: hello.exports,
+                codec: hello.codec,
+                server_pid: hello.pid,
+                call_timeout: options.call_timeout,
+                discarded: AtomicU64::new(0),
+                failure: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// A proxy for the object the server exports as `name`, speaking `S` with the default codec.
+    ///
+    /// # Errors
+    /// [`XprocError::UnknownName`], [`XprocError::ServiceMismatch`] if the object speaks another
+    /// service, [`XprocError::CodecMismatch`] if the server uses another codec.
+    pub fn proxy<S: Service>(&self, name: &str) -> Result<Proxy<S>, XprocError> {
+        self.proxy_with::<S, Bincode>(name)
+    }
+
+    /// [`Client::proxy`] with another codec (the server's [`super::Host`] must use the same).
+    ///
+    /// # Errors
+    /// As for [`Client::proxy`].
+    pub fn proxy_with<S: Service, C: Codec>(&self, name: &str) -> Result<Proxy<S, C>, XprocError> {
+        if self.link.codec != C::NAME {
+            return Err(XprocError::CodecMismatch {
+                expected: C::NAME,
+                found: self.link.codec.clone(),
+            });
+        }
+        let e = self
+            .link
+            .exports
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| XprocError::UnknownName(name.to_owned()))?;
+        if e.service_id != S::ID {
+            return Err(XprocError::ServiceMismatch {
+                name: name.to_owned(),
+                expected: S::NAME,
+                found: e.service.clone(),
+            });
+        }
+        let p = Proxy::over(self.transport(), e.object);
+        Ok(match self.link.call_timeout {
+            Some(t) => p.with_timeout(t),
+            None => p,
+        })
+    }
+
+    /// The transport itself, for [`Proxy::over`] with an [`crate::ObjectId`] learned otherwise.
+    #[must_use]
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        Arc::clone(&self.link) as Arc<dyn Transport>
+    }
+
+    /// What the server exports.
+    #[must_use]
+    pub fn exports(&self) -> &[Export] {
+        &self.link.exports
+    }
+
+    /// The server process's pid, as it announced it.
+    #[must_use]
+    pub fn server_pid(&self) -> u32 {
+        self.link.server_pid
+    }
+
+    /// Why the channel is unusable, once a call has found it so (the server died, closed, or
+    /// broke the protocol); `None` while it works. The typed cause behind a
+    /// [`CallError::Transport`] or [`CallError::Closed`] of a call.
+    #[must_use]
+    pub fn failure(&self) -> Option<LinkFailure> {
+        self.link.failure.get().copied()
+    }
+
+    /// How many late answers (to callers that had timed out) were discarded so far.
+    #[must_use]
+    pub fn discarded_replies(&self) -> u64 {
+        self.link.discarded.load(Ordering::Relaxed)
+    }
+}

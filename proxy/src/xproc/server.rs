@@ -1,0 +1,405 @@
+//! The serving side: a context's exported objects, answered over one channel per client.
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use context_core::{Context, Handle};
+use context_shmem::{Channel, ChannelError, Endpoint, Side};
+
+use super::wire::{Export, Hello, SEQ_LEN, split_seq};
+use super::{XprocError, handshake_io};
+use crate::codec::{Bincode, Codec};
+use crate::error::CallError;
+use crate::frame::FrameError;
+use crate::proxy::Exports;
+use crate::service::Serve;
+
+/// How often a waiting server looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// Settings of the serving side of the socket handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Bytes per ring of each new channel (a power of two, 64 B to 1 GiB); the largest request or
+    /// reply frame is this minus 24 bytes. Default: 64 KiB.
+    pub capacity: usize,
+    /// How long the handshake waits for the client's acknowledgement. Default: 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            capacity: 64 << 10,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The serving end of one channel: side B and its buffers. Made by [`Server::attach`] (a channel
+/// shared by fork) or by [`Listener::accept`] / [`Server::accept_stream`] (a channel sent over a
+/// Unix socket), then run by [`Host::serve`].
+#[derive(Debug)]
+pub struct Server {
+    ep: Endpoint,
+    inb: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Server {
+    /// Attaches side B of `channel`.
+    ///
+    /// # Errors
+    /// [`XprocError::Channel`]: the side is held by a live process, or the ring state is corrupt.
+    pub fn attach(channel: &Channel) -> Result<Self, XprocError> {
+        let ep = channel.endpoint(Side::B)?;
+        Ok(Self::from_endpoint(ep))
+    }
+
+    fn from_endpoint(ep: Endpoint) -> Self {
+        let inb = vec![0u8; 4096.min(ep.max_frame())];
+        Self {
+            ep,
+            inb,
+            out: Vec::new(),
+        }
+    }
+
+    /// The server's half of the socket handshake on a connected stream: creates a channel, attaches
+    /// side B, sends the channel's sealed memfd (SCM_RIGHTS) and waits for the client to
+    /// acknowledge that it attached side A. The stream is not needed afterwards.
+    ///
+    /// # Errors
+    /// [`XprocError::Channel`] (a bad capacity, OS errors), [`XprocError::Shmem`] (sending the
+    /// descriptor), [`XprocError::HandshakeTimedOut`], [`XprocError::Handshake`] if the client
+    /// hung up or answered something else.
+    pub fn accept_stream(stream: &UnixStream, options: &ServerOptions) -> Result<Self, XprocError> {
+        let t = options.handshake_timeout.max(Duration::from_millis(1));
+        stream
+            .set_read_timeout(Some(t))
+            .and_then(|()| stream.set_write_timeout(Some(t)))
+            .map_err(handshake_io("setting the socket timeouts"))?;
+        let channel = Channel::create(options.capacity)?;
+        let ep = channel.endpoint(Side::B)?;
+        channel.segment().send_fd(stream)?;
+        let mut ack = [0u8; 1];
+        match (&*stream).read(&mut ack) {
+            Ok(1) if ack == *super::ACK => Ok(Self::from_endpoint(ep)),
+            Ok(0) => Err(XprocError::Handshake(
+                "the client hung up before attaching".to_owned(),
+            )),
+            Ok(_) => Err(XprocError::Handshake(
+                "the client sent something other than its acknowledgement".to_owned(),
+            )),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(XprocError::HandshakeTimedOut(t))
+            }
+            Err(source) => Err(XprocError::Io {
+                op: "reading the client's acknowledgement",
+                source,
+            }),
+        }
+    }
+
+    /// The largest request or reply frame this channel carries.
+    #[must_use]
+    pub fn max_frame(&self) -> usize {
+        self.ep.max_frame() - SEQ_LEN
+    }
+}
+
+/// A Unix socket on which a server process hands out channels: each accepted connection gets a
+/// fresh channel whose descriptor travels over the socket, and then the socket is done.
+#[derive(Debug)]
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+    options: ServerOptions,
+}
+
+impl Listener {
+    /// Binds a socket at `path` with default [`ServerOptions`].
+    ///
+    /// # Errors
+    /// [`XprocError::Io`]: the path exists, or the directory is not writable.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Self, XprocError> {
+        Self::bind_with(path, ServerOptions::default())
+    }
+
+    /// Binds a socket at `path` whose channels use `options`.
+    ///
+    /// # Errors
+    /// As for [`Listener::bind`].
+    pub fn bind_with(path: impl AsRef<Path>, options: ServerOptions) -> Result<Self, XprocError> {
+        let path = path.as_ref().to_path_buf();
+        let inner = UnixListener::bind(&path).map_err(|source| XprocError::Io {
+            op: "binding the server socket",
+            source,
+        })?;
+        Ok(Self {
+            inner,
+            path,
+            options,
+        })
+    }
+
+    /// Waits for the next client and performs the handshake ([`Server::accept_stream`]).
+    ///
+    /// # Errors
+    /// [`XprocError::Io`] if accepting failed, and everything [`Server::accept_stream`] returns
+    /// (a failed handshake concerns that one client: accepting again is fine).
+    pub fn accept(&self) -> Result<Server, XprocError> {
+        let (stream, _) = self.inner.accept().map_err(|source| XprocError::Io {
+            op: "accepting a client",
+            source,
+        })?;
+        Server::accept_stream(&stream, &self.options)
+    }
+
+    /// The socket's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // The socket file would otherwise stay behind and make the next bind fail.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How a [`Host::serve`] loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// The client closed its end (dropped its [`super::Client`] and proxies).
+    ClientClosed,
+    /// The client process died.
+    ClientDied {
+        /// The dead client's pid.
+        pid: u32,
+    },
+    /// The stop flag was set.
+    Stopped,
+}
+
+/// What a [`Host::serve`] loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// Requests answered (successfully or with an error frame).
+    pub calls: u64,
+    /// Why the loop returned.
+    pub end: ServeEnd,
+}
+
+/// What a server offers: a context, the objects of it that clients may call, and their names.
+///
+/// `&Host` is `Sync`: to serve several clients, run one [`Host::serve`] per client channel, each
+/// on its own thread, all sharing one host. Their calls are serialised by the context's lock in
+/// FIFO order, exactly like in-process calls into that context (which may happen at the same
+/// time).
+pub struct Host<C: Codec = Bincode> {
+    ctx: Context,
+    exports: Exports<C>,
+    table: Vec<Export>,
+}
+
+impl<C: Codec> std::fmt::Debug for Host<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("ctx", &self.ctx)
+            .field("exports", &self.table)
+            .finish()
+    }
+}
+
+impl Host {
+    /// A host for objects of `ctx`, exporting nothing yet, with the default codec.
+    #[must_use]
+    pub fn new(ctx: Context) -> Self {
+        Self::with_codec(ctx)
+    }
+}
+
+impl<C: Codec> Host<C> {
+    /// A host for objects of `ctx` whose frames use codec `C` (clients then call
+    /// [`super::Client::proxy_with`] with the same codec).
+    #[must_use]
+    pub fn with_codec(ctx: Context) -> Self {
+        Self {
+            ctx,
+            exports: Exports::new(),
+            table: Vec::new(),
+        }
+    }
+
+    /// The hosted context.
+    #[must_use]
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// What this host exports, as clients see it.
+    #[must_use]
+    pub fn exports(&self) -> &[Export] {
+        &self.table
+    }
+
+    /// Exports the object `handle` names, as service `S`, under `name`. Affects channels served
+    /// from now on (the table is sent when [`Host::serve`] starts).
+    ///
+    /// # Errors
+    /// [`XprocError::DuplicateName`], or [`XprocError::WrongContext`] for a handle of another
+    /// context.
+    pub fn export<S: Serve<T>, T: 'static>(
+        &mut self,
+        name: &str,
+        handle: Handle<T>,
+    ) -> Result<crate::ObjectId, XprocError> {
+        if handle.context() != self.ctx.id() {
+            return Err(XprocError::WrongContext {
+                handle: handle.context(),
+                context: self.ctx.id(),
+            });
+        }
+        if self.table.iter().any(|e| e.name == name) {
+            return Err(XprocError::DuplicateName(name.to_owned()));
+        }
+        let object = self.exports.export::<S, T>(handle);
+        self.table.push(Export {
+            name: name.to_owned(),
+            object,
+            service_id: S::ID,
+            service: S::NAME.to_owned(),
+        });
+        Ok(object)
+    }
+
+    /// Moves `value` into the context and exports it as service `S` under `name`.
+    ///
+    /// # Errors
+    /// Entering the context failed, its table is full, or [`XprocError::DuplicateName`] (the
+    /// value is then dropped from the context again).
+    pub fn adopt<S: Serve<T>, T: Send + 'static>(
+        &mut self,
+        name: &str,
+        value: T,
+    ) -> Result<crate::ObjectId, XprocError> {
+        if self.table.iter().any(|e| e.name == name) {
+            return Err(XprocError::DuplicateName(name.to_owned()));
+        }
+        let handle = self.ctx.enter(|cx| cx.adopt(value))??;
+        self.export::<S, T>(name, handle)
+    }
+
+    /// Serves one channel until the client closes or dies, or `stop` is set: sends the export
+    /// table, then answers each request inside the context (FIFO with every other caller of it)
+    /// and sends the answer back with the request's sequence number. Consumes the server; its end
+    /// of the channel closes when this returns, so waiting clients see the channel closed.
+    ///
+    /// `stop` is looked at between requests and at least every 20 ms while waiting; a request that
+    /// has started runs to its end.
+    ///
+    /// # Errors
+    /// [`XprocError::TableTooLarge`] if the export table does not fit the channel,
+    /// [`XprocError::Protocol`] for a message too short to carry a sequence number (the client is
+    /// not one of ours), [`XprocError::Channel`] for a corrupt ring. Errors inside a call (a
+    /// panicking method, a closed context, a bad frame) go back to its caller as error frames and
+    /// do not end the loop.
+    pub fn serve(&self, mut server: Server, stop: &AtomicBool) -> Result<Served, XprocError> {
+        let hello = Hello::new(C::NAME, self.table.clone())
+            .to_message()
+            .map_err(|e| XprocError::Handshake(format!("encoding the export table: {e}")))?;
+        if hello.len() > server.ep.max_frame() {
+            return Err(XprocError::TableTooLarge {
+                len: hello.len(),
+                max: server.ep.max_frame(),
+            });
+        }
+        let mut calls = 0;
+        // Waits are bounded by `poll` so that `stop` is seen; the deadline is only renewed after it
+        // passed, so answering a request reads no clock.
+        let mut poll = Instant::now() + STOP_POLL;
+        let end = |calls, end| Ok(Served { calls, end });
+        if let Some(e) = send(&mut server.ep, &hello, &mut poll, stop)? {
+            return end(calls, e);
+        }
+        let Server { ep, inb, out } = &mut server;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return end(calls, ServeEnd::Stopped);
+            }
+            let n = match ep.recv(inb, Some(poll)) {
+                Ok(n) => n,
+                Err(ChannelError::TimedOut) => {
+                    poll = Instant::now() + STOP_POLL;
+                    continue;
+                }
+                Err(ChannelError::BufferTooSmall { needed }) => {
+                    inb.resize(needed, 0);
+                    continue;
+                }
+                Err(ChannelError::Closed) => return end(calls, ServeEnd::ClientClosed),
+                Err(ChannelError::PeerDead { pid }) => {
+                    return end(calls, ServeEnd::ClientDied { pid });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some((request, seq)) = split_seq(&inb[..n]) else {
+                return Err(XprocError::Protocol(
+                    "a request too short to carry its sequence number",
+                ));
+            };
+            let exports = &self.exports;
+            let answered = self.ctx.enter(|cx| exports.serve(cx, request, out));
+            if let Err(e) = answered {
+                self.exports.error_reply(request, &CallError::from(e), out);
+            }
+            let max = ep.max_frame() - SEQ_LEN;
+            if out.len() > max {
+                let e = CallError::Frame(FrameError::TooLarge {
+                    len: out.len() as u64,
+                    limit: max as u64,
+                });
+                self.exports.error_reply(request, &e, out);
+            }
+            out.extend_from_slice(&seq.to_le_bytes());
+            calls += 1;
+            if let Some(e) = send(ep, out, &mut poll, stop)? {
+                return end(calls, e);
+            }
+        }
+    }
+}
+
+/// Sends one message, waiting for ring space in bounded slices; `Some(end)` if the loop must end.
+fn send(
+    ep: &mut Endpoint,
+    msg: &[u8],
+    poll: &mut Instant,
+    stop: &AtomicBool,
+) -> Result<Option<ServeEnd>, XprocError> {
+    loop {
+        match ep.send(msg, Some(*poll)) {
+            Ok(()) => return Ok(None),
+            Err(ChannelError::TimedOut) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(Some(ServeEnd::Stopped));
+                }
+                *poll = Instant::now() + STOP_POLL;
+            }
+            Err(ChannelError::Closed) => return Ok(Some(ServeEnd::ClientClosed)),
+            Err(ChannelError::PeerDead { pid }) => return Ok(Some(ServeEnd::ClientDied { pid })),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

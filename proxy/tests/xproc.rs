@@ -1,0 +1,545 @@
+//! Cross-process proxies with both ends in this process (the server on a thread): the protocol,
+//! timeouts and late replies, concurrency and FIFO order, size limits, malformed replies, stopping.
+//! The multi-process cases (a forked worker, an unrelated process, SIGKILL) are in
+//! `integration-tests/tests/xproc_*.rs`.
+#![cfg(feature = "xproc")]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use context_core::Context;
+use context_proxy::xproc::{
+    Channel, Client, ClientOptions, Host, LinkFailure, Listener, ServeEnd, Served, Server,
+    ServerOptions, XprocError,
+};
+use context_proxy::{CallError, FrameError, Postcard, Proxy, service};
+use context_shmem::Side;
+
+/// The workload's service.
+#[service]
+pub trait Workload {
+    /// Adds `n`; returns the new total.
+    fn add(&mut self, n: u64, tag: &str) -> u64;
+    /// The total.
+    fn total(&self) -> u64;
+    /// Sleeps, then returns the total.
+    fn sleep_ms(&mut self, ms: u64) -> u64;
+    /// `len` bytes.
+    fn blob(&self, len: u64) -> Vec<u8>;
+    /// How many bytes arrived.
+    fn take(&mut self, bytes: &[u8]) -> u64;
+    /// Panics.
+    fn boom(&mut self);
+    /// Records `who`, busy for `us` microseconds; returns the position in the log.
+    fn turn(&mut self, who: u64, us: u64) -> u64;
+    /// Who called `turn`, in order.
+    fn turns(&self) -> Vec<u64>;
+}
+
+/// A service nothing here exports.
+#[service]
+pub trait Other {
+    /// Anything.
+    fn ping(&self) -> u64;
+}
+
+#[derive(Default)]
+struct Acc {
+    total: u64,
+    log: Vec<u64>,
+}
+
+impl Workload for Acc {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        self.total += n + tag.len() as u64;
+        self.total
+    }
+    fn total(&self) -> u64 {
+        self.total
+    }
+    fn sleep_ms(&mut self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.total
+    }
+    fn blob(&self, len: u64) -> Vec<u8> {
+        vec![7; usize::try_from(len).unwrap_or(0)]
+    }
+    fn take(&mut self, bytes: &[u8]) -> u64 {
+        bytes.len() as u64
+    }
+    fn boom(&mut self) {
+        panic!("boom");
+    }
+    fn turn(&mut self, who: u64, us: u64) -> u64 {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_micros(us) {
+            std::hint::spin_loop();
+        }
+        self.log.push(who);
+        self.log.len() as u64
+    }
+    fn turns(&self) -> Vec<u64> {
+        self.log.clone()
+    }
+}
+
+const T: Duration = Duration::from_secs(30);
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        handshake_timeout: T,
+        call_timeout: Some(T),
+    }
+}
+
+/// A host exporting `n` counters named `c0`, `c1`, ... serving `channel` on a thread; the client
+/// attached to it; the thread's join handle and its stop flag.
+struct Rig {
+    client: Client,
+    stop: Arc<AtomicBool>,
+    serving: Option<std::thread::JoinHandle<Result<Served, XprocError>>>,
+}
+
+impl Rig {
+    fn new(capacity: usize, n: usize) -> Self {
+        let channel = Channel::create(capacity).unwrap();
+        let mut host = Host::new(Context::new("server"));
+        for i in 0..n {
+            host.adopt::<WorkloadService, _>(&format!("c{i}"), Acc::default())
+                .unwrap();
+        }
+        let server = Server::attach(&channel).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = Arc::clone(&stop);
+        let serving = std::thread::spawn(move || host.serve(server, &s2));
+        let client = Client::attach(&channel, &options()).unwrap();
+        Self {
+            client,
+            stop,
+            serving: Some(serving),
+        }
+    }
+
+    fn proxy(&self, i: usize) -> Proxy<WorkloadService> {
+        self.client.proxy(&format!("c{i}")).unwrap()
+    }
+
+    /// Drops the client (closing the channel: the serving thread ends with it, also when a test
+    /// panics) and returns what the server did.
+    fn finish(mut self) -> Served {
+        let serving = self.serving.take().unwrap();
+        drop(self);
+        serving.join().unwrap().unwrap()
+    }
+}
+
+#[test]
+fn calls_names_and_mismatches() {
+    let rig = Rig::new(4096, 2);
+    let (a, b) = (rig.proxy(0), rig.proxy(1));
+    assert_eq!(a.add(5, "abc").unwrap(), 8);
+    assert_eq!(b.add(1, "").unwrap(), 1);
+    assert_eq!(a.total().unwrap(), 8);
+    let names: Vec<_> = rig
+        .client
+        .exports()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    assert_eq!(names, ["c0", "c1"]);
+    assert_eq!(rig.client.server_pid(), std::process::id());
+    assert!(matches!(
+        rig.client.proxy::<WorkloadService>("missing"),
+        Err(XprocError::UnknownName(n)) if n == "missing"
+    ));
+    assert!(matches!(
+        rig.client.proxy::<OtherService>("c0"),
+        Err(XprocError::ServiceMismatch { .. })
+    ));
+    assert!(matches!(
+        rig.client.proxy_with::<WorkloadService, Postcard>("c0"),
+        Err(XprocError::CodecMismatch { .. })
+    ));
+    // A method that panics: typed error, the server carries on.
+    assert!(matches!(a.boom(), Err(CallError::Panicked { .. })));
+    assert!(matches!(a.total(), Err(CallError::Poisoned(_))));
+    assert_eq!(b.total().unwrap(), 1);
+    drop((a, b));
+    let served = rig.finish();
+    assert_eq!(served.end, ServeEnd::ClientClosed);
+    assert_eq!(served.calls, 6);
+}
+
+#[test]
+fn another_codec_end_to_end() {
+    let channel = Channel::create(4096).unwrap();
+    let mut host = Host::<Postcard>::with_codec(Context::new("server"));
+    host.adopt::<WorkloadService, _>("c", Acc::default())
+        .unwrap();
+    let server = Server::attach(&channel).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| host.serve(server, &stop));
+        let client = Client::attach(&channel, &options()).unwrap();
+        assert!(matches!(
+            client.proxy::<WorkloadService>("c"),
+            Err(XprocError::CodecMismatch { .. })
+        ));
+        let p = client.proxy_with::<WorkloadService, Postcard>("c").unwrap();
+        assert_eq!(p.add(2, "x").unwrap(), 3);
+        drop((p, client));
+        assert_eq!(serving.join().unwrap().unwrap().calls, 1);
+    });
+}
+
+#[test]
+fn a_timed_out_call_does_not_desynchronise_the_stream() {
+    let rig = Rig::new(4096, 1);
+    let p = rig.proxy(0);
+    p.add(1, "").unwrap();
+    let hasty = p.clone().with_timeout(Duration::from_millis(30));
+    let e = hasty.sleep_ms(300).unwrap_err();
+    assert!(matches!(e, CallError::TimedOut(_)), "{e:?}");
+    // The next calls wait behind the sleeping one, then each gets its own answer, not the stale one
+    // (which would be 1, the total when the sleep started).
+    assert_eq!(p.add(10, "").unwrap(), 11);
+    assert_eq!(p.add(10, "").unwrap(), 21);
+    assert_eq!(rig.client.discarded_replies(), 1);
+    // Many timeouts in a row, then a call that waits: still in step.
+    for _ in 0..5 {
+        assert!(matches!(hasty.sleep_ms(60), Err(CallError::TimedOut(_))));
+    }
+    assert_eq!(p.total().unwrap(), 21);
+    assert_eq!(rig.client.discarded_replies(), 6);
+    assert_eq!(rig.client.failure(), None);
+}
+
+#[test]
+fn concurrent_callers_get_their_own_answers_identical_to_in_process() {
+    const THREADS: usize = 6;
+    const CALLS: u64 = 300;
+    let rig = Rig::new(4096, THREADS + 1);
+    let local = Context::new("local");
+    let workload = |p: &Proxy<WorkloadService>, shared: &Proxy<WorkloadService>, t: u64| {
+        let mut seen = Vec::new();
+        for i in 0..CALLS {
+            seen.push(p.add(i * t, "tag").unwrap());
+            shared.add(1, "").unwrap();
+        }
+        seen.push(p.total().unwrap());
+        seen
+    };
+    let run = |proxies: Vec<Proxy<WorkloadService>>, shared: Proxy<WorkloadService>| {
+        let barrier = Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = proxies
+                .iter()
+                .enumerate()
+                .map(|(t, p)| {
+                    let (shared, barrier) = (&shared, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        workload(p, shared, t as u64 + 1)
+                    })
+                })
+                .collect();
+            let per: Vec<Vec<u64>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+            (per, shared.total().unwrap())
+        })
+    };
+    let remote = run(
+        (0..THREADS).map(|i| rig.proxy(i)).collect(),
+        rig.proxy(THREADS),
+    );
+    let inproc = run(
+        (0..THREADS)
+            .map(|_| Proxy::adopt(&local, Acc::default()).unwrap())
+            .collect(),
+        Proxy::adopt(&local, Acc::default()).unwrap(),
+    );
+    assert_eq!(remote, inproc);
+    assert_eq!(remote.1, THREADS as u64 * CALLS);
+    assert_eq!(rig.client.discarded_replies(), 0);
+}
+
+#[test]
+fn callers_are_served_in_turn() {
+    // Each call keeps the server busy for 300 us, far longer than a caller needs to queue again,
+    // so every caller is waiting whenever the channel is handed on: with FIFO order the turns
+    // rotate; an unfair lock would let one caller run many times in a row.
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 40;
+    let rig = Rig::new(4096, 1);
+    let barrier = Barrier::new(THREADS as usize);
+    std::thread::scope(|s| {
+        for who in 0..THREADS {
+            let (p, barrier) = (rig.proxy(0), &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for _ in 0..CALLS {
+                    p.turn(who, 300).unwrap();
+                }
+            });
+        }
+    });
+    let turns = rig.proxy(0).turns().unwrap();
+    assert_eq!(turns.len() as u64, THREADS * CALLS);
+    let longest = turns
+        .chunk_by(|a, b| a == b)
+        .map(<[u64]>::len)
+        .max()
+        .unwrap_or(0);
+    // Allow for a caller that is descheduled between two calls; starvation would show as runs of
+    // tens of calls.
+    assert!(
+        longest <= 8,
+        "longest run by one caller: {longest}: {turns:?}"
+    );
+    for who in 0..THREADS {
+        assert!(
+            turns[..turns.len() / 2].contains(&who),
+            "caller {who} had no turn in the first half: {turns:?}"
+        );
+    }
+}
+
+#[test]
+fn frames_larger_than_the_ring_are_typed_errors() {
+    let rig = Rig::new(1024, 1);
+    let p = rig.proxy(0);
+    // Request too large: refused before sending.
+    let e = p.take(&[1u8; 4000]).unwrap_err();
+    assert!(
+        matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
+        "{e:?}"
+    );
+    assert_eq!(p.take(&[1u8; 500]).unwrap(), 500);
+    // Reply too large: the server answers with an error frame instead.
+    let e = p.blob(4000).unwrap_err();
+    assert!(
+        matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
+        "{e:?}"
+    );
+    assert_eq!(p.blob(100).unwrap().len(), 100);
+    assert_eq!(rig.client.failure(), None);
+}
+
+#[test]
+fn bad_sizes_and_names_at_setup() {
+    assert!(matches!(
+        Server::accept_stream(
+            &std::os::unix::net::UnixStream::pair().unwrap().0,
+            &ServerOptions {
+                capacity: 1000,
+                handshake_timeout: T
+            }
+        ),
+        Err(XprocError::Channel(_))
+    ));
+    let mut host = Host::new(Context::new("h"));
+    host.adopt::<WorkloadService, _>("x", Acc::default())
+        .unwrap();
+    assert!(matches!(
+        host.adopt::<WorkloadService, _>("x", Acc::default()),
+        Err(XprocError::DuplicateName(_))
+    ));
+    let other = Context::new("other");
+    let h = other.enter(|cx| cx.adopt(Acc::default())).unwrap().unwrap();
+    assert!(matches!(
+        host.export::<WorkloadService, _>("y", h),
+        Err(XprocError::WrongContext { .. })
+    ));
+    // A table that does not fit the ring.
+    for i in 0..8 {
+        host.adopt::<WorkloadService, _>(&format!("a-rather-long-name-{i}"), Acc::default())
+            .unwrap();
+    }
+    let channel = Channel::create(256).unwrap();
+    let server = Server::attach(&channel).unwrap();
+    assert!(matches!(
+        host.serve(server, &AtomicBool::new(false)),
+        Err(XprocError::TableTooLarge { .. })
+    ));
+    // Nobody answers: the handshake times out.
+    let channel = Channel::create(256).unwrap();
+    let quick = ClientOptions {
+        handshake_timeout: Duration::from_millis(30),
+        call_timeout: None,
+    };
+    assert!(matches!(
+        Client::attach(&channel, &quick),
+        Err(XprocError::HandshakeTimedOut(_))
+    ));
+}
+
+/// A fake server on a raw endpoint: sends a real export table, then answers each request with
+/// whatever `answer` makes of it.
+fn fake_server(
+    answer: impl Fn(&[u8], u64) -> Vec<u8> + Send + 'static,
+) -> (Client, std::thread::JoinHandle<()>) {
+    let channel = Channel::create(4096).unwrap();
+    // The table comes from a real host whose serve loop we stop at once.
+    let mut host = Host::new(Context::new("real"));
+    host.adopt::<WorkloadService, _>("c", Acc::default())
+        .unwrap();
+    let setup = Channel::create(4096).unwrap();
+    let server = Server::attach(&setup).unwrap();
+    let stop = AtomicBool::new(false);
+    let table = std::thread::scope(|s| {
+        let h = s.spawn(|| host.serve(server, &stop));
+        let mut ep = setup.endpoint(Side::A).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = ep.recv(&mut buf, Some(Instant::now() + T)).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        h.join().unwrap().unwrap();
+        buf.truncate(n);
+        buf
+    });
+    let mut ep = channel.endpoint(Side::B).unwrap();
+    ep.send(&table, None).unwrap();
+    let serving = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
+            let (req, seq) = buf[..n].split_at(n - 8);
+            let seq = u64::from_le_bytes(seq.try_into().unwrap());
+            if ep.send(&answer(req, seq), None).is_err() {
+                break;
+            }
+        }
+    });
+    let client = Client::attach(&channel, &options()).unwrap();
+    (client, serving)
+}
+
+fn with_seq(mut frame: Vec<u8>, seq: u64) -> Vec<u8> {
+    frame.extend_from_slice(&seq.to_le_bytes());
+    frame
+}
+
+#[test]
+fn malformed_replies_are_errors_not_panics() {
+    // Garbage with the right sequence number: the frame checks refuse it.
+    let (client, h) = fake_server(|_, seq| with_seq(b"not a frame at all, clearly".to_vec(), seq));
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert!(matches!(p.total(), Err(CallError::Frame(_))));
+    // The request echoed back: a request frame where a reply belongs.
+    drop((p, client));
+    h.join().unwrap();
+    let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq));
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert!(matches!(p.total(), Err(CallError::Frame(_))));
+    // A truncated reply frame.
+    drop((p, client));
+    h.join().unwrap();
+    let (client, h) = fake_server(|req, seq| with_seq(req[..req.len() - 1].to_vec(), seq));
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert!(matches!(p.add(1, "x"), Err(CallError::Frame(_))));
+    assert_eq!(client.failure(), None);
+    drop((p, client));
+    h.join().unwrap();
+    // Too short to carry a sequence number.
+    let (client, h) = fake_server(|_, _| vec![1, 2, 3]);
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert!(matches!(
+        p.total(),
+        Err(CallError::Frame(FrameError::Short(3)))
+    ));
+    drop((p, client));
+    h.join().unwrap();
+    // An answer to a request never sent: the link is broken for good.
+    let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq + 5));
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert!(matches!(p.total(), Err(CallError::Transport(_))));
+    assert!(matches!(client.failure(), Some(LinkFailure::Corrupt(_))));
+    assert!(matches!(p.total(), Err(CallError::Transport(_))));
+    drop((p, client));
+    h.join().unwrap();
+}
+
+#[test]
+fn a_stopped_server_closes_the_channel() {
+    let rig = Rig::new(4096, 1);
+    let p = rig.proxy(0);
+    assert_eq!(p.add(1, "").unwrap(), 1);
+    rig.stop.store(true, Ordering::SeqCst);
+    // The loop sees the flag within its poll interval and closes its end.
+    let deadline = Instant::now() + T;
+    let e = loop {
+        match p.total() {
+            Ok(_) => assert!(Instant::now() < deadline, "the server never stopped"),
+            Err(e) => break e,
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(matches!(e, CallError::Closed(_)), "{e:?}");
+    assert_eq!(rig.client.failure(), Some(LinkFailure::Closed));
+    assert!(matches!(p.total(), Err(CallError::Closed(_))));
+    drop(p);
+    let served = rig.finish();
+    assert_eq!(served.end, ServeEnd::Stopped);
+}
+
+#[test]
+fn calls_from_inside_a_context_release_it_meanwhile() {
+    let rig = Rig::new(4096, 1);
+    let p = rig.proxy(0);
+    let a = Context::new("caller");
+    let busy = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let (p2, a2) = (p.clone(), a.clone());
+        let h = s.spawn(move || a2.enter(move |_| p2.sleep_ms(200)).unwrap().unwrap());
+        // While the remote call sleeps, the caller's context is free for others.
+        std::thread::sleep(Duration::from_millis(50));
+        let b2 = Arc::clone(&busy);
+        a.enter_timeout(Duration::from_millis(100), move |_| {
+            b2.store(true, Ordering::SeqCst)
+        })
+        .unwrap();
+        assert_eq!(h.join().unwrap(), 0);
+    });
+    assert!(busy.load(Ordering::SeqCst));
+}
+
+#[test]
+fn listener_and_connect_in_one_process() {
+    let path = std::env::temp_dir().join(format!("ctx-xproc-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = Listener::bind(&path).unwrap();
+    let mut host = Host::new(Context::new("server"));
+    host.adopt::<WorkloadService, _>("c", Acc::default())
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (host, stop, listener) = (&host, &stop, &listener);
+        let acceptor = s.spawn(move || {
+            let mut ends = Vec::new();
+            std::thread::scope(|s2| {
+                let hs: Vec<_> = (0..2)
+                    .map(|_| {
+                        let server = listener.accept().unwrap();
+                        s2.spawn(move || host.serve(server, stop).unwrap())
+                    })
+                    .collect();
+                for h in hs {
+                    ends.push(h.join().unwrap());
+                }
+            });
+            ends
+        });
+        let c1 = Client::connect(&path, &options()).unwrap();
+        let c2 = context_proxy::xproc::connect(&path).unwrap();
+        let (p1, p2): (Proxy<WorkloadService>, Proxy<WorkloadService>) =
+            (c1.proxy("c").unwrap(), c2.proxy("c").unwrap());
+        assert_eq!(p1.add(1, "").unwrap(), 1);
+        assert_eq!(p2.add(1, "").unwrap(), 2); // the same object, through another channel
+        drop((p1, p2, c1, c2));
+        let ends = acceptor.join().unwrap();
+        assert!(
+            ends.iter()
+                .all(|e| e.end == ServeEnd::ClientClosed && e.calls == 1)
+        );
+    });
+    drop(listener);
+    assert!(!path.exists());
+}
