@@ -121,6 +121,16 @@ impl Heap {
         self.raw.free(ptr)
     }
 
+    /// The usable size of the live block starting at `ptr`: how a layer that reads block
+    /// addresses from shared memory checks one before using it (the shared contexts do).
+    ///
+    /// # Errors
+    /// [`AllocError::ForeignPointer`] if `ptr` is not the start of a live block of this heap.
+    #[cfg_attr(loom, allow(dead_code))] // shared contexts are left out of the loom build
+    pub(crate) fn usable_size(&self, ptr: NonNull<u8>) -> Result<usize, AllocError> {
+        self.raw.usable_size(ptr)
+    }
+
     /// Statistics, from a scan of the bookkeeping.
     #[must_use]
     pub fn stats(&self) -> Stats {

@@ -109,6 +109,8 @@ mod mutex;
 mod pool;
 pub mod protocol;
 mod region;
+#[cfg(not(loom))]
+pub mod shared_context;
 mod sys;
 
 pub use alloc::{CLASSES, CheckReport, Geometry, MAX_SMALL, MIN_BLOCK, RawHeap, Stats};
@@ -122,4 +124,9 @@ pub use pool::{
     DeathOutcome, DeathPolicy, DeathReport, JobContext, MAX_WORKERS, Pool, PoolBuilder,
 };
 pub use region::Backing;
+#[cfg(not(loom))]
+pub use shared_context::{
+    CloseError as SharedCloseError, MAX_OBJECTS, ObjectError, ObjectId, OpenError, PoolLock,
+    Recovery, SharedContext, SharedContextRef, SharedCx, SharedHandle,
+};
 pub use sys::{ExitKind, bare_fork_waitpid, open_fd_count, open_memfd_count, resident_bytes};
