@@ -10,6 +10,7 @@ mod pingpong;
 pub mod proxy;
 pub mod scaling;
 pub mod shmem;
+pub mod xproc;
 
 /// A registered suite.
 pub struct Suite {
@@ -47,5 +48,10 @@ pub const ALL: &[Suite] = &[
         name: "shmem",
         about: "process-shared lock, cross-process frame channel vs socket/pipe/futex, 64 MiB bulk copy",
         run: shmem::run,
+    },
+    Suite {
+        name: "xproc",
+        about: "proxied calls into a context of another process vs socket and futex ping-pong",
+        run: xproc::run,
     },
 ];
