@@ -288,3 +288,92 @@ mod tests {
         assert_eq!(e.kind(), CodecErrorKind::Limit);
     }
 }
+
+/// How `#[service]` requests carry `&str` arguments (used by the macro's output; not a public
+/// API): encoded as a string, decoded borrowed from the frame as bytes and then checked here,
+/// with a word-at-a-time ASCII fast path before the full UTF-8 check. The full check costs more
+/// than the rest of decoding a small request when the string sits unaligned in the frame, which
+/// it does. bincode and postcard encode strings and byte strings identically; a self-describing
+/// format hands the string to [`Visitor::visit_borrowed_str`] instead, which is accepted as is.
+#[doc(hidden)]
+pub mod borrowed_str {
+    use std::fmt;
+
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes `s` as a string.
+    ///
+    /// # Errors
+    /// Those of the serializer.
+    #[inline]
+    pub fn serialize<S: Serializer>(s: &str, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(s)
+    }
+
+    /// Deserializes a string borrowed from the input.
+    ///
+    /// # Errors
+    /// The input holds no borrowed string, or its bytes are not UTF-8.
+    #[inline]
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<&'de str, D::Error> {
+        deserializer.deserialize_bytes(StrVisitor)
+    }
+
+    struct StrVisitor;
+
+    impl<'de> Visitor<'de> for StrVisitor {
+        type Value = &'de str;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a borrowed UTF-8 string")
+        }
+
+        #[inline]
+        fn visit_borrowed_str<E: Error>(self, v: &'de str) -> Result<&'de str, E> {
+            Ok(v)
+        }
+
+        #[inline]
+        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<&'de str, E> {
+            utf8(v).ok_or_else(|| E::custom("string is not valid UTF-8"))
+        }
+    }
+
+    /// `v` as a `&str` if it is UTF-8. The crate's one unsafe block: `str::from_utf8` checks
+    /// byte by byte when the string starts unaligned, which costs more than the rest of decoding
+    /// a small request; `is_ascii` checks a word at a time.
+    #[inline]
+    #[allow(unsafe_code)]
+    pub(crate) fn utf8(v: &[u8]) -> Option<&str> {
+        if v.is_ascii() {
+            // SAFETY: every byte is below 0x80 (checked just above), and a sequence of such bytes
+            // is valid UTF-8 (each is a one-byte code point).
+            Some(unsafe { std::str::from_utf8_unchecked(v) })
+        } else {
+            std::str::from_utf8(v).ok()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::utf8;
+
+        #[test]
+        fn agrees_with_the_standard_check() {
+            let cases: [&[u8]; 8] = [
+                b"",
+                b"sixteen-byte-tag",
+                "h\u{e9}llo w\u{f6}rld, \u{1f600}".as_bytes(),
+                b"\xff",
+                b"abc\xc3",
+                b"0123456789abcdef\x80",
+                b"\xed\xa0\x80",
+                b"plain ascii that is longer than a couple of machine words",
+            ];
+            for c in cases {
+                assert_eq!(utf8(c), std::str::from_utf8(c).ok(), "{c:?}");
+            }
+        }
+    }
+}

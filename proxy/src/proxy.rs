@@ -116,23 +116,36 @@ fn write_error<C: Codec>(reply: &mut Vec<u8>, service: u64, object: ObjectId, e:
 
 /// Move mode: runs a request value directly on the object, no frames. The request is taken out of
 /// the slot only when the object could be borrowed, so a refused call (`InUse`) can be retried.
-type MoveFn<S> = for<'a, 'b, 'c, 'd> fn(
+/// The outcome is written into `out` while the target is held rather than returned: the caller
+/// reads it after leaving, once the lock's release has drained the stores, so moving the result
+/// out costs no store-forwarding stalls (a measurable part of a 10 ns call).
+type MoveFn<S> = for<'a, 'b, 'c, 'd, 'e> fn(
     &'b Cx<'c>,
     ObjectId,
     &'d mut Option<<S as Service>::Request<'a>>,
-) -> Result<<S as Service>::Response, CallError>;
+    &'e mut MoveOut<S>,
+);
+
+/// What a moved call produced: `None` until the target ran.
+type MoveOut<S> = Option<Result<<S as Service>::Response, CallError>>;
 
 fn serve_moved<S: Serve<T>, T: 'static>(
     cx: &Cx<'_>,
     object: ObjectId,
     slot: &mut Option<S::Request<'_>>,
-) -> Result<S::Response, CallError> {
-    let handle = object.typed::<T>().ok_or(FrameError::Mismatched)?;
-    match cx.with(handle, |obj| slot.take().map(|r| S::serve(obj, r))) {
-        Ok(Some(resp)) => Ok(resp),
-        Ok(None) => Err(CallError::UnexpectedResponse),
-        Err(e) => Err(CallError::from_access(e, S::NAME)),
-    }
+    out: &mut MoveOut<S>,
+) {
+    let Some(handle) = object.typed::<T>() else {
+        *out = Some(Err(FrameError::Mismatched.into()));
+        return;
+    };
+    *out = Some(
+        match cx.with(handle, |obj| slot.take().map(|r| S::serve(obj, r))) {
+            Ok(Some(resp)) => Ok(resp),
+            Ok(None) => Err(CallError::UnexpectedResponse),
+            Err(e) => Err(CallError::from_access(e, S::NAME)),
+        },
+    );
 }
 
 /// Waits between retries of a call refused with `InUse`: a few yields, then sleeps doubling from
@@ -438,6 +451,9 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         }
     }
 
+    /// Move mode. The common case (no timeout, object free) is one `enter` with nothing else
+    /// around it; a refused borrow (`InUse`) or a timeout goes to the retry loop.
+    #[inline]
     fn call_moved(
         &self,
         transport: &InProcess,
@@ -445,22 +461,56 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         request: S::Request<'_>,
     ) -> Result<S::Response, CallError> {
         let object = self.object;
-        let mut retry = Retry::new(self.timeout);
         let mut slot = Some(request);
+        if self.timeout.is_none() {
+            let mut out = None;
+            let (slot_ref, out_ref) = (&mut slot, &mut out);
+            transport
+                .ctx
+                .enter(move |cx| mover(cx, object, slot_ref, out_ref))?;
+            match out {
+                Some(Err(CallError::InUse(id))) if slot.is_some() => {
+                    return self.call_moved_retrying(transport, mover, slot, Some(id));
+                }
+                Some(outcome) => return outcome,
+                None => return Err(CallError::UnexpectedResponse),
+            }
+        }
+        self.call_moved_retrying(transport, mover, slot, None)
+    }
+
+    #[inline(never)]
+    fn call_moved_retrying(
+        &self,
+        transport: &InProcess,
+        mover: MoveFn<S>,
+        mut slot: Option<S::Request<'_>>,
+        refused: Option<context_core::ContextId>,
+    ) -> Result<S::Response, CallError> {
+        let object = self.object;
+        let mut retry = Retry::new(self.timeout);
+        // A first attempt was refused: wait before the next.
+        if let Some(id) = refused {
+            if !retry.wait() {
+                return Err(CallError::InUse(id));
+            }
+        }
         loop {
-            let slot_ref = &mut slot;
-            let run = move |cx: &mut Cx<'_>| mover(cx, object, slot_ref);
-            let outcome = match retry.left() {
+            let mut out = None;
+            let (slot_ref, out_ref) = (&mut slot, &mut out);
+            let run = move |cx: &mut Cx<'_>| mover(cx, object, slot_ref, out_ref);
+            match retry.left() {
                 None => transport.ctx.enter(run),
                 Some(t) => transport.ctx.enter_timeout(t, run),
             }?;
-            match outcome {
-                Err(CallError::InUse(id)) if slot.is_some() => {
+            match out {
+                Some(Err(CallError::InUse(id))) if slot.is_some() => {
                     if !retry.wait() {
                         return Err(CallError::InUse(id));
                     }
                 }
-                other => return other,
+                Some(outcome) => return outcome,
+                None => return Err(CallError::UnexpectedResponse),
             }
         }
     }
@@ -474,7 +524,36 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         let mut bufs = Pooled::take();
         let Pooled { req, rep } = &mut bufs;
         frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)?;
+        if self.timeout.is_none() {
+            // The common case: no deadline to compute, one round trip.
+            transport.round_trip(req, rep, None)?;
+            match decode_reply::<C, S::Response>(rep, S::ID, self.object) {
+                Err(CallError::InUse(id)) => {
+                    return self.call_framed_retrying(transport, req, rep, Some(id));
+                }
+                other => return other,
+            }
+        }
+        self.call_framed_retrying(transport, req, rep, None)
+    }
+
+    /// The round trip repeated while the object is in use by another call chain, until the
+    /// proxy's timeout.
+    #[inline(never)]
+    fn call_framed_retrying<X: Transport + ?Sized>(
+        &self,
+        transport: &X,
+        req: &[u8],
+        rep: &mut Vec<u8>,
+        refused: Option<context_core::ContextId>,
+    ) -> Result<S::Response, CallError> {
         let mut retry = Retry::new(self.timeout);
+        // A first attempt was refused: wait before the next.
+        if let Some(id) = refused {
+            if !retry.wait() {
+                return Err(CallError::InUse(id));
+            }
+        }
         loop {
             transport.round_trip(req, rep, retry.left().or(self.timeout))?;
             match decode_reply::<C, S::Response>(rep, S::ID, self.object) {
@@ -652,6 +731,39 @@ mod tests {
             e,
             Err(CallError::Frame(frame::FrameError::UnknownKind(77)))
         ));
+    }
+
+    #[test]
+    fn strings_are_checked_utf8_on_the_fast_path_and_off_it() {
+        let b = Context::new("b");
+        let p: Proxy<EchoService> = Proxy::adopt(&b, E(0)).unwrap();
+        // Non-ASCII takes the full check.
+        assert_eq!(p.echo(1, "gr\u{fc}\u{df}e").unwrap().1, "gr\u{fc}\u{df}e");
+        let h = p.handle::<E>().unwrap();
+        let mut ex: Exports = Exports::new();
+        let id = ex.export::<EchoService, E>(h);
+        for bad in [&b"\xffabcdefgh"[..], b"abcdefgh\xc3"] {
+            let good = "x".repeat(bad.len());
+            let mut req = Vec::new();
+            frame::encode::<crate::Bincode, _>(
+                &mut req,
+                frame::FrameKind::Request,
+                <EchoService as crate::Service>::ID,
+                id,
+                &EchoRequest::Echo { n: 1, s: &good },
+            )
+            .unwrap();
+            let at = req.len() - bad.len();
+            req[at..].copy_from_slice(bad);
+            let mut rep = Vec::new();
+            b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+            let r = super::decode_reply::<crate::Bincode, EchoResponse>(
+                &rep,
+                <EchoService as crate::Service>::ID,
+                id,
+            );
+            assert!(matches!(r, Err(CallError::Codec(_))), "{r:?}");
+        }
     }
 
     #[test]

@@ -189,6 +189,7 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
     let cp = quote!(::context_proxy);
     let serde_path = "::context_proxy::__private::serde";
     let bytes_path = "::context_proxy::__private::serde_bytes";
+    let str_path = "::context_proxy::codec::borrowed_str";
     let borrows = methods
         .iter()
         .any(|m| m.args.iter().any(|a| !matches!(a.borrow, Borrow::No)));
@@ -204,7 +205,7 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
                     let t = &a.ty;
                     quote!(#n: #t)
                 }
-                Borrow::Str => quote!(#[serde(borrow)] #n: &'a str),
+                Borrow::Str => quote!(#[serde(borrow, with = #str_path)] #n: &'a str),
                 Borrow::Bytes => quote!(#[serde(borrow, with = #bytes_path)] #n: &'a [u8]),
             }
         });
