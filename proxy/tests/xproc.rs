@@ -510,14 +510,25 @@ fn listener_and_connect_in_one_process() {
     host.adopt::<WorkloadService, _>("c", Acc::default())
         .unwrap();
     let stop = AtomicBool::new(false);
+    // Nobody connects yet: accepting with a timeout gives up.
+    assert!(
+        listener
+            .accept_timeout(Duration::from_millis(20))
+            .unwrap()
+            .is_none()
+    );
     std::thread::scope(|s| {
         let (host, stop, listener) = (&host, &stop, &listener);
         let acceptor = s.spawn(move || {
             let mut ends = Vec::new();
             std::thread::scope(|s2| {
                 let hs: Vec<_> = (0..2)
-                    .map(|_| {
-                        let server = listener.accept().unwrap();
+                    .map(|i| {
+                        let server = if i == 0 {
+                            listener.accept_timeout(T).unwrap().unwrap()
+                        } else {
+                            listener.accept().unwrap()
+                        };
                         s2.spawn(move || host.serve(server, stop).unwrap())
                     })
                     .collect();

@@ -14,7 +14,8 @@
 //! - **Reaching the server.** Either a channel created before `fork` (a forked worker, e.g. of a
 //!   `context-forkpool` pool, runs [`Server::attach`] + [`Host::serve`]; the parent runs
 //!   [`Client::attach`]), or an unrelated process through a Unix socket: [`Listener::bind`] /
-//!   [`Listener::accept`] on the server, [`connect`] on the client. The channel's sealed memfd
+//!   [`Listener::accept`] (or [`Listener::accept_timeout`]) on the server, [`connect`] on the
+//!   client. The channel's sealed memfd
 //!   travels over the socket with SCM_RIGHTS; the receiver refuses an unsealed one.
 //!
 //! ## Wire protocol
@@ -90,7 +91,8 @@
 //! An unrelated process, through a socket:
 //!
 //! ```no_run
-//! # use std::sync::atomic::AtomicBool;
+//! # use std::sync::atomic::{AtomicBool, Ordering};
+//! # use std::time::Duration;
 //! # use context_core::Context;
 //! # use context_proxy::xproc::{self, Host, Listener};
 //! # use context_proxy::{Proxy, service};
@@ -103,13 +105,18 @@
 //! let mut host = Host::new(Context::new("server"));
 //! host.adopt::<CounterService, _>("counter", Tally(0))?;
 //! let listener = Listener::bind("/run/user/1000/counter.sock")?;
-//! let stop = AtomicBool::new(false);
-//! std::thread::scope(|s| loop {
-//!     let server = listener.accept()?; // one channel per client
-//!     let (host, stop) = (&host, &stop);
-//!     s.spawn(move || host.serve(server, stop));
-//! })
-//! # }
+//! let stop = AtomicBool::new(false); // set it (from a signal handler, say) to shut down
+//! std::thread::scope(|s| -> Result<(), xproc::XprocError> {
+//!     while !stop.load(Ordering::Relaxed) {
+//!         // One channel per client, served on its own thread.
+//!         if let Some(server) = listener.accept_timeout(Duration::from_millis(100))? {
+//!             let (host, stop) = (&host, &stop);
+//!             s.spawn(move || host.serve(server, stop));
+//!         }
+//!     }
+//!     Ok(())
+//! })?;
+//! # Ok(()) }
 //! # fn client() -> Result<(), Box<dyn std::error::Error>> {
 //! // In any other process of the same user:
 //! let client = xproc::connect("/run/user/1000/counter.sock")?;

@@ -1,6 +1,7 @@
 //! The serving side: a context's exported objects, answered over one channel per client.
 
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,6 +163,34 @@ impl Listener {
             source,
         })?;
         Server::accept_stream(&stream, &self.options)
+    }
+
+    /// Like [`Listener::accept`], but gives up after `timeout` without a client: `Ok(None)`. For
+    /// accept loops that look at a stop flag in between.
+    ///
+    /// # Errors
+    /// As for [`Listener::accept`], and [`XprocError::Io`] if waiting failed.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Server>, XprocError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.inner.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return self.accept().map(Some),
+                Err(nix::errno::Errno::EINTR) if !left.is_zero() => {}
+                Err(e) => {
+                    return Err(XprocError::Io {
+                        op: "waiting for a client",
+                        source: e.into(),
+                    });
+                }
+            }
+        }
     }
 
     /// The socket's path.
