@@ -554,3 +554,52 @@ fn listener_and_connect_in_one_process() {
     drop(listener);
     assert!(!path.exists());
 }
+
+#[test]
+fn malformed_requests_get_error_frames_and_the_server_carries_on() {
+    use context_proxy::frame::{self, FrameKind};
+    let channel = Channel::create(4096).unwrap();
+    let mut host = Host::new(Context::new("server"));
+    host.adopt::<WorkloadService, _>("c", Acc::default())
+        .unwrap();
+    let server = Server::attach(&channel).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| host.serve(server, &stop));
+        let mut ep = channel.endpoint(Side::A).unwrap();
+        let deadline = || Some(Instant::now() + T);
+        let mut buf = vec![0u8; 4096];
+        let _table = ep.recv(&mut buf, deadline()).unwrap();
+        // Arbitrary bytes (a cheap deterministic generator), each numbered: every one is answered
+        // with an error frame carrying its number.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for seq in 1..=300u64 {
+            let len = (x % 200) as usize;
+            let mut msg: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if seq % 3 == 0 && msg.len() >= 4 {
+                // A valid header start, so the deeper checks run too.
+                msg[..4].copy_from_slice(&[b'c', b'x', 1, 1]);
+            }
+            msg.extend_from_slice(&seq.to_le_bytes());
+            ep.send(&msg, deadline()).unwrap();
+            let n = ep.recv(&mut buf, deadline()).unwrap();
+            let (reply, got) = buf[..n].split_at(n - 8);
+            assert_eq!(u64::from_le_bytes(got.try_into().unwrap()), seq);
+            let (h, _) = frame::parse(reply, usize::MAX).unwrap();
+            assert_eq!(h.kind, FrameKind::Error);
+        }
+        // A message too short to carry a number: the server refuses the peer.
+        ep.send(&[1, 2, 3], deadline()).unwrap();
+        assert!(matches!(
+            serving.join().unwrap(),
+            Err(XprocError::Protocol(_))
+        ));
+    });
+}
