@@ -23,7 +23,9 @@
 //! shared lock is released. Meanwhile another entrant, in this or another process, gets
 //! [`ObjectError::InUse`] (leave, retry later); the same call chain gets [`ObjectError::Busy`]
 //! (a re-entrant call: waiting would never end). A panic inside the closure poisons the object
-//! ([`ObjectError::Poisoned`] until [`SharedCx::clear_poison`]).
+//! ([`ObjectError::Poisoned`] until [`SharedCx::clear_poison`]). [`SharedCx::get`] copies a `Copy`
+//! object out without recording a borrow (no caller code runs during the read, so no nested call can
+//! suspend it): the cheapest read.
 //!
 //! **Crashes.** If a process dies inside the context (holding the lock), the lock hands itself to the
 //! next entrant marked "owner died" ([`context_core::Cx::owner_died`]). Before that entrant's closure
@@ -53,7 +55,8 @@
 //! context's home thread that serves several callers' jobs looks like one chain here, so a second
 //! job touching an object the first job borrowed gets `Busy` rather than `InUse` (it fails instead of
 //! waiting; never a double borrow). A handle carried into a child by `fork` enters and reaches objects
-//! (the lock re-registers the child), but allocating or freeing needs the child's own allocator slot:
+//! (the lock re-registers the child: the registration is cached per process and told apart by a
+//! fork generation that a `pthread_atfork` child handler bumps), but allocating or freeing needs the child's own allocator slot:
 //! open the context there with the child's heap ([`crate::JobContext::heap`]).
 //!
 //! # Example
@@ -276,11 +279,30 @@ fn fresh_uid(addr: usize) -> u64 {
     z.max(1)
 }
 
-fn my_token() -> Result<u64, ObjectError> {
-    ProcessToken::current()
-        .map(ProcessToken::to_bits)
-        .map_err(|e| ObjectError::Identity(e.to_string()))
+/// Bumped in every child forked (through libc's `fork`) after the hook was installed: caches of
+/// per-process facts (this process's token and lock slot) compare it. Installed before the first
+/// [`PoolLock`] exists, so every fork that can carry a handle bumps it. A cache entry made in a
+/// process carries that process's value, and every descendant's value is larger, so an equal value
+/// means "made in this process".
+static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
+
+fn install_fork_hook() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches an atomic, so it is
+        // async-signal-safe, as a child handler must be. On failure (ENOMEM) the hook is missing and
+        // `PoolLock::me` would trust a parent's cached registration in a child: `create`/`open` check
+        // the return value and refuse instead.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        HOOK_OK.store(r == 0, Ordering::Relaxed);
+    });
+}
+
+static HOOK_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 // ---------------------------------------------------------------------------------------------
 // Handles.
@@ -541,8 +563,10 @@ pub struct Recovery {
 // ---------------------------------------------------------------------------------------------
 // The lock.
 
-/// A registration of this process with the lock: the process token it was made for and the slot.
+/// A registration of this process with the lock: the fork generation and process token it was made
+/// in, and the slot.
 struct Registration {
+    generation: u32,
     token: u64,
     slot: Slot,
 }
@@ -582,30 +606,41 @@ impl PoolLock {
         unsafe { self.raw.as_ref() }
     }
 
+    /// This process's token and slot: one load and a compare when cached for this process.
     #[inline]
-    fn slot(&self) -> Result<Slot, LockError> {
-        // Without a token this process cannot take the lock; the trait has no better variant than
-        // TimedOut (documented on `SharedContext::enter`).
-        let token = ProcessToken::current()
-            .map_err(|_| LockError::TimedOut)?
-            .to_bits();
+    fn me(&self) -> Result<(u64, Slot), LockError> {
+        let generation = FORK_GENERATION.load(Ordering::Relaxed);
         let p = self.reg.load(Ordering::Acquire);
         // SAFETY: a non-null `reg` points into an Arc held by `self.regs` until `self` drops.
         if let Some(r) = unsafe { p.as_ref() } {
-            if r.token == token {
-                return Ok(r.slot);
+            if r.generation == generation {
+                return Ok((r.token, r.slot));
             }
         }
-        self.register(token)
+        // Without a token or a slot this process cannot take the lock; the trait has no better
+        // variant than TimedOut (documented on `SharedContext::enter`).
+        let token = ProcessToken::current()
+            .map_err(|_| LockError::TimedOut)?
+            .to_bits();
+        self.register(generation, token).map(|s| (token, s))
+    }
+
+    #[inline]
+    fn slot(&self) -> Result<Slot, LockError> {
+        self.me().map(|(_, s)| s)
     }
 
     #[cold]
-    fn register(&self, token: u64) -> Result<Slot, LockError> {
+    fn register(&self, generation: u32, token: u64) -> Result<Slot, LockError> {
         let slot = self
             .raw()
             .register(token, &ProcLiveness)
             .map_err(|_| LockError::TimedOut)?;
-        let r = Arc::new(Registration { token, slot });
+        let r = Arc::new(Registration {
+            generation,
+            token,
+            slot,
+        });
         let p = Arc::as_ptr(&r).cast_mut();
         // A poisoned mutex only means another thread panicked while pushing: the Vec is intact.
         let mut regs = self
@@ -668,6 +703,8 @@ struct Local {
     heap: Heap,
     /// The process this handle was made in (allocation uses that process's allocator slot).
     maker: u64,
+    /// The heap's span (start, length): object pointers must fall inside.
+    span: (usize, usize),
     /// This process's cache of validated segment addresses (0 = not yet validated).
     /// INVARIANT: a non-zero entry is the address of a live block of `heap` holding `seg_len(k)`
     /// records, which stays allocated until the context is closed.
@@ -838,6 +875,12 @@ impl SharedContext {
     }
 
     fn attach(heap: &Heap, hdr: NonNull<Header>, uid: u64, token: u64) -> Result<Self, OpenError> {
+        install_fork_hook();
+        if !HOOK_OK.load(Ordering::Relaxed) {
+            return Err(OpenError::Identity(std::io::Error::other(
+                "pthread_atfork failed: cannot tell a forked child from its parent",
+            )));
+        }
         // SAFETY: validated by the caller (created or checked live header of `heap`), all atomics.
         let h = unsafe { hdr.as_ref() };
         let mut bytes = Vec::with_capacity(NAME_BYTES);
@@ -853,7 +896,8 @@ impl SharedContext {
             regs: Mutex::new(Vec::new()),
         };
         // Register now, so that a full lock is an error here rather than a timeout at entry.
-        lock.register(token).map_err(|_| OpenError::LockFull)?;
+        lock.register(FORK_GENERATION.load(Ordering::Relaxed), token)
+            .map_err(|_| OpenError::LockFull)?;
         Ok(Self {
             local: Arc::new(Local {
                 ctx: context_core::Context::with_lock(&name, lock),
@@ -861,6 +905,7 @@ impl SharedContext {
                 uid,
                 heap: heap.clone(),
                 maker: token,
+                span: heap.span(),
                 segs: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
@@ -1022,7 +1067,8 @@ impl Local {
         f: impl FnOnce(&mut SharedCx<'a, 'c>) -> R,
     ) -> Option<R> {
         let mut s = SharedCx {
-            cx: RefCell::new(cx),
+            cx: NonNull::from(cx),
+            _cx: PhantomData,
             local: self,
             recovery: RefCell::new(None),
         };
@@ -1046,7 +1092,12 @@ impl Local {
 /// assert_send::<context_forkpool::SharedCx<'static, 'static>>();
 /// ```
 pub struct SharedCx<'a, 'c> {
-    cx: RefCell<&'a mut Cx<'c>>,
+    /// INVARIANTS: made from the `&'a mut Cx<'c>` the core handed to `Local::run`, and this
+    /// `SharedCx` is its only user for `'a` (it is neither `Send` nor `Sync`, and the original
+    /// reference is not used while it lives). Shared references made from it (`cx()`) end within the
+    /// method that made them, and the one exclusive reference (`repair`) is made while none is live.
+    cx: NonNull<Cx<'c>>,
+    _cx: PhantomData<&'a mut Cx<'c>>,
     local: &'a Local,
     recovery: RefCell<Option<Recovery>>,
 }
@@ -1096,7 +1147,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     #[inline]
     #[must_use]
     pub fn is_held(&self) -> bool {
-        self.cx.borrow().is_held()
+        self.cx().is_held()
     }
 
     /// The context's identity (as in its handles).
@@ -1129,11 +1180,28 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         self.local.hdr()
     }
 
+    #[inline]
+    fn cx(&self) -> &Cx<'c> {
+        // SAFETY: by the INVARIANTS on `cx` the pointee lives for `'a` and no exclusive reference
+        // to it is live now (the only one is made and dropped inside `repair`, which never calls
+        // back into here while it lives).
+        unsafe { self.cx.as_ref() }
+    }
+
+    /// This process's token (from the lock's registration cache: the lock is held, so this
+    /// process is registered in this fork generation).
+    #[inline]
+    fn me(&self) -> Result<u64, ObjectError> {
+        self.local.ctx.lock().me().map(|(t, _)| t).map_err(|_| {
+            ObjectError::Identity("this process cannot register with the context's lock".into())
+        })
+    }
+
     /// Repairs if the lock came from a holder that died (at entry, or on return from a nested call).
     #[inline]
     fn sync(&self) {
         let died = {
-            let cx = self.cx.borrow();
+            let cx = self.cx();
             cx.is_held() && cx.owner_died()
         };
         if died {
@@ -1155,7 +1223,11 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         drop(rec);
         // Held (checked by `sync`), so this cannot fail; if it did, the lock would report the
         // state unrecoverable on release, which is the safe outcome.
-        let _ = self.cx.borrow_mut().mark_consistent();
+        // SAFETY: by the INVARIANTS on `cx`, no other reference to the `Cx` is live during this
+        // call (`repair` is reached from `sync`, whose shared reference has ended), and this one
+        // ends with the statement.
+        let cx = unsafe { &mut *self.cx.as_ptr() };
+        let _ = cx.mark_consistent();
     }
 
     /// Rebuilds the table's derived state from the slots (free list, counts), drops records that
@@ -1315,7 +1387,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     pub fn alloc<T: ShareSafe>(&mut self, value: T) -> Result<SharedHandle<T>, ObjectError> {
         const { assert!(!std::mem::needs_drop::<T>(), "ShareSafe types need no drop") };
         self.check()?;
-        if my_token()? != self.local.maker {
+        if self.me()? != self.local.maker {
             return Err(ObjectError::InheritedHandle);
         }
         let h = self.hdr();
@@ -1410,18 +1482,12 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     ) -> Result<R, ObjectError> {
         self.check()?;
         let (rec, s) = self.lookup_typed(h)?;
-        let me = my_token()?;
+        let me = self.me()?;
         let chain = chain_tag();
         if self.check_borrower(rec, h.id, me, chain)? || s & POISONED != 0 {
             return Err(ObjectError::Poisoned);
         }
-        let addr = rec.ptr.load(Ordering::Relaxed);
-        let ptr = addr as *mut T;
-        // Written by `alloc` from a fresh block of this heap and checked against the allocator by
-        // every repair; checked here against the heap's span and T's alignment.
-        if ptr.is_null() || !ptr.is_aligned() || !self.local.heap.contains(ptr) {
-            return Err(ObjectError::Corrupt("object pointer"));
-        }
+        let ptr = self.object_ptr::<T>(rec)?;
         rec.chain.store(chain, Ordering::Relaxed);
         rec.borrower.store(me, Ordering::Relaxed);
         let end = EndBorrow { s: self, rec };
@@ -1436,6 +1502,46 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         Ok(r)
     }
 
+    /// The object's address, checked: written by `alloc` from a fresh block of this heap (and checked
+    /// against the allocator by every repair), checked here against the heap's span and T's
+    /// alignment.
+    #[inline]
+    fn object_ptr<T>(&self, rec: &SlotRec) -> Result<*mut T, ObjectError> {
+        let addr = rec.ptr.load(Ordering::Relaxed) as usize;
+        let (lo, len) = self.local.span;
+        let end = addr.saturating_add(size_of::<T>());
+        if addr == 0 || addr % align_of::<T>() != 0 || addr < lo || end - lo > len {
+            return Err(ObjectError::Corrupt("object pointer"));
+        }
+        Ok(addr as *mut T)
+    }
+
+    /// Copies the object out. No code of the caller runs while the object is read, so no nested
+    /// call can happen meanwhile and no borrow needs recording: the cheapest read.
+    ///
+    /// # Errors
+    /// As [`SharedCx::with`]: an object borrowed by any call chain (this one included: a `&mut`
+    /// to it is live further up) is not read.
+    #[inline]
+    pub fn get<T: ShareSafe + Copy>(&self, h: SharedHandle<T>) -> Result<T, ObjectError> {
+        self.check()?;
+        let (rec, s) = self.lookup_typed(h)?;
+        if rec.borrower.load(Ordering::Relaxed) != 0 {
+            // Busy or InUse for a live borrower; a dead one's object is reclaimed, poisoned.
+            self.check_borrower(rec, h.id, self.me()?, chain_tag())?;
+            return Err(ObjectError::Poisoned);
+        }
+        if s & POISONED != 0 {
+            return Err(ObjectError::Poisoned);
+        }
+        let ptr = self.object_ptr::<T>(rec)?;
+        // SAFETY: the slot is live with T's type tag, so `ptr` is the block `alloc` wrote a T into
+        // (sized and aligned for T, in the heap this process maps). Nobody borrows it (checked
+        // under the context's lock, which this thread holds), so no `&mut` to it exists anywhere
+        // while it is read, and the read ends before this thread could release the lock.
+        Ok(unsafe { ptr.read() })
+    }
+
     /// Frees the object (its block goes back to the heap); its handles become stale. A poisoned
     /// object can be freed; one borrowed by a dead process is reclaimed and freed.
     ///
@@ -1445,7 +1551,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     pub fn free(&mut self, h: impl Into<ObjectId>) -> Result<(), ObjectError> {
         let id = h.into();
         self.check()?;
-        let me = my_token()?;
+        let me = self.me()?;
         if me != self.local.maker {
             return Err(ObjectError::InheritedHandle);
         }
@@ -1556,7 +1662,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     }
 
     fn free_all(&self) -> Result<usize, ObjectError> {
-        let me = my_token()?;
+        let me = self.me()?;
         if me != self.local.maker {
             return Err(ObjectError::InheritedHandle);
         }

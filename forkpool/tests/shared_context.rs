@@ -237,6 +237,17 @@ fn borrows_busy_not_held_and_poison() {
             .unwrap()
             .unwrap();
         assert_eq!(r, (Err(ObjectError::Busy), Ok(2)));
+        // `get` copies out without recording a borrow, and refuses a borrowed object likewise.
+        let r = scx
+            .enter(|s| s.with(a, |_| (s.get(a), s.get(b))))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r, (Err(ObjectError::Busy), Ok(2)));
+        let wrong = scx.enter(|s| s.get(a.cast::<u32>())).unwrap();
+        assert!(
+            matches!(wrong, Err(ObjectError::WrongType { .. })),
+            "{wrong:?}"
+        );
 
         // Inside a nested call into a local context the shared one is suspended: NotHeld. After
         // the call returns, it is held again.
@@ -281,6 +292,7 @@ fn borrows_busy_not_held_and_poison() {
             seen,
             (Err(ObjectError::Poisoned), Ok(2), vec![a.id()], Ok(true))
         );
+        assert_eq!(scx.enter(|s| s.get(a)).unwrap(), Err(ObjectError::Poisoned));
         let r = scx
             .enter(|s| (s.clear_poison(a), s.clear_poison(a), s.with(a, |v| *v)))
             .unwrap();
@@ -322,6 +334,8 @@ fn another_thread_sees_in_use_and_waits_or_times_out() {
             let r = scx.enter(|s| s.with(h, |v| *v)).unwrap();
             assert!(matches!(r, Err(ObjectError::InUse { .. })), "{r:?}");
             let r = scx.enter(|s| s.free(h)).unwrap();
+            assert!(matches!(r, Err(ObjectError::InUse { .. })), "{r:?}");
+            let r = scx.enter(|s| s.get(h)).unwrap();
             assert!(matches!(r, Err(ObjectError::InUse { .. })), "{r:?}");
             to_a.send(()).unwrap();
             assert_eq!(a.join().unwrap(), Ok(Ok(())));
@@ -706,7 +720,7 @@ fn killed_suspended() -> anyhow::Result<()> {
         // The borrower is found dead at the next conflict (a zombie counts as dead).
         let mut last = None;
         let reclaimed = wait_for(T, || {
-            let r = scx.enter(|s| (s.with(obj, |c| *c), s.recovery()));
+            let r = scx.enter(|s| (s.get(obj), s.recovery()));
             let done = matches!(r, Ok((Err(ObjectError::Poisoned), Some(_))));
             last = Some(r);
             done
