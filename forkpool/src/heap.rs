@@ -134,7 +134,10 @@ impl Heap {
     /// The heap's span as (start address, length in bytes), for callers that check many pointers.
     #[cfg_attr(loom, allow(dead_code))] // shared contexts are left out of the loom build
     pub(crate) fn span(&self) -> (usize, usize) {
-        (self.raw.base().as_ptr() as usize, self.raw.geometry().span())
+        (
+            self.raw.base().as_ptr() as usize,
+            self.raw.geometry().span(),
+        )
     }
 
     /// Statistics, from a scan of the bookkeeping.
