@@ -294,7 +294,7 @@ mod tests {
 /// with a word-at-a-time ASCII fast path before the full UTF-8 check. The full check costs more
 /// than the rest of decoding a small request when the string sits unaligned in the frame, which
 /// it does. bincode and postcard encode strings and byte strings identically; a self-describing
-/// format hands the string to [`Visitor::visit_borrowed_str`] instead, which is accepted as is.
+/// format hands the string to [`serde::de::Visitor::visit_borrowed_str`] instead, which is accepted as is.
 #[doc(hidden)]
 pub mod borrowed_str {
     use std::fmt;

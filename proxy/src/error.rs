@@ -89,6 +89,13 @@ pub enum CallError {
     /// The transport failed to move a frame (for transports other than the in-process one).
     #[error("transport: {0}")]
     Transport(String),
+    /// The process serving the target died (cross-process transports): the call may or may not
+    /// have run. Every later call through the same link fails the same way.
+    #[error("the process serving the target (pid {pid}) died")]
+    PeerDead {
+        /// Its process id.
+        pid: u32,
+    },
     /// Any other failure to enter the target context.
     #[error(transparent)]
     Enter(EnterError),

@@ -251,8 +251,7 @@ impl Link {
                 let _ = self.failure.set(f);
                 match f {
                     LinkFailure::Closed => CallError::Closed(target()),
-                    // No dedicated `CallError` variant yet: the typed cause is
-                    // `Client::failure()`.
+                    LinkFailure::PeerDead { pid } => CallError::PeerDead { pid },
                     other => CallError::Transport(other.to_string()),
                 }
             }

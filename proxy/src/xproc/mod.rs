@@ -30,7 +30,7 @@
 //! | what happens | the caller gets |
 //! |---|---|
 //! | no answer within the proxy's timeout | [`CallError::TimedOut`](crate::CallError::TimedOut) with the target's context id; the late answer is discarded by whoever reads next ([`Client::discarded_replies`]) |
-//! | the server process dies (even mid-call) | [`CallError::Transport`](crate::CallError::Transport) within about 10 ms (the channel checks the peer's liveness between bounded sleeps); [`Client::failure`] says [`LinkFailure::PeerDead`] |
+//! | the server process dies (even mid-call) | [`CallError::PeerDead`](crate::CallError::PeerDead) within about 10 ms (the channel checks the peer's liveness between bounded sleeps); [`Client::failure`] says [`LinkFailure::PeerDead`] |
 //! | the server stops serving (closes its end) | [`CallError::Closed`](crate::CallError::Closed); [`Client::failure`] says [`LinkFailure::Closed`] |
 //! | a request larger than the ring | [`CallError::Frame`](crate::CallError::Frame) (`TooLarge`), nothing sent |
 //! | a reply larger than the ring | the server sends an error frame instead: `CallError::Frame` (`TooLarge`) |
