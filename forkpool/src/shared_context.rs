@@ -1316,7 +1316,9 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         if id.slot >= self.hdr().len.load(Ordering::Relaxed) {
             return Err(ObjectError::Stale);
         }
-        let rec = self.local.slot(id.slot).ok_or(ObjectError::Stale)?;
+        let Some(rec) = self.local.slot(id.slot) else {
+            return Err(ObjectError::Stale);
+        };
         let s = rec.state.load(Ordering::Relaxed);
         if s & LIVE == 0 || (s >> 32) as u32 != id.generation {
             return Err(ObjectError::Stale);
@@ -1406,10 +1408,9 @@ impl<'a, 'c> SharedCx<'a, 'c> {
                 (i, false)
             }
         };
-        let rec = self
-            .local
-            .slot(index)
-            .ok_or(ObjectError::Corrupt("free slot"))?;
+        let Some(rec) = self.local.slot(index) else {
+            return Err(ObjectError::Corrupt("free slot"));
+        };
         if !fresh && rec.state.load(Ordering::Relaxed) & LIVE != 0 {
             return Err(ObjectError::Corrupt("free list names a live slot"));
         }
@@ -1456,10 +1457,10 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         // Published under the lock; a crash before this store leaks the block, after it the
         // segment is in use.
         self.hdr().dir[k].store(block.as_ptr() as u64, Ordering::Relaxed);
-        self.local
-            .validate_segment(k)
-            .map(|_| ())
-            .ok_or(ObjectError::Corrupt("new segment"))
+        match self.local.validate_segment(k) {
+            Some(_) => Ok(()),
+            None => Err(ObjectError::Corrupt("new segment")),
+        }
     }
 
     /// Runs `f` with exclusive access to the object. The object stays borrowed (recorded in shared
