@@ -19,6 +19,12 @@
 //!   process can walk and extend), for types that prove they are shareable ([`ShareSafe`]), and
 //!   [`SharedMutex`], a value behind `context-shmem`'s process-shared lock, which detects a holder
 //!   that died and makes the next holder repair the value.
+//! - **Shared contexts** ([`SharedContext`], module [`shared_context`]): a `context_core` context whose
+//!   lock (`context-shmem`'s crash-safe process-shared lock) and objects live in the shared heap. Any
+//!   process of the pool enters it with the core enter/handoff API (idle: one CAS on the caller's own
+//!   thread); objects are named by [`SharedHandle`]s valid in every process; a process that dies inside
+//!   the context, or suspended with an object borrowed, gets that object poisoned and its borrow
+//!   cleared before anyone else runs, and the next entrant is told ([`SharedCx::recovery`]).
 //! - **Workers** ([`Pool`]): jobs are plain function pointers (valid after fork: same image) with
 //!   arguments in shared memory ([`Pool::run`], [`Pool::run_mut`], [`Pool::broadcast`]), waits with
 //!   timeouts, dead workers detected (exit status or signal), reported ([`Pool::take_deaths`]) and
@@ -64,8 +70,9 @@
 //!
 //! ## Layering
 //!
-//! forkpool sits above `context-shmem` (segments, the process-shared lock, the channel). It uses the
-//! shared lock for [`SharedMutex`]. Its allocator needs no lock (it is lock-free and crash-consistent
+//! forkpool sits above `context-shmem` (segments, the process-shared lock, the channel) and
+//! `context-core`. It uses the shared lock for [`SharedMutex`] and, as a core `RawContextLock`
+//! ([`PoolLock`]), for [`SharedContext`]. Its allocator needs no lock (it is lock-free and crash-consistent
 //! by construction), and regions need fixed-address mapping that the segment type does not offer, so
 //! they are built with `libc` directly in `sys`.
 //!
