@@ -421,3 +421,89 @@ fn a_fork_pool_worker_hosts_the_context() {
     let out = isolated::run(pool_entry, Duration::from_secs(120)).unwrap();
     assert!(out.success(), "{:?}\n{}", out.code, out.stderr);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A shared context: the same workload, with the state in a shared context (lock and object in the
+// fork pool's heap). The proxied object forwards each method into the shared context, so every
+// call goes local context -> shared context -> back: the nested handoff between the two kinds.
+
+/// A `Workload` whose total lives in a shared context.
+struct SharedAcc {
+    ctx: context_forkpool::SharedContext,
+    total: context_forkpool::SharedHandle<u64>,
+}
+
+impl SharedAcc {
+    fn update(&self, f: impl FnOnce(&mut u64) -> u64 + Send) -> u64 {
+        let h = self.total;
+        self.ctx
+            .enter(move |s| s.with(h, f))
+            .expect("entering the shared context")
+            .expect("the shared object")
+    }
+}
+
+impl Workload for SharedAcc {
+    fn add(&mut self, n: u64, tag: &str) -> u64 {
+        let add = n + tag.len() as u64;
+        self.update(move |t| {
+            *t = t.wrapping_add(add);
+            *t
+        })
+    }
+    fn total(&self) -> u64 {
+        self.update(|t| *t)
+    }
+    fn sleep_ms(&mut self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.total()
+    }
+    fn boom(&mut self) {
+        // Panics inside the shared context, as `Acc::boom` panics inside its own: the panic is
+        // caught by the shared context's `enter` and re-raised here, so the proxy reports it the
+        // same way.
+        let Err(e) = self.ctx.enter(|_| panic!("boom"));
+        panic!("{e}");
+    }
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+#[test]
+fn a_shared_context_gives_the_same_results_as_in_process() {
+    let pool = Pool::builder()
+        .workers(0)
+        .reserve(1 << 30)
+        .initial_region(16 << 20)
+        .build()
+        .expect("a pool without workers (no fork)");
+    let shared = context_forkpool::SharedContext::create(pool.heap(), "shared").unwrap();
+    let acc = |ctx: &context_forkpool::SharedContext| SharedAcc {
+        ctx: ctx.clone(),
+        total: ctx.enter(|s| s.alloc(0u64)).unwrap().unwrap(),
+    };
+    let local = Context::new("front");
+    let p = Proxy::adopt(&local, acc(&shared)).unwrap();
+    let b = Proxy::adopt(&local, acc(&shared)).unwrap();
+    let through_shared = workload(&p, &b);
+    let free = in_process(&Context::new("free"));
+    // A panic's message names the context it was caught in; every other outcome is identical.
+    let strip = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|o| {
+                if o.starts_with("panicked") {
+                    assert!(o.contains("boom"), "{o}");
+                    "panicked".to_owned()
+                } else {
+                    o.clone()
+                }
+            })
+            .collect()
+    };
+    assert_eq!(strip(&through_shared), strip(&free));
+    assert!(through_shared.iter().any(|o| o == "poisoned"));
+    // The state really is in the shared context.
+    let total = p.total().unwrap();
+    assert_eq!(format!("ok {total}"), *free.last().unwrap());
+}

@@ -9,6 +9,7 @@ pub mod handoff;
 mod pingpong;
 pub mod proxy;
 pub mod scaling;
+mod shared_context;
 pub mod shmem;
 pub mod xproc;
 
@@ -51,7 +52,7 @@ pub const ALL: &[Suite] = &[
     },
     Suite {
         name: "xproc",
-        about: "proxied calls into a context of another process vs socket and futex ping-pong",
+        about: "cross-process proxy calls (vs Unix socket and spin/futex ping-pong) and entering an idle shared context from a pool worker",
         run: xproc::run,
     },
 ];

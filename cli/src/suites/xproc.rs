@@ -41,7 +41,21 @@ const T: Duration = Duration::from_secs(30);
 
 /// Runs the suite.
 pub fn run(r: &mut Runner) -> anyhow::Result<()> {
-    proxy_call(r)?;
+    let call_ns = proxy_call(r)?;
+    let enter_ns = super::shared_context::run(r)?;
+    r.row(
+        super::shared_context::CASE,
+        "ns_per_op",
+        enter_ns,
+        Better::Lower,
+        "proxy_call_xproc",
+        call_ns,
+        Some(Target::RatioAtMost(0.05)),
+    );
+    r.note(
+        "entering an idle shared context from a pool worker (no message, no process switch) vs \
+         the small proxied call into another process measured above in the same run",
+    );
     Ok(())
 }
 
@@ -158,8 +172,9 @@ fn rotate(r: &Runner, cases: &mut [Case<'_>]) -> anyhow::Result<Vec<f64>> {
     Ok(samples.iter_mut().map(|s| median(s)).collect())
 }
 
-/// `proxy_call_xproc` against `unix_socket` and `spin_futex_pingpong`.
-pub fn proxy_call(r: &mut Runner) -> anyhow::Result<()> {
+/// `proxy_call_xproc` against `unix_socket` and `spin_futex_pingpong`. Returns the call's median
+/// nanoseconds (the baseline of the shared-context row).
+pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
     r.step("xproc proxy_call_xproc");
     let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let _pin = if apart {
@@ -230,5 +245,5 @@ pub fn proxy_call(r: &mut Runner) -> anyhow::Result<()> {
              16-byte echo; {placement}"
         ));
     }
-    Ok(())
+    Ok(med[0])
 }
