@@ -495,6 +495,16 @@ where
     })
 }
 
+/// The call chain the calling code belongs to (never 0): the calling thread's own number, or, on a
+/// pinned context's home thread running a shipped call, the number of the chain that shipped it.
+/// Object borrows record it, so that a second borrow from the same chain is re-entrant (`Busy`) and
+/// one from another chain must wait (`InUse`). Layers that keep objects of their own (such as
+/// `context-forkpool`'s shared contexts) record it the same way. Unique within the process only.
+#[must_use]
+pub fn call_chain() -> u64 {
+    handoff::current_chain()
+}
+
 /// The contexts the calling thread holds right now, in ascending id order (empty outside any
 /// context; one entry inside `enter`; several inside [`enter_all`]).
 #[must_use]

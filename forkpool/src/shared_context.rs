@@ -51,10 +51,9 @@
 //! everything else (the pool refuses to reset while a `SharedContext` handle is alive in the master).
 //!
 //! **Limits.** The lock registers at most [`context_shmem::lock::MAX_PROCS`] live processes. A
-//! context holds at most [`MAX_OBJECTS`] objects. Call chains are told apart per thread: a pinned
-//! context's home thread that serves several callers' jobs looks like one chain here, so a second
-//! job touching an object the first job borrowed gets `Busy` rather than `InUse` (it fails instead of
-//! waiting; never a double borrow). A handle carried into a child by `fork` enters and reaches objects
+//! context holds at most [`MAX_OBJECTS`] objects. Borrows record the process token and core's call
+//! chain ([`context_core::call_chain`]), so a pinned context's home thread serving several callers'
+//! jobs tells them apart as the core object table does (`InUse`, not `Busy`). A handle carried into a child by `fork` enters and reaches objects
 //! (the lock re-registers the child: the registration is cached per process and told apart by a
 //! fork generation that a `pthread_atfork` child handler bumps), but allocating or freeing needs the child's own allocator slot:
 //! open the context there with the child's heap ([`crate::JobContext::heap`]).
@@ -108,7 +107,7 @@
 
 use std::alloc::Layout;
 use std::any::TypeId;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
@@ -238,25 +237,6 @@ fn type_tag<T: 'static>() -> u64 {
     h.write_u64(size_of::<T>() as u64);
     h.write_u64(align_of::<T>() as u64);
     h.finish()
-}
-
-/// A small number naming the calling thread within its process (never 0): the call chain a borrow
-/// records, beside the process token.
-fn chain_tag() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static TAG: Cell<u64> = const { Cell::new(0) };
-    }
-    TAG.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        // Relaxed: only uniqueness matters.
-        let v = NEXT.fetch_add(1, Ordering::Relaxed);
-        t.set(v);
-        v
-    })
 }
 
 /// A fresh identity for a context: unpredictable enough that a handle of one context never matches
@@ -1484,7 +1464,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         self.check()?;
         let (rec, s) = self.lookup_typed(h)?;
         let me = self.me()?;
-        let chain = chain_tag();
+        let chain = context_core::call_chain();
         if self.check_borrower(rec, h.id, me, chain)? || s & POISONED != 0 {
             return Err(ObjectError::Poisoned);
         }
@@ -1529,7 +1509,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         let (rec, s) = self.lookup_typed(h)?;
         if rec.borrower.load(Ordering::Relaxed) != 0 {
             // Busy or InUse for a live borrower; a dead one's object is reclaimed, poisoned.
-            self.check_borrower(rec, h.id, self.me()?, chain_tag())?;
+            self.check_borrower(rec, h.id, self.me()?, context_core::call_chain())?;
             return Err(ObjectError::Poisoned);
         }
         if s & POISONED != 0 {
@@ -1557,7 +1537,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
             return Err(ObjectError::InheritedHandle);
         }
         let (rec, _) = self.lookup(id)?;
-        self.check_borrower(rec, id, me, chain_tag())?;
+        self.check_borrower(rec, id, me, context_core::call_chain())?;
         self.free_slot(id.slot, rec);
         Ok(())
     }
@@ -1667,7 +1647,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         if me != self.local.maker {
             return Err(ObjectError::InheritedHandle);
         }
-        let chain = chain_tag();
+        let chain = context_core::call_chain();
         let len = self.hdr().len.load(Ordering::Relaxed);
         // First pass: refuse if a live chain borrows anything (reclaiming dead borrowers).
         for i in 0..len {
