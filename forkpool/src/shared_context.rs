@@ -259,31 +259,6 @@ fn fresh_uid(addr: usize) -> u64 {
     z.max(1)
 }
 
-/// Bumped in every child forked (through libc's `fork`) after the hook was installed: caches of
-/// per-process facts (this process's token and lock slot) compare it. Installed before the first
-/// [`PoolLock`] exists, so every fork that can carry a handle bumps it. A cache entry made in a
-/// process carries that process's value, and every descendant's value is larger, so an equal value
-/// means "made in this process".
-static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn after_fork_in_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
-}
-
-fn install_fork_hook() {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches an atomic, so it is
-        // async-signal-safe, as a child handler must be. On failure (ENOMEM) the hook is missing and
-        // `PoolLock::me` would trust a parent's cached registration in a child: `create`/`open` check
-        // the return value and refuse instead.
-        let r = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
-        HOOK_OK.store(r == 0, Ordering::Relaxed);
-    });
-}
-
-static HOOK_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 // ---------------------------------------------------------------------------------------------
 // Handles.
 
@@ -589,7 +564,7 @@ impl PoolLock {
     /// This process's token and slot: one load and a compare when cached for this process.
     #[inline]
     fn me(&self) -> Result<(u64, Slot), LockError> {
-        let generation = FORK_GENERATION.load(Ordering::Relaxed);
+        let generation = context_shmem::process::fork_generation();
         let p = self.reg.load(Ordering::Acquire);
         // SAFETY: a non-null `reg` points into an Arc held by `self.regs` until `self` drops.
         if let Some(r) = unsafe { p.as_ref() } {
@@ -855,8 +830,7 @@ impl SharedContext {
     }
 
     fn attach(heap: &Heap, hdr: NonNull<Header>, uid: u64, token: u64) -> Result<Self, OpenError> {
-        install_fork_hook();
-        if !HOOK_OK.load(Ordering::Relaxed) {
+        if !context_shmem::process::fork_hook_installed() {
             return Err(OpenError::Identity(std::io::Error::other(
                 "pthread_atfork failed: cannot tell a forked child from its parent",
             )));
@@ -876,7 +850,7 @@ impl SharedContext {
             regs: Mutex::new(Vec::new()),
         };
         // Register now, so that a full lock is an error here rather than a timeout at entry.
-        lock.register(FORK_GENERATION.load(Ordering::Relaxed), token)
+        lock.register(context_shmem::process::fork_generation(), token)
             .map_err(|_| OpenError::LockFull)?;
         Ok(Self {
             local: Arc::new(Local {

@@ -16,7 +16,7 @@
 //! a forked child of a multi-threaded parent.
 
 use std::sync::Once;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// A process identity that is not fooled by PID reuse (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +149,8 @@ static MY_TOKEN: AtomicU64 = AtomicU64::new(0);
 /// Bumped in every forked child, so per-process caches (lock slot registrations) know to redo work.
 static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
 static FORK_HOOK: Once = Once::new();
+/// Whether `pthread_atfork` accepted the hook.
+static FORK_HOOK_OK: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn after_fork_in_child() {
     MY_TOKEN.store(0, Ordering::Relaxed);
@@ -176,18 +178,31 @@ fn install_fork_hook() {
     FORK_HOOK.call_once(|| {
         // SAFETY: `after_fork_in_child` is an `extern "C" fn()` that only touches atomics (it is
         // async-signal-safe, as a child handler of a multi-threaded parent must be). The return value
-        // (ENOMEM) leaves the hook uninstalled; see `fork_generation` for the consequence.
-        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        // (ENOMEM) leaves the hook uninstalled: `fork_hook_installed` says so.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        FORK_HOOK_OK.store(r == 0, Ordering::Relaxed);
     });
 }
 
 /// A number that changes in each forked child (via `pthread_atfork`, so forks through libc's
-/// `fork()`; a raw `clone` syscall bypasses it). Caches of per-process state compare it.
-#[cfg_attr(loom, allow(dead_code))]
+/// `fork()`; a raw `clone` syscall bypasses it). Caches of per-process state (a lock registration,
+/// this process's token) compare it: a value recorded in a process is smaller in its ancestors and
+/// larger in its descendants, so an equal value means "recorded in this process". Meaningful only
+/// while [`fork_hook_installed`] is true.
 #[inline]
-pub(crate) fn fork_generation() -> u32 {
+#[must_use]
+pub fn fork_generation() -> u32 {
     install_fork_hook();
     FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// Whether the hook behind [`fork_generation`] is installed (installed before `main`; only an
+/// out-of-memory `pthread_atfork` leaves it out). Callers that cannot tolerate mistaking a child
+/// for its parent refuse to work without it.
+#[must_use]
+pub fn fork_hook_installed() -> bool {
+    install_fork_hook();
+    FORK_HOOK_OK.load(Ordering::Relaxed)
 }
 
 /// What this crate needs from `/proc/<pid>/stat`.
