@@ -120,6 +120,9 @@ pub struct Runner {
     progress: Box<dyn FnMut(&str)>,
 }
 
+/// A named fallible measurement for [`Runner::rotate_ns`]: runs `n` operations.
+pub type Case<'a> = (&'a str, &'a mut dyn FnMut(u64) -> anyhow::Result<()>);
+
 impl Runner {
     /// A runner; `progress` is told the name of each case as it starts.
     pub fn new(config: Config, progress: Box<dyn FnMut(&str)>) -> Self {
@@ -234,6 +237,41 @@ impl Runner {
             bs.push(t0.elapsed().as_nanos() as f64 / bi as f64);
         }
         (median(&mut cs), median(&mut bs))
+    }
+
+    /// Several fallible measurements (each runs `n` operations), each calibrated to about one trial,
+    /// then rotated through trial by trial so all see the same machine; the median ns per
+    /// operation of each, in order. For cases whose loops can fail (cross-process round trips).
+    ///
+    /// # Errors
+    /// The first error of a case, with its name.
+    pub fn rotate_ns(&self, cases: &mut [Case<'_>]) -> anyhow::Result<Vec<f64>> {
+        use anyhow::Context as _;
+        let trial = self.config.trial_time();
+        let mut iters = Vec::new();
+        for (name, f) in cases.iter_mut() {
+            let mut n = 16u64;
+            loop {
+                let t0 = Instant::now();
+                f(n).with_context(|| format!("{name}: calibration"))?;
+                let el = t0.elapsed();
+                if el >= trial / 4 || n >= 1 << 24 {
+                    let per = el.as_secs_f64() / n as f64;
+                    iters.push(((trial.as_secs_f64() / per.max(1e-9)) as u64).clamp(16, 1 << 26));
+                    break;
+                }
+                n *= 4;
+            }
+        }
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for _ in 0..self.config.trials() {
+            for (i, (name, f)) in cases.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                f(iters[i]).with_context(|| format!("{name}: trial"))?;
+                samples[i].push(t0.elapsed().as_nanos() as f64 / iters[i] as f64);
+            }
+        }
+        Ok(samples.iter_mut().map(|s| median(s)).collect())
     }
 
     /// Median of `trials()` runs of a one-shot measurement (for things that cannot loop cheaply,

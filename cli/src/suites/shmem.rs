@@ -94,41 +94,24 @@ fn channel_roundtrip(r: &mut Runner) -> anyhow::Result<()> {
     let child_cpu = apart.then_some(1);
     let mut echoes = Vec::new();
     for (name, t) in kinds {
-        echoes.push((
-            name,
+        echoes.push(
             Echo::spawn_on(t, child_cpu)
                 .with_context(|| format!("forking the {name} echo child"))?,
-        ));
+        );
     }
-    // Calibrate each transport to about one trial, then rotate through them trial by trial.
-    let trial = r.config().trial_time();
-    let mut iters = Vec::new();
-    for (name, e) in &mut echoes {
-        let mut n = 16u64;
-        loop {
-            let t0 = Instant::now();
-            e.roundtrips(n)
-                .with_context(|| format!("{name} round trips"))?;
-            let el = t0.elapsed();
-            if el >= trial / 4 || n >= 1 << 24 {
-                let per = el.as_secs_f64() / n as f64;
-                iters.push(((trial.as_secs_f64() / per.max(1e-9)) as u64).clamp(16, 1 << 26));
-                break;
-            }
-            n *= 4;
-        }
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); echoes.len()];
-    for _ in 0..r.config().trials() {
-        for (i, (name, e)) in echoes.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            e.roundtrips(iters[i])
-                .with_context(|| format!("{name} round trips"))?;
-            samples[i].push(t0.elapsed().as_nanos() as f64 / iters[i] as f64);
-        }
-    }
+    let med = {
+        let mut loops: Vec<_> = echoes
+            .iter_mut()
+            .map(|e| move |n: u64| e.roundtrips(n).map_err(anyhow::Error::from))
+            .collect();
+        let mut cases: Vec<crate::bench::Case<'_>> = kinds
+            .iter()
+            .zip(loops.iter_mut())
+            .map(|((name, _), f)| (*name, f as &mut dyn FnMut(u64) -> anyhow::Result<()>))
+            .collect();
+        r.rotate_ns(&mut cases)?
+    };
     drop(echoes);
-    let med: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
     let case = med[0];
     let targets = [
         None,

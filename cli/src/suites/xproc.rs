@@ -30,7 +30,7 @@ use context_proxy::benchkit::{CounterClient, CounterService, TAG, Tally};
 use context_proxy::xproc::{Client, ClientOptions, Host, Server, ServerOptions};
 use context_shmem::benchkit::{Echo, Transport, pin_current_thread};
 
-use crate::bench::{Better, Runner, Target, median};
+use crate::bench::{Better, Runner, Target};
 
 /// Tells the server process which CPU to pin itself to (empty: none).
 const CPU_ENV: &str = "CTX_BENCH_XPROC_CPU";
@@ -139,39 +139,6 @@ fn start_server(cpu: Option<usize>) -> anyhow::Result<(ServerProcess, Client)> {
     Ok((server, client))
 }
 
-/// A named measurement: runs `n` operations.
-type Case<'a> = (&'a str, &'a mut dyn FnMut(u64) -> anyhow::Result<()>);
-
-/// Calibrates each measurement to about one trial, then rotates through them trial by trial;
-/// returns the median ns per operation of each.
-fn rotate(r: &Runner, cases: &mut [Case<'_>]) -> anyhow::Result<Vec<f64>> {
-    let trial = r.config().trial_time();
-    let mut iters = Vec::new();
-    for (name, f) in cases.iter_mut() {
-        let mut n = 16u64;
-        loop {
-            let t0 = Instant::now();
-            f(n).with_context(|| format!("{name}: calibration"))?;
-            let el = t0.elapsed();
-            if el >= trial / 4 || n >= 1 << 24 {
-                let per = el.as_secs_f64() / n as f64;
-                iters.push(((trial.as_secs_f64() / per.max(1e-9)) as u64).clamp(16, 1 << 26));
-                break;
-            }
-            n *= 4;
-        }
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    for _ in 0..r.config().trials() {
-        for (i, (name, f)) in cases.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            f(iters[i]).with_context(|| format!("{name}: trial"))?;
-            samples[i].push(t0.elapsed().as_nanos() as f64 / iters[i] as f64);
-        }
-    }
-    Ok(samples.iter_mut().map(|s| median(s)).collect())
-}
-
 /// `proxy_call_xproc` against `unix_socket` and `spin_futex_pingpong`. Returns the call's median
 /// nanoseconds (the baseline of the shared-context row).
 pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
@@ -204,14 +171,11 @@ pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
     };
     let mut sock = |n: u64| socket.roundtrips(n).map_err(anyhow::Error::from);
     let mut word = |n: u64| futex.roundtrips(n).map_err(anyhow::Error::from);
-    let med = rotate(
-        r,
-        &mut [
-            ("proxy_call_xproc", &mut call),
-            ("unix_socket", &mut sock),
-            ("spin_futex_pingpong", &mut word),
-        ],
-    )?;
+    let med = r.rotate_ns(&mut [
+        ("proxy_call_xproc", &mut call),
+        ("unix_socket", &mut sock),
+        ("spin_futex_pingpong", &mut word),
+    ])?;
     // The server really ran every call: its total is 5 per call.
     let total = counter.add(0, TAG)?;
     anyhow::ensure!(
