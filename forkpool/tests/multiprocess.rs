@@ -4,6 +4,9 @@
 
 #![cfg(not(loom))] // SharedMutex (context-shmem) is left out of the loom build.
 
+#[macro_use]
+mod common;
+
 use std::ptr::NonNull;
 use std::time::Duration;
 
@@ -15,34 +18,6 @@ use context_forkpool::{
 };
 
 const T: Duration = Duration::from_secs(20);
-
-macro_rules! isolated_test {
-    ($name:ident, $body:ident, $secs:expr) => {
-        #[test]
-        fn $name() {
-            fn entry() -> i32 {
-                match $body() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("FAILED: {e:#}");
-                        1
-                    }
-                }
-            }
-            let out = isolated::run(entry, Duration::from_secs($secs)).expect("isolated run");
-            // Shown with --nocapture (libtest captures it otherwise).
-            print!("{}", out.stdout);
-            assert!(
-                out.success(),
-                "code {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}",
-                out.code,
-                out.signal,
-                out.stdout,
-                out.stderr
-            );
-        }
-    };
-}
 
 /// Runs supervision ticks until `n` deaths were found (a killed process needs CPU time to finish
 /// dying, which a loaded machine may delay), or 10 s pass.

@@ -7,6 +7,9 @@
 
 #![cfg(not(loom))] // shared contexts (context-shmem's lock) are left out of the loom build.
 
+#[macro_use]
+mod common;
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -16,37 +19,10 @@ use anyhow::{Context as _, bail, ensure};
 use context_core::{Context, EnterError};
 use context_forkpool::{
     JobContext, ObjectError, ObjectId, OpenError, Pool, PoolError, ShareSafe, SharedBox,
-    SharedCloseError, SharedContext, SharedContextRef, SharedHandle, isolated,
+    SharedCloseError, SharedContext, SharedContextRef, SharedHandle,
 };
 
 const T: Duration = Duration::from_secs(20);
-
-macro_rules! isolated_test {
-    ($name:ident, $body:ident, $secs:expr) => {
-        #[test]
-        fn $name() {
-            fn entry() -> i32 {
-                match $body() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("FAILED: {e:#}");
-                        1
-                    }
-                }
-            }
-            let out = isolated::run(entry, Duration::from_secs($secs)).expect("isolated run");
-            print!("{}", out.stdout);
-            assert!(
-                out.success(),
-                "code {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}",
-                out.code,
-                out.signal,
-                out.stdout,
-                out.stderr
-            );
-        }
-    };
-}
 
 /// Runs `f` on a thread and fails the test if it has not finished within `secs`.
 fn watchdog(secs: u64, f: impl FnOnce() + Send + 'static) {
