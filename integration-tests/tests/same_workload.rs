@@ -156,11 +156,18 @@ fn a_slow_target_times_out_instead_of_wedging_callers() {
     let p: Proxy<LedgerService> = Proxy::adopt(&ctx, Book::default()).unwrap();
     let hold = ctx.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
-        hold.enter(move |_| rx.recv_timeout(Duration::from_secs(10)))
-            .unwrap()
+        hold.enter(move |_| {
+            entered_tx.send(()).unwrap();
+            rx.recv_timeout(Duration::from_secs(10))
+        })
+        .unwrap()
     });
-    std::thread::sleep(Duration::from_millis(20));
+    // Wait until the holder is inside (a fixed sleep was too short on a loaded machine).
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the holder entered the context");
     let quick = p.clone().with_timeout(Duration::from_millis(30));
     assert!(
         matches!(quick.total(), Err(CallError::TimedOut(_))),

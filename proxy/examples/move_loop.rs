@@ -1,5 +1,5 @@
 //! Profiling aid: a tight loop of small proxy calls in move mode and serialize mode
-//! (`cargo run --release -p context-proxy --example move_loop`).
+//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize]`).
 use context_core::Context;
 use context_proxy::{Mode, Proxy, service};
 
@@ -26,10 +26,21 @@ fn main() {
     let ctx = Context::new("b");
     let p: Proxy<SmallService> = Proxy::adopt(&ctx, S(0)).expect("adopt");
     let m = p.clone().with_mode(Mode::Move).expect("move");
+    let only = std::env::args().nth(2);
     for (name, proxy) in [("move", &m), ("serialize", &p)] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let t0 = std::time::Instant::now();
         for i in 0..n {
-            std::hint::black_box(proxy.add(i, "sixteen-byte-tag").expect("call"));
+            std::hint::black_box(
+                proxy
+                    .add(
+                        std::hint::black_box(i),
+                        context_proxy::benchkit::opaque_tag(),
+                    )
+                    .expect("call"),
+            );
         }
         println!(
             "{name}: {:.1} ns per call",

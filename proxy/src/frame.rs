@@ -201,16 +201,21 @@ pub enum EncodeFrameError {
     Frame(FrameError),
 }
 
+/// Writes the header as four little-endian 8-byte words (the same bytes as field by field). Whole
+/// words matter for speed: the reader loads the header right after it was written, and a load that
+/// spans two smaller stores (e.g. slot and generation compared as one 8-byte word) cannot be
+/// forwarded from the store buffer and stalls until they reach the cache.
 #[inline]
 fn write_header(h: &mut [u8], kind: FrameKind, len: u32, service: u64, object: ObjectId) {
-    h[0..2].copy_from_slice(&MAGIC);
-    h[2] = VERSION;
-    h[3] = kind as u8;
-    h[4..8].copy_from_slice(&len.to_le_bytes());
+    let first = u64::from(u16::from_le_bytes(MAGIC))
+        | u64::from(VERSION) << 16
+        | u64::from(kind as u8) << 24
+        | u64::from(len) << 32;
+    let last = u64::from(object.slot) | u64::from(object.generation) << 32;
+    h[0..8].copy_from_slice(&first.to_le_bytes());
     h[8..16].copy_from_slice(&service.to_le_bytes());
     h[16..24].copy_from_slice(&object.context.to_le_bytes());
-    h[24..28].copy_from_slice(&object.slot.to_le_bytes());
-    h[28..32].copy_from_slice(&object.generation.to_le_bytes());
+    h[24..32].copy_from_slice(&last.to_le_bytes());
 }
 
 /// Checks a received frame's header against its length and `limit`, and splits off the body.
