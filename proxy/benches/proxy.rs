@@ -7,7 +7,8 @@ use std::hint::black_box;
 
 use context_core::Context;
 use context_proxy::benchkit::{
-    BigFrames, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, spawn_thread_hop,
+    BigFrames, COPY_BYTES, Counter, CounterClient, CounterService, Tally, opaque_tag,
+    spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -17,19 +18,19 @@ fn calls(c: &mut Criterion) {
     let mut g = c.benchmark_group("call_small");
     let mutex = Mutex::new(Tally::default());
     g.bench_function("direct_call_mutex", |b| {
-        b.iter(|| mutex.lock().add(black_box(5), black_box(TAG)))
+        b.iter(|| mutex.lock().add(black_box(5), opaque_tag()))
     });
 
     let ctx = Context::new("target");
     let p: Proxy<CounterService> = Proxy::adopt(&ctx, Tally::default()).expect("adopt");
     g.bench_function("call_small_idle", |b| {
-        b.iter(|| p.add(black_box(5), black_box(TAG)).expect("call"))
+        b.iter(|| p.add(black_box(5), opaque_tag()).expect("call"))
     });
 
     let h = p.handle::<Tally>().expect("handle");
     g.bench_function("floor_enter_with", |b| {
         b.iter(|| {
-            ctx.enter(|cx| cx.with(h, |t| t.add(black_box(5), black_box(TAG))))
+            ctx.enter(|cx| cx.with(h, |t| t.add(black_box(5), opaque_tag())))
                 .expect("enter")
                 .expect("with")
         })
@@ -40,19 +41,19 @@ fn calls(c: &mut Criterion) {
 
     let m = p.clone().with_mode(Mode::Move).expect("move mode");
     g.bench_function("call_small_move_idle", |b| {
-        b.iter(|| m.add(black_box(5), black_box(TAG)).expect("call"))
+        b.iter(|| m.add(black_box(5), opaque_tag()).expect("call"))
     });
 
     let pinned_ctx = Context::pinned("pinned").expect("pinned");
     let pp: Proxy<CounterService> = Proxy::adopt(&pinned_ctx, Tally::default()).expect("adopt");
     g.bench_function("call_small_pinned", |b| {
-        b.iter(|| pp.add(black_box(5), black_box(TAG)).expect("call"))
+        b.iter(|| pp.add(black_box(5), opaque_tag()).expect("call"))
     });
 
     let (tx, rx) = spawn_thread_hop();
     g.bench_function("thread_hop_roundtrip", |b| {
         b.iter(|| {
-            tx.send((black_box(5), black_box(TAG))).expect("send");
+            tx.send((black_box(5), opaque_tag())).expect("send");
             rx.recv().expect("recv")
         })
     });

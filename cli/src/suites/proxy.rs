@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use context_core::Context;
 use context_proxy::benchkit::{
-    BigFrames as Big, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, spawn_echo,
-    spawn_thread_hop,
+    BigFrames as Big, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, opaque_tag,
+    spawn_echo, spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 
@@ -41,7 +41,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let mutex = parking_lot::Mutex::new(Tally::default());
     let direct = |n: u64| {
         for _ in 0..n {
-            black_box(mutex.lock().add(black_box(5), black_box(TAG)));
+            black_box(mutex.lock().add(black_box(5), opaque_tag()));
         }
     };
 
@@ -49,7 +49,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let idle: Proxy<CounterService> = Proxy::adopt(&target, Tally::default())?;
     let call = |p: &Proxy<CounterService>, n: u64| {
         for _ in 0..n {
-            black_box(p.add(black_box(5), black_box(TAG)).expect("proxied call"));
+            black_box(p.add(black_box(5), opaque_tag()).expect("proxied call"));
         }
     };
     // Fail early and clearly rather than inside a timed loop.
@@ -73,7 +73,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         |n| {
             for _ in 0..n {
                 hop_tx
-                    .send((black_box(5), black_box(TAG)))
+                    .send((black_box(5), opaque_tag()))
                     .expect("hop thread alive");
                 black_box(hop_rx.recv().expect("hop thread alive"));
             }
