@@ -274,3 +274,67 @@ fn borrow_identity_follows_the_call_chain_not_the_home_thread() {
         assert_eq!(p.enter(move |cx| cx.with(h, |v| *v)).unwrap(), Ok(1));
     });
 }
+
+#[test]
+fn calls_waiting_in_the_mailbox_and_the_queue_are_refused_when_the_home_thread_closes() {
+    watchdog(30, || {
+        let p = Context::pinned("p").unwrap();
+        let started = Arc::new(Barrier::new(2));
+        let close_now = Arc::new(AtomicBool::new(false));
+        // A job on the home thread that waits for the signal, then closes the context from inside:
+        // the home loop then stops and refuses everything still waiting.
+        let busy = {
+            let (p2, started, close_now) = (p.clone(), started.clone(), close_now.clone());
+            std::thread::spawn(move || {
+                let inner = p2.clone();
+                p2.enter(move |_| {
+                    started.wait();
+                    while !close_now.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    inner.close().unwrap();
+                })
+                .unwrap();
+            })
+        };
+        started.wait();
+        let ran = Arc::new(AtomicBool::new(false));
+        // The first waiting caller takes the mailbox, the others queue behind it.
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let (p, ran) = (p.clone(), ran.clone());
+                std::thread::spawn(move || p.enter(move |_| ran.store(true, Ordering::SeqCst)))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        close_now.store(true, Ordering::Release);
+        busy.join().unwrap();
+        for c in callers {
+            assert_eq!(c.join().unwrap(), Err(EnterError::Closed(p.id())));
+        }
+        assert!(!ran.load(Ordering::SeqCst), "no refused call ran");
+    });
+}
+
+#[test]
+fn many_callers_through_the_mailbox_and_the_queue_all_run_once() {
+    watchdog(60, || {
+        let p = Context::pinned("p").unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (p, count) = (p.clone(), count.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let c = count.clone();
+                        p.enter(move |_| c.fetch_add(1, Ordering::Relaxed)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 8_000);
+    });
+}
