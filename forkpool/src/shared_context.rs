@@ -562,7 +562,7 @@ impl PoolLock {
     }
 
     /// This process's token and slot: one load and a compare when cached for this process.
-    #[inline]
+    #[inline(always)]
     fn me(&self) -> Result<(u64, Slot), LockError> {
         let generation = context_shmem::process::fork_generation();
         let p = self.reg.load(Ordering::Acquire);
@@ -572,6 +572,14 @@ impl PoolLock {
                 return Ok((r.token, r.slot));
             }
         }
+        self.me_slow(generation)
+    }
+
+    /// [`PoolLock::me`] without a registration for this process (its first use, or the first in a
+    /// forked child): registers it.
+    #[cold]
+    #[inline(never)]
+    fn me_slow(&self, generation: u32) -> Result<(u64, Slot), LockError> {
         // Without a token or a slot this process cannot take the lock; the trait has no better
         // variant than TimedOut (documented on `SharedContext::enter`).
         let token = ProcessToken::current()
@@ -580,7 +588,7 @@ impl PoolLock {
         self.register(generation, token).map(|s| (token, s))
     }
 
-    #[inline]
+    #[inline(always)]
     fn slot(&self) -> Result<Slot, LockError> {
         self.me().map(|(_, s)| s)
     }
@@ -705,6 +713,21 @@ impl Local {
             }
             _ => None,
         }
+    }
+
+    /// The record of slot `i` if its segment is in this process's cache of validated segments
+    /// (`None` otherwise: [`Local::slot`] then validates it). No call, for the fast paths.
+    #[inline(always)]
+    fn cached_slot(&self, i: u32) -> Option<&SlotRec> {
+        if i >= MAX_OBJECTS {
+            return None;
+        }
+        let (k, off) = seg_of(i);
+        let base = NonNull::new(self.segs.get(k)?.load(Ordering::Relaxed) as *mut SlotRec)?;
+        // SAFETY: as in `slot`: a non-zero cache entry is a validated live block of `seg_len(k)`
+        // records (INVARIANT on `segs`), `off < seg_len(k)` by `seg_of`, records are atomics, and
+        // callers check `closed` under the lock first (segments are freed only by `close`).
+        Some(unsafe { &*base.as_ptr().wrapping_add(off) })
     }
 
     /// The record of slot `i` (`None` if its segment does not exist).
@@ -1066,6 +1089,7 @@ impl fmt::Debug for SharedCx<'_, '_> {
 }
 
 impl Drop for SharedCx<'_, '_> {
+    #[inline]
     fn drop(&mut self) {
         // A holder may have died while a nested call had this context suspended: repair before the
         // lock is released (unrepaired, the lock would become unrecoverable for everyone).
@@ -1294,6 +1318,42 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         Ok((rec, s))
     }
 
+    /// The fast form of [`SharedCx::check`] plus [`SharedCx::lookup_typed`] plus
+    /// [`SharedCx::object_ptr`], for the hot paths: `Some` only if every check of those passes with
+    /// nothing to report or repair, i.e. this thread holds the context now (`held`), no holder died
+    /// unrepaired (`owner_died` clear, so `sync` would do nothing), the context is open, and `h`
+    /// names a live, **unpoisoned** slot of this context in a segment this process has validated
+    /// already (`Local::cached_slot`), of `h`'s generation and T's type tag, whose pointer is
+    /// non-null, T-aligned and inside the heap. `None` sends the caller to the step-by-step path,
+    /// which finds the same answer and reports it (or repairs first, or validates the segment); no
+    /// check is skipped, they are only fused into fewer branches with no call and no error value.
+    #[inline(always)]
+    fn ready<T: 'static>(&self, h: SharedHandle<T>) -> Option<(&'a SlotRec, *mut T)> {
+        let cx = self.cx();
+        if !cx.is_held() || cx.owner_died() {
+            return None;
+        }
+        let local = self.local;
+        let hdr = local.hdr();
+        let id = h.id;
+        if hdr.closed.load(Ordering::Relaxed) != 0
+            || id.context != local.uid
+            || id.slot >= hdr.len.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let rec = local.cached_slot(id.slot)?;
+        // One compare covers LIVE set, POISONED clear and the generation (the state word is
+        // `generation << 32 | flags`).
+        if rec.state.load(Ordering::Relaxed) != (u64::from(id.generation) << 32) | LIVE
+            || rec.tag.load(Ordering::Relaxed) != type_tag::<T>()
+        {
+            return None;
+        }
+        let ptr = self.object_addr::<T>(rec)?;
+        Some((rec, ptr))
+    }
+
     /// Whether the object is free to borrow; reclaims it from a dead borrower (poisoning it).
     /// `Ok(true)` if it was reclaimed now.
     fn check_borrower(
@@ -1462,13 +1522,20 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     /// alignment.
     #[inline]
     fn object_ptr<T>(&self, rec: &SlotRec) -> Result<*mut T, ObjectError> {
+        self.object_addr(rec)
+            .ok_or(ObjectError::Corrupt("object pointer"))
+    }
+
+    /// [`SharedCx::object_ptr`] without the error value.
+    #[inline(always)]
+    fn object_addr<T>(&self, rec: &SlotRec) -> Option<*mut T> {
         let addr = rec.ptr.load(Ordering::Relaxed) as usize;
         let (lo, len) = self.local.span;
         let end = addr.saturating_add(size_of::<T>());
         if addr == 0 || addr % align_of::<T>() != 0 || addr < lo || end - lo > len {
-            return Err(ObjectError::Corrupt("object pointer"));
+            return None;
         }
-        Ok(addr as *mut T)
+        Some(addr as *mut T)
     }
 
     /// Copies the object out. No code of the caller runs while the object is read, so no nested
@@ -1479,6 +1546,25 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     /// to it is live further up) is not read.
     #[inline]
     pub fn get<T: ShareSafe + Copy>(&self, h: SharedHandle<T>) -> Result<T, ObjectError> {
+        match self.ready::<T>(h) {
+            Some((rec, ptr)) if rec.borrower.load(Ordering::Relaxed) == 0 => {
+                // SAFETY: `ready` checked, under the context's lock which this thread holds now,
+                // everything `get_checked` checks before its read (see there): the slot is live, of
+                // generation `h`'s, unpoisoned, with T's type tag, and `ptr` is a T-aligned
+                // pointer inside the heap; the borrow was just found clear. So `ptr` is the block
+                // `alloc` wrote a T into, no `&mut` to it exists anywhere, and the read ends before
+                // this thread could release the lock.
+                Ok(unsafe { ptr.read() })
+            }
+            _ => self.get_checked(h),
+        }
+    }
+
+    /// [`SharedCx::get`] step by step, with its exact errors (and repairs): the path taken whenever
+    /// the fast checks of [`SharedCx::ready`] do not all pass.
+    #[cold]
+    #[inline(never)]
+    fn get_checked<T: ShareSafe + Copy>(&self, h: SharedHandle<T>) -> Result<T, ObjectError> {
         self.check()?;
         let (rec, s) = self.lookup_typed(h)?;
         if rec.borrower.load(Ordering::Relaxed) != 0 {

@@ -149,6 +149,90 @@ fn handles_are_checked() {
     });
 }
 
+/// `get` has a fused fast path and a step-by-step fallback: every check must give the same answer
+/// through it as through `with`, including on a handle whose segments this process has not
+/// validated yet (a fresh `open`), in later table segments, and after the context closes.
+#[test]
+fn get_checks_every_handle() {
+    watchdog(60, || {
+        let pool = heap_only();
+        let scx = SharedContext::create(pool.heap(), "g").unwrap();
+        let other = SharedContext::create(pool.heap(), "other").unwrap();
+        // 100 objects: slots in the first three table segments.
+        let hs: Vec<SharedHandle<u64>> = scx
+            .enter(|s| (0..100u64).map(|i| s.alloc(i * 3).unwrap()).collect())
+            .unwrap();
+        // A fresh handle (as another process would open it) has validated no segment yet.
+        let fresh = SharedContext::open(pool.heap(), scx.share()).unwrap();
+        for c in [&fresh, &scx] {
+            let got: Vec<u64> = c
+                .enter(|s| hs.iter().map(|&h| s.get(h).unwrap()).collect())
+                .unwrap();
+            assert_eq!(got, (0..100u64).map(|i| i * 3).collect::<Vec<_>>());
+        }
+        let h = hs[40];
+        let expect_same = |what: &str, h: SharedHandle<u64>| {
+            let (g, w) = scx.enter(|s| (s.get(h), s.with(h, |v| *v))).unwrap();
+            assert_eq!(g, w, "{what}");
+            assert!(g.is_err(), "{what}: {g:?}");
+        };
+        // Another context's handle, forged slots and generations.
+        let foreign = other.enter(|s| s.get(h)).unwrap();
+        assert!(
+            matches!(foreign, Err(ObjectError::WrongContext { .. })),
+            "{foreign:?}"
+        );
+        let (slot, generation) = (h.id().to_raw().1, h.id().to_raw().2);
+        for (slot, generation) in [(9_999, 1), (u32::MAX, 1), (slot, 0), (slot, generation + 1)] {
+            expect_same(
+                "forged",
+                ObjectId::from_raw(scx.uid(), slot, generation).typed(),
+            );
+        }
+        // Wrong type.
+        let wrong = scx.enter(|s| s.get(h.cast::<i64>())).unwrap();
+        assert!(
+            matches!(wrong, Err(ObjectError::WrongType { .. })),
+            "{wrong:?}"
+        );
+        // Borrowed (Busy from this chain), poisoned, then accepted again.
+        let r = scx.enter(|s| s.with(h, |_| s.get(h))).unwrap().unwrap();
+        assert_eq!(r, Err(ObjectError::Busy));
+        let _ = scx.enter(|s| s.with(h, |_| panic!("poison it")));
+        expect_same("poisoned", h);
+        assert_eq!(
+            scx.enter(|s| (s.clear_poison(h), s.get(h))).unwrap(),
+            (Ok(true), Ok(120))
+        );
+        // Suspended by a nested call: NotHeld; held again afterwards.
+        let local = Context::new("local");
+        let r = scx
+            .enter_local(|s| (local.enter_local(|_| s.get(h)).unwrap(), s.get(h)))
+            .unwrap();
+        assert_eq!(r, (Err(ObjectError::NotHeld), Ok(120)));
+        // Freed: stale, also once the slot holds another object.
+        scx.enter(|s| s.free(h)).unwrap().unwrap();
+        expect_same("freed", h);
+        let h2 = scx.enter(|s| s.alloc(5u64)).unwrap().unwrap();
+        assert_eq!(h2.id().to_raw().1, slot, "the slot is reused");
+        expect_same("reused", h);
+        assert_eq!(scx.enter(|s| s.get(h2)).unwrap(), Ok(5));
+        // Closed from inside the entry (a re-entrant close runs directly): Closed.
+        let r = scx
+            .enter_local(|s| {
+                s.reset().unwrap();
+                let h3 = s.alloc(9u64).unwrap();
+                (s.get(h3), scx.close(), s.get(h3))
+            })
+            .unwrap();
+        assert_eq!(r, (Ok(9), Ok(()), Err(ObjectError::Closed)));
+        assert!(matches!(
+            fresh.enter(|s| s.get(h2)),
+            Err(EnterError::Closed(_))
+        ));
+    });
+}
+
 #[test]
 fn open_validates_the_reference() {
     watchdog(60, || {
