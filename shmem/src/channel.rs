@@ -1,9 +1,14 @@
 //! A bounded, frame-oriented duplex channel between two processes, in one shared segment.
 //!
-//! Each direction is a single-producer single-consumer ring of frames. A frame is an 8-byte header
+//! Each direction is a single-producer single-consumer ring of frames. A frame is a 4-byte header
 //! word (`0` = nothing here, `len + 1` = a committed frame of `len` bytes) followed by the payload,
-//! rounded up to 8 bytes so every header is 8-aligned; payloads wrap around the ring end. The
-//! producer copies the payload into free space, stores 0 into the header word *after* the frame
+//! rounded up to 8 bytes so every header is 8-aligned; payloads wrap around the ring end. In rings
+//! of at least 4 KiB a frame is further rounded up to end on a cache-line (64-byte) boundary, so
+//! every frame starts a fresh line and one of up to 60 payload bytes travels to the consumer as a
+//! single cache line (where the consumer already polls), not two; smaller rings pack frames
+//! tightly instead, to hold as many as their size suggests. The
+//! producer copies the payload (which may come in several parts, [`Endpoint::send_parts`]) into
+//! free space, stores 0 into the header word *after* the frame
 //! (where the next frame will start, so stale bytes there can never look like a header), and then
 //! *commits* the frame by storing its header (Release); the consumer polls the header word at its
 //! own position (Acquire), copies the payload into the caller's buffer and frees the space by
@@ -36,6 +41,7 @@
 //! checked against the ring capacity this process computed from its own view of the segment size;
 //! a violation is [`ChannelError::Corrupt`], never an out-of-bounds access.
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +49,7 @@ use crate::segment::{Segment, TypeId};
 use crate::sync::{self, AtomicU32, AtomicU64, Ordering};
 use crate::{Error, ProcessToken};
 
-const CHANNEL_TYPE: TypeId = TypeId::of_name("context-shmem::Channel/v1");
+const CHANNEL_TYPE: TypeId = TypeId::of_name("context-shmem::Channel/v2");
 const CHANNEL_MAGIC: u32 = 0x4354_5843; // "CTXC"
 const CTRL_SIZE: usize = 256;
 const RING_HDR: usize = 256;
@@ -153,7 +159,20 @@ pub struct Channel {
     // process's own view of the segment size, and the segment holds CTRL_SIZE + 2 * (RING_HDR + cap)
     // payload bytes.
     cap: usize,
+    // INVARIANTS: `ctrl` points to the control block at payload offset 0 and `rings[i]` to ring
+    // `i`'s header (64-aligned), followed by its `cap` data bytes, all inside `seg`'s mapping
+    // (computed once, with bounds and alignment checked, by `Channel::new`). The mapping lives as
+    // long as `seg`, which every copy of these pointers travels with.
+    ctrl: NonNull<Ctrl>,
+    rings: [NonNull<RingHdr>; 2],
 }
+
+// SAFETY: the pointers only name memory of the mapping that `seg` (an `Arc<Segment>`, itself Send
+// and Sync) keeps alive; through them this module makes only shared references to atomics (which
+// are Sync) and raw copies governed by the ring protocol, never `&`/`&mut` to plain bytes.
+unsafe impl Send for Channel {}
+// SAFETY: as for Send: `&Channel` gives access to atomics and to raw pointers only.
+unsafe impl Sync for Channel {}
 
 fn seg_payload(cap: usize) -> usize {
     CTRL_SIZE + 2 * (RING_HDR + cap)
@@ -161,7 +180,7 @@ fn seg_payload(cap: usize) -> usize {
 
 impl Channel {
     /// A new channel whose rings hold `capacity` bytes each (a power of two, 64 B to 1 GiB).
-    /// The largest frame is `capacity - 8` bytes.
+    /// The largest frame is `capacity - 16` bytes.
     ///
     /// # Errors
     /// A bad capacity, or OS errors creating the segment.
@@ -170,7 +189,7 @@ impl Channel {
             return Err(ChannelError::BadCapacity(capacity));
         }
         let seg = Arc::new(Segment::create_memfd(seg_payload(capacity), CHANNEL_TYPE)?);
-        let ch = Self { seg, cap: capacity };
+        let ch = Self::new(seg, capacity);
         let ctrl = ch.ctrl();
         ctrl.cap.store(capacity as u64, Ordering::SeqCst);
         ctrl.magic.store(CHANNEL_MAGIC, Ordering::SeqCst);
@@ -200,7 +219,7 @@ impl Channel {
                 "segment size does not describe a channel",
             ));
         }
-        let ch = Self { seg, cap };
+        let ch = Self::new(seg, cap);
         let ctrl = ch.ctrl();
         if ctrl.magic.load(Ordering::SeqCst) != CHANNEL_MAGIC
             || ctrl.cap.load(Ordering::SeqCst) != cap as u64
@@ -236,41 +255,58 @@ impl Channel {
         self.cap - 16
     }
 
-    fn ctrl(&self) -> &Ctrl {
-        let p = self
-            .seg
+    /// The channel over `seg`, whose payload holds `seg_payload(cap)` bytes (`cap` a valid
+    /// capacity, checked by the callers): computes the control block and ring pointers once, so
+    /// that sending and receiving do no bounds checks on the segment.
+    fn new(seg: Arc<Segment>, cap: usize) -> Self {
+        let ctrl = seg
             .payload_ptr(0, std::mem::size_of::<Ctrl>(), 8)
-            .unwrap_or_else(|_| unreachable!());
-        // SAFETY: in bounds and aligned (checked; the INVARIANTS guarantee it fits, so the unwrap
-        // cannot fail), kept mapped by `self.seg`; all fields are atomics.
-        unsafe { p.cast::<Ctrl>().as_ref() }
+            .unwrap_or_else(|_| unreachable!("callers checked the segment size"))
+            .cast::<Ctrl>();
+        let ring = |i: usize| {
+            let off = CTRL_SIZE + i * (RING_HDR + cap);
+            // In bounds and 64-aligned (payload starts 64-aligned; CTRL_SIZE, RING_HDR and cap are
+            // multiples of 64), checked here once.
+            seg.payload_ptr(off, RING_HDR + cap, 64)
+                .unwrap_or_else(|_| unreachable!("callers checked the segment size"))
+                .cast::<RingHdr>()
+        };
+        let rings = [ring(0), ring(1)];
+        Self {
+            seg,
+            cap,
+            ctrl,
+            rings,
+        }
     }
 
+    fn ctrl(&self) -> &Ctrl {
+        // SAFETY: in bounds and aligned (INVARIANTS: checked in `new`), kept mapped by `self.seg`
+        // for as long as `&self` lives; all fields are atomics.
+        unsafe { self.ctrl.as_ref() }
+    }
+
+    /// Ring `i`'s header and the pointer to its `cap` data bytes. `i` must be 0 or 1.
     fn ring(&self, i: usize) -> (&RingHdr, *mut u8) {
-        let off = CTRL_SIZE + i * (RING_HDR + self.cap);
-        let p = self
-            .seg
-            .payload_ptr(off, RING_HDR + self.cap, 64)
-            .unwrap_or_else(|_| unreachable!());
-        // SAFETY: in bounds and 64-aligned (payload starts 64-aligned; CTRL_SIZE, RING_HDR and cap
-        // are multiples of 64), kept mapped by `self.seg`; the header is all atomics (padding
-        // arrays are never read).
-        let hdr = unsafe { p.cast::<RingHdr>().as_ref() };
-        // SAFETY: RING_HDR + cap bytes are in bounds (checked above).
-        let data = unsafe { p.as_ptr().add(RING_HDR) };
+        let p = self.rings[i];
+        // SAFETY: in bounds and 64-aligned (INVARIANTS), kept mapped by `self.seg` for as long as
+        // `&self` lives; the header is all atomics (padding arrays are never read).
+        let hdr = unsafe { p.as_ref() };
+        // The data follows the header: RING_HDR + cap bytes are in bounds (INVARIANTS).
+        let data = p.as_ptr().cast::<u8>().wrapping_add(RING_HDR);
         (hdr, data)
     }
 
-    /// The frame header word at position `pos` of ring `data` (0 = nothing here; `len + 1` = a
-    /// committed frame). `data` must be the data pointer returned by [`Self::ring`].
-    fn header(&self, data: *mut u8, pos: u64) -> &AtomicU64 {
+    /// The frame header word (4 bytes, 8-aligned) at position `pos` of ring `data` (0 = nothing
+    /// here; `len + 1` = a committed frame). `data` must be the data pointer returned by [`Self::ring`].
+    fn header(&self, data: *mut u8, pos: u64) -> &AtomicU32 {
         let off = (pos as usize) & (self.cap - 1) & !7;
         // SAFETY: `data` points to `cap` bytes of one of our rings, 64-aligned (INVARIANTS and
-        // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64), so the 8 bytes are
+        // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64), so the 4 bytes are
         // in bounds and aligned. The reference is tied to `&self`, which keeps the segment
         // mapped. Header words are only accessed atomically while they can hold a header (payload
         // bytes that later become a header position are synchronized through `head`).
-        unsafe { &*data.wrapping_add(off).cast::<AtomicU64>() }
+        unsafe { &*data.wrapping_add(off).cast::<AtomicU32>() }
     }
 
     /// Attaches this process as `side`. A side held by a dead process may be taken over (its
@@ -324,7 +360,7 @@ impl Channel {
                 if h == 0 {
                     break;
                 }
-                let need = frame_need(h - 1, self.cap)
+                let need = frame_need(tail, u64::from(h - 1), self.cap)
                     .ok_or(ChannelError::Corrupt("committed frame length out of range"))?;
                 tail = tail.wrapping_add(need as u64);
             }
@@ -356,13 +392,39 @@ impl Channel {
     }
 }
 
-/// Bytes a frame of `len` payload bytes occupies: an 8-byte header plus the payload, rounded up to
-/// 8 so every header is 8-aligned. `None` if it cannot fit a ring of `cap` bytes together with the
-/// next frame's header word (which the producer zeroes before committing).
-fn frame_need(len: u64, cap: usize) -> Option<usize> {
+/// Cache-line size: in rings of at least [`LINED_MIN_CAP`] bytes frames end on a line boundary
+/// (see [`frame_need`]).
+const LINE: usize = 64;
+/// Smallest ring whose frames are padded to end on a cache line. Smaller rings pack frames tightly
+/// (8-byte granularity), so that they hold as many small frames as their size promises.
+const LINED_MIN_CAP: usize = 4096;
+
+/// Bytes of a frame's header word (the payload follows it; the word itself is 8-aligned).
+const HDR: usize = 4;
+
+/// Bytes a frame of `len` payload bytes occupies when it starts at position `pos`: the 4-byte
+/// header plus the payload, rounded up to 8 bytes (every header stays 8-aligned), and in rings of
+/// at least [`LINED_MIN_CAP`] bytes further up so that the frame ends on a cache-line boundary: the
+/// next frame then starts on one, and a frame of up to 60 payload bytes occupies a single line, one
+/// cache-line transfer to the consumer instead of two when it would straddle a boundary. A frame
+/// too large to be rounded up to the line and still fit the ring is rounded to 8 only. The result
+/// depends on `pos`, `len` and `cap` alone, so the consumer, and a process walking the committed
+/// headers at attach, compute the same. `None` if the frame is longer than the largest frame,
+/// `cap - 16` bytes (so that it fits the ring together with the next frame's header word, which
+/// the producer zeroes before committing).
+fn frame_need(pos: u64, len: u64, cap: usize) -> Option<usize> {
     let len = usize::try_from(len).ok()?;
-    let need = len.checked_add(8 + 7)? & !7;
-    (need.checked_add(8)? <= cap).then_some(need)
+    if len > cap - 16 {
+        return None;
+    }
+    // `len <= cap - 16 < 1 GiB`, so nothing below overflows; `need + 8 <= cap`.
+    let need = (len + HDR + 7) & !7;
+    if cap < LINED_MIN_CAP {
+        return Some(need);
+    }
+    let off = (pos as usize) & (LINE - 1);
+    let lined = (off + need).next_multiple_of(LINE) - off;
+    Some(if lined + 8 <= cap { lined } else { need })
 }
 
 /// One process's end of a [`Channel`]: sends frames on one ring, receives on the other.
@@ -406,17 +468,31 @@ impl Endpoint {
     /// # Errors
     /// `FrameTooLarge`, `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
     pub fn send(&mut self, frame: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
+        self.send_parts(&[frame], deadline)
+    }
+
+    /// Sends one frame made of `parts` laid end to end (a header and a body, say), without
+    /// assembling it first; otherwise exactly [`Endpoint::send`].
+    ///
+    /// # Errors
+    /// As for [`Endpoint::send`].
+    pub fn send_parts(
+        &mut self,
+        parts: &[&[u8]],
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
         let cap = self.ch.cap;
-        let too_large = || ChannelError::FrameTooLarge {
-            len: frame.len(),
-            max: cap - 16,
-        };
-        let need = frame_need(frame.len() as u64, cap).ok_or_else(too_large)?;
+        let len = parts
+            .iter()
+            .try_fold(0usize, |n, p| n.checked_add(p.len()))
+            .unwrap_or(usize::MAX);
+        let too_large = || ChannelError::FrameTooLarge { len, max: cap - 16 };
         let peer = self.peer();
         let ch = &self.ch;
         let spin = &mut self.spin;
         let head_cache = &mut self.tx_head;
         let tail = self.tx_tail;
+        let need = frame_need(tail, len as u64, cap).ok_or_else(too_large)?;
         let (hdr, data) = ch.ring(self.tx);
         loop {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
@@ -438,11 +514,16 @@ impl Endpoint {
             }
             if cap - used >= room {
                 let pos = (tail as usize) & (cap - 1);
-                // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS), `pos + 8 < cap`
-                // is 8-aligned, so `(pos + 8) & (cap - 1) < cap`; the bytes [tail, tail + need + 8)
-                // are free (the consumer released them: `head` came from an Acquire load, now or
-                // earlier), so nobody reads or writes them until we commit the header.
-                unsafe { ring_write(data, cap, (pos + 8) & (cap - 1), frame) };
+                let mut at = (pos + HDR) & (cap - 1);
+                for part in parts {
+                    // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS), `at < cap`
+                    // (masked), `part.len() <= len < need < cap`; the bytes
+                    // [tail, tail + need + 8) are free (the consumer released them: `head` came
+                    // from an Acquire load, now or earlier), so nobody reads or writes them until
+                    // we commit the header.
+                    unsafe { ring_write(data, cap, at, part) };
+                    at = (at + part.len()) & (cap - 1);
+                }
                 let new_tail = tail.wrapping_add(need as u64);
                 // Clear the next frame's header word (free space, see `room`) before the commit:
                 // the consumer reads it only after acquiring our header below, so it sees 0 or a
@@ -451,8 +532,9 @@ impl Endpoint {
                 // Commit: the header store (SeqCst >= Release) publishes the payload; the consumer
                 // polls this very word. SeqCst also orders it before the `consumer_sleeping` load
                 // (store-load pattern with the consumer's sleep announcement).
+                // `len < cap <= 1 GiB` (`frame_need`), so `len + 1` fits the word.
                 ch.header(data, tail)
-                    .store(frame.len() as u64 + 1, Ordering::SeqCst);
+                    .store(len as u32 + 1, Ordering::SeqCst);
                 self.tx_tail = new_tail;
                 hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
                 if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
@@ -461,7 +543,8 @@ impl Endpoint {
                 }
                 return Ok(());
             }
-            wait(ch, peer, spin, Wait::Space, &hdr.head, hdr, head, deadline)?;
+            let changed = |o| hdr.head.load(o) != head;
+            wait(ch, peer, spin, Wait::Space, changed, hdr, deadline)?;
         }
     }
 
@@ -475,6 +558,43 @@ impl Endpoint {
         buf: &mut [u8],
         deadline: Option<Instant>,
     ) -> Result<usize, ChannelError> {
+        let (len, need) = self.next_frame(deadline)?;
+        if len > buf.len() {
+            return Err(ChannelError::BufferTooSmall { needed: len });
+        }
+        // SAFETY: `next_frame` validated a committed frame of `len` bytes at our position, which
+        // stays untouched until `release`; `buf[..len]` is `len` private writable bytes.
+        unsafe { self.copy_frame(len, buf.as_mut_ptr()) };
+        self.release(need);
+        Ok(len)
+    }
+
+    /// Receives one frame and appends it to `buf` (growing it as needed, up to the largest frame),
+    /// waiting until `deadline`; returns its length. Otherwise exactly [`Endpoint::recv`], without
+    /// `BufferTooSmall`.
+    ///
+    /// # Errors
+    /// `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    pub fn recv_append(
+        &mut self,
+        buf: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<usize, ChannelError> {
+        let (len, need) = self.next_frame(deadline)?;
+        buf.reserve(len);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: as in `recv`; `spare` has at least `len` writable bytes (reserved above).
+        unsafe { self.copy_frame(len, spare.as_mut_ptr().cast::<u8>()) };
+        // SAFETY: the `len` bytes after the old length were initialized by the copy above, and
+        // `buf.len() + len <= buf.capacity()` (reserved).
+        unsafe { buf.set_len(buf.len() + len) };
+        self.release(need);
+        Ok(len)
+    }
+
+    /// Waits until a frame is committed at our receive position and validates its header:
+    /// `(len, need)`, the payload's length and the bytes the frame occupies.
+    fn next_frame(&mut self, deadline: Option<Instant>) -> Result<(usize, usize), ChannelError> {
         let cap = self.ch.cap;
         let peer = self.peer();
         let ch = &self.ch;
@@ -485,32 +605,11 @@ impl Endpoint {
         loop {
             let h = word.load(Ordering::SeqCst);
             if h != 0 {
-                let len = h - 1;
-                let need = frame_need(len, cap)
+                let len = u64::from(h - 1);
+                let need = frame_need(head, len, cap)
                     .ok_or(ChannelError::Corrupt("frame length out of range"))?;
-                // `need <= cap` implies `len < cap`, so this conversion is lossless.
-                let len = need.min(len as usize);
-                if len > buf.len() {
-                    return Err(ChannelError::BufferTooSmall { needed: len });
-                }
-                let pos = (head as usize) & (cap - 1);
-                // SAFETY: the frame [head, head + need) was committed by the header we loaded
-                // (SeqCst >= Acquire), the producer does not touch it until we advance `head`;
-                // `(pos + 8) & (cap - 1) < cap`, `len <= cap`; `buf[..len]` is private.
-                unsafe { ring_read(data, cap, (pos + 8) & (cap - 1), &mut buf[..len]) };
-                // Free the space. The ring bytes are left as they are (the consumer never writes
-                // them; module docs): a process that takes over after we die before the store
-                // below receives this frame again, whole.
-                let new_head = head.wrapping_add(need as u64);
-                self.rx_head = new_head;
-                // Release (SeqCst): the producer reuses the space only after an Acquire load of
-                // this, which orders our reads before its writes.
-                hdr.head.store(new_head, Ordering::SeqCst);
-                if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
-                    hdr.space_seq.fetch_add(1, Ordering::SeqCst);
-                    sync::futex_wake(&hdr.space_seq, 1);
-                }
-                return Ok(len);
+                // `frame_need` checked `len <= cap - 16`, so this conversion is lossless.
+                return Ok((need.min(len as usize), need));
             }
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 // Re-check: a frame committed just before the close must still be delivered.
@@ -519,22 +618,58 @@ impl Endpoint {
                 }
                 continue;
             }
-            wait(ch, peer, spin, Wait::Data, word, hdr, 0, deadline)?;
+            let changed = |o| word.load(o) != 0;
+            wait(ch, peer, spin, Wait::Data, changed, hdr, deadline)?;
+        }
+    }
+
+    /// Copies the payload of the frame at our receive position to `dst`.
+    ///
+    /// # Safety
+    /// [`Endpoint::next_frame`] returned `len` for that frame and it was not released since; `dst`
+    /// points to `len` writable bytes nobody else accesses.
+    unsafe fn copy_frame(&self, len: usize, dst: *mut u8) {
+        let cap = self.ch.cap;
+        let (_, data) = self.ch.ring(self.rx);
+        let pos = (self.rx_head as usize) & (cap - 1);
+        // SAFETY: the frame [head, head + need) was committed by the header `next_frame` loaded
+        // (SeqCst >= Acquire), the producer does not touch it until we advance `head`;
+        // `(pos + HDR) & (cap - 1) < cap`, `len < cap` (validated by `frame_need`); `dst` is ours
+        // (caller).
+        unsafe { ring_read(data, cap, (pos + HDR) & (cap - 1), dst, len) };
+    }
+
+    /// Frees the frame at our receive position (`need` bytes, from [`Endpoint::next_frame`]).
+    fn release(&mut self, need: usize) {
+        let (hdr, _) = self.ch.ring(self.rx);
+        // The ring bytes are left as they are (the consumer never writes them; module docs): a
+        // process that takes over after we die before the store below receives this frame again,
+        // whole.
+        let new_head = self.rx_head.wrapping_add(need as u64);
+        self.rx_head = new_head;
+        // Release (SeqCst): the producer reuses the space only after an Acquire load of this,
+        // which orders our reads before its writes. SeqCst also orders it before the
+        // `producer_sleeping` load (store-load pattern with the producer's sleep announcement).
+        hdr.head.store(new_head, Ordering::SeqCst);
+        if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
+            hdr.space_seq.fetch_add(1, Ordering::SeqCst);
+            sync::futex_wake(&hdr.space_seq, 1);
         }
     }
 }
 
-/// Waits until the word `pos` (a frame header for data, the consumer's `head` for space) no longer
-/// holds `seen`.
+/// Waits until `changed` (a frame header for data, the consumer's `head` for space, no longer
+/// holding the value the caller saw) returns true.
+/// Kept out of line: it is the slow path, and the fast path of `send`/`recv` stays small.
 #[allow(clippy::too_many_arguments)] // the borrowed pieces of one endpoint, split for the borrow checker
+#[inline(never)]
 fn wait(
     ch: &Channel,
     peer: usize,
     spin: &mut u32,
     what: Wait,
-    pos: &AtomicU64,
+    changed: impl Fn(Ordering) -> bool,
     hdr: &RingHdr,
-    seen: u64,
     deadline: Option<Instant>,
 ) -> Result<(), ChannelError> {
     let (seq, sleeping) = match what {
@@ -542,7 +677,7 @@ fn wait(
         Wait::Space => (&hdr.space_seq, &hdr.producer_sleeping),
     };
     for _ in 0..*spin {
-        if pos.load(Ordering::Acquire) != seen {
+        if changed(Ordering::Acquire) {
             *spin = (*spin * 2).min(SPIN_MAX);
             return Ok(());
         }
@@ -553,7 +688,7 @@ fn wait(
     // waiting for exactly our CPU, and a yield hands it over for far less than a futex round trip.
     for _ in 0..YIELDS {
         std::thread::yield_now();
-        if pos.load(Ordering::Acquire) != seen {
+        if changed(Ordering::Acquire) {
             return Ok(());
         }
     }
@@ -567,14 +702,14 @@ fn wait(
         }
         let s = seq.load(Ordering::SeqCst);
         sleeping.store(1, Ordering::SeqCst);
-        if pos.load(Ordering::SeqCst) != seen {
+        if changed(Ordering::SeqCst) {
             sleeping.store(0, Ordering::SeqCst);
             return Ok(());
         }
         let slice = left.map_or(SLEEP_SLICE, |l| l.min(SLEEP_SLICE));
         sync::futex_wait(seq, s, Some(slice));
         sleeping.store(0, Ordering::SeqCst);
-        if pos.load(Ordering::SeqCst) != seen {
+        if changed(Ordering::SeqCst) {
             return Ok(());
         }
     }
@@ -623,35 +758,40 @@ impl Drop for Endpoint {
 /// # Safety
 /// `data` points to `cap` writable bytes, `pos < cap`, `src.len() <= cap`, and no other party
 /// accesses the destination bytes during the call.
+#[inline]
 unsafe fn ring_write(data: *mut u8, cap: usize, pos: usize, src: &[u8]) {
     let first = src.len().min(cap - pos);
     // SAFETY: `pos + first <= cap` (caller: pos < cap), destination exclusive (caller); the source
     // is a private slice.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), data.wrapping_add(pos), first) };
-    // SAFETY: the rest (`src.len() - first <= cap - first`... at most `pos` bytes since
-    // `src.len() <= cap`) goes to the start of the ring, also exclusive.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src.as_ptr().wrapping_add(first), data, src.len() - first)
-    };
+    if first < src.len() {
+        // SAFETY: the rest (`src.len() - first`, at most `pos` bytes since `src.len() <= cap`)
+        // goes to the start of the ring, also exclusive.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().wrapping_add(first),
+                data,
+                src.len() - first,
+            );
+        }
+    }
 }
 
-/// Copies from the ring at `pos`, wrapping at `cap`, into `dst`.
+/// Copies `len` bytes from the ring at `pos`, wrapping at `cap`, to `dst`.
 ///
 /// # Safety
-/// `data` points to `cap` readable bytes, `pos < cap`, `dst.len() <= cap`, and nobody writes the
-/// source bytes during the call.
-unsafe fn ring_read(data: *const u8, cap: usize, pos: usize, dst: &mut [u8]) {
-    let first = dst.len().min(cap - pos);
-    // SAFETY: `pos + first <= cap`, source not written concurrently (caller), private destination.
-    unsafe { std::ptr::copy_nonoverlapping(data.wrapping_add(pos), dst.as_mut_ptr(), first) };
-    // SAFETY: the wrapped rest, from the ring's start, within `cap` (caller).
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            data,
-            dst.as_mut_ptr().wrapping_add(first),
-            dst.len() - first,
-        )
-    };
+/// `data` points to `cap` readable bytes, `pos < cap`, `len <= cap`, nobody writes the source
+/// bytes during the call, and `dst` points to `len` writable bytes nobody else accesses.
+#[inline]
+unsafe fn ring_read(data: *const u8, cap: usize, pos: usize, dst: *mut u8, len: usize) {
+    let first = len.min(cap - pos);
+    // SAFETY: `pos + first <= cap`, source not written concurrently, destination ours (caller).
+    unsafe { std::ptr::copy_nonoverlapping(data.wrapping_add(pos), dst, first) };
+    if first < len {
+        // SAFETY: the wrapped rest, from the ring's start, within `cap` (caller); `dst` has `len`
+        // bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data, dst.wrapping_add(first), len - first) };
+    }
 }
 
 #[cfg(test)]
@@ -680,6 +820,50 @@ mod tests {
         a.send(&[7u8; 48], None).unwrap();
         assert_eq!(b.recv(&mut buf, None).unwrap(), 48);
         assert_eq!(&buf[..48], &[7u8; 48]);
+    }
+
+    /// In a ring of at least 4 KiB every frame ends on a cache line, so the next one starts on a
+    /// fresh line, and a 60-byte frame fills exactly one line; near the end of a ring too small to
+    /// pad, frames fall back to 8-byte granularity and realign afterwards.
+    #[test]
+    fn frames_of_large_rings_end_on_cache_lines() {
+        assert_eq!(frame_need(0, 60, 4096), Some(64));
+        assert_eq!(frame_need(0, 61, 4096), Some(128));
+        assert_eq!(frame_need(8, 0, 4096), Some(56));
+        assert_eq!(frame_need(0, 60, 2048), Some(64));
+        assert_eq!(frame_need(0, 1, 2048), Some(8));
+        assert_eq!(frame_need(0, 4096 - 16, 4096), Some(4088));
+        assert_eq!(frame_need(0, 4096 - 15, 4096), None);
+        let ch = Channel::create(4096).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        for i in 0..500usize {
+            let len = (i * 7) % 200;
+            let msg: Vec<u8> = (0..len).map(|x| (x + i) as u8).collect();
+            let (x, y) = msg.split_at(len / 3);
+            a.send_parts(&[x, y], None).unwrap();
+            assert_eq!(a.tx_tail % 64, 0, "frame {i} of {len} bytes");
+            if i % 2 == 0 {
+                let n = b.recv(&mut buf, None).unwrap();
+                assert_eq!(&buf[..n], &msg[..]);
+            } else {
+                got.clear();
+                got.push(0xee);
+                let n = b.recv_append(&mut got, None).unwrap();
+                assert_eq!((n, &got[1..]), (len, &msg[..]));
+            }
+        }
+        // The largest frame cannot be padded: it leaves the positions misaligned, and the next
+        // frame realigns them.
+        a.send(&vec![9u8; a.max_frame()], None).unwrap();
+        assert_ne!(a.tx_tail % 64, 0);
+        assert_eq!(b.recv(&mut buf, None).unwrap(), 4080);
+        a.send(b"x", None).unwrap();
+        assert_eq!(a.tx_tail % 64, 0);
+        assert_eq!(b.recv(&mut buf, None).unwrap(), 1);
+        assert_eq!(buf[0], b'x');
     }
 
     #[test]
@@ -717,8 +901,9 @@ mod tests {
     #[test]
     fn producer_takeover_while_the_consumer_receives() {
         const TOTAL: u32 = 60;
-        for round in 0..150u32 {
-            let ch = Channel::create(256).unwrap();
+        // A small ring (tightly packed frames) and a large one (frames padded to cache lines).
+        for round in 0..300u32 {
+            let ch = Channel::create(if round % 2 == 0 { 256 } else { 4096 }).unwrap();
             let mut a = ch.endpoint(Side::A).unwrap();
             let mut b = ch.endpoint(Side::B).unwrap();
             let before = 2 + round % 6;
@@ -853,14 +1038,16 @@ mod tests {
             tail: u64,
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
             buf_len in 0usize..100,
+            large: bool,
         ) {
-            let ch = Channel::create(128).unwrap();
+            // A small ring (tightly packed frames) or a large one (frames padded to cache lines).
+            let ch = Channel::create(if large { 4096 } else { 128 }).unwrap();
             for r in 0..2 {
                 let (hdr, data) = ch.ring(r);
                 hdr.head.store(head, Ordering::SeqCst);
                 hdr.tail.store(tail, Ordering::SeqCst);
                 for (i, x) in bytes.iter().enumerate() {
-                    // SAFETY: `i < 128 == cap`, inside the ring of a channel only this test uses.
+                    // SAFETY: `i < 128 <= cap`, inside the ring of a channel only this test uses.
                     unsafe { data.wrapping_add(i).write_volatile(*x) };
                 }
             }

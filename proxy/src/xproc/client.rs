@@ -78,10 +78,6 @@ struct Lane {
     ep: Endpoint,
     /// Sequence number of the next request (the export table was 0).
     next_seq: u64,
-    /// The outgoing message: request frame + sequence number (reused; no allocation once warm).
-    out: Vec<u8>,
-    /// The incoming message (grown on demand up to the channel's largest frame).
-    inb: Vec<u8>,
     /// Set once the link is unusable for good.
     failed: Option<LinkFailure>,
     /// When the lane was made: a deadline certainly in the past (see [`Deadline`]).
@@ -138,12 +134,12 @@ impl Lane {
         LaneError::Failed(f)
     }
 
-    /// Receives one message into `inb`, growing it if the message is larger. Returns its length.
-    fn recv(&mut self, deadline: &mut Deadline) -> Result<usize, LaneError> {
+    /// Receives one message into `reply` (replacing its contents). Returns its length.
+    fn recv(&mut self, reply: &mut Vec<u8>, deadline: &mut Deadline) -> Result<usize, LaneError> {
         loop {
-            match self.ep.recv(&mut self.inb, deadline.at) {
+            reply.clear();
+            match self.ep.recv_append(reply, deadline.at) {
                 Ok(n) => return Ok(n),
-                Err(ChannelError::BufferTooSmall { needed }) => self.inb.resize(needed, 0),
                 Err(ChannelError::TimedOut) if deadline.renew() => {}
                 Err(e) => return Err(self.fail(e)),
             }
@@ -151,7 +147,10 @@ impl Lane {
     }
 
     /// One exchange: sends `request` with the next sequence number, then reads messages until the
-    /// one answering it, discarding late answers to callers that gave up.
+    /// one answering it, discarding late answers to callers that gave up. The request goes from
+    /// the caller's buffer straight into the ring (the number appended on the way), and the answer
+    /// straight from the ring into `reply`, whose tail (the number) is then cut off: one copy each
+    /// way.
     fn call(
         &mut self,
         request: &[u8],
@@ -171,27 +170,25 @@ impl Lane {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.out.clear();
-        self.out.extend_from_slice(request);
-        self.out.extend_from_slice(&seq.to_le_bytes());
+        let number = seq.to_le_bytes();
         let mut deadline = Deadline::new(timeout, self.epoch);
         loop {
-            match self.ep.send(&self.out, deadline.at) {
+            match self.ep.send_parts(&[request, &number], deadline.at) {
                 Ok(()) => break,
                 Err(ChannelError::TimedOut) if deadline.renew() => {}
                 Err(e) => return Err(self.fail(e)),
             }
         }
         loop {
-            let n = self.recv(&mut deadline)?;
-            let Some((frame, got)) = split_seq(&self.inb[..n]) else {
+            let n = self.recv(reply, &mut deadline)?;
+            let Some((frame, got)) = split_seq(reply) else {
                 // A message too short to be numbered cannot be matched to a caller; the stream
                 // itself is intact (messages are delimited by the channel).
                 return Err(LaneError::ShortReply(n));
             };
             if got == seq {
-                reply.clear();
-                reply.extend_from_slice(frame);
+                let len = frame.len();
+                reply.truncate(len);
                 return Ok(());
             }
             if got < seq {
@@ -401,8 +398,6 @@ impl Client {
         let lane = Lane {
             ep,
             next_seq: 1,
-            out: Vec::new(),
-            inb,
             failed: None,
             epoch: Instant::now(),
         };
