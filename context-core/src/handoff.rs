@@ -329,8 +329,39 @@ pub(crate) fn run_one<T: Lockable, R>(
     allow_closed: bool,
     f: impl FnOnce(&Holding<'_>) -> R,
 ) -> Result<R, EnterError> {
+    if CURRENT.with(Cell::get).is_null() {
+        // The common case, a thread holding nothing: steps 1, 2 and 6 have nothing to do. The
+        // lock is taken before the frame is built because a locked instruction waits for every
+        // earlier store to drain: the fewer stores in flight, the cheaper the acquire.
+        let how = target.acquire(wait, allow_closed)?;
+        let entries = [FrameEntry::of(target)];
+        entries[0].record(how);
+        return run_held(&entries, target, f);
+    }
     let entries = [FrameEntry::of(target)];
     run_frame(&entries, |_| target, wait, allow_closed, f)
+}
+
+/// Steps 4 and 5 for one target already acquired by a thread that held nothing before.
+#[inline]
+fn run_held<'e, T: Lockable, R>(
+    entries: &'e [FrameEntry<'e>; 1],
+    target: &'e T,
+    f: impl FnOnce(&Holding<'_>) -> R,
+) -> Result<R, EnterError> {
+    let frame = Frame { entries };
+    let restore = Restore(ptr::null());
+    CURRENT.with(|c| c.set(ptr::from_ref(&frame).cast::<Frame<'static>>()));
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(&Holding { entries })));
+    drop(restore);
+    if outcome.is_err() && entries[0].held.get() {
+        target.record_panic();
+    }
+    release_held(entries, &|_| target);
+    outcome.map_err(|p| EnterError::Panicked {
+        context: target.id(),
+        message: panic_message(&*p),
+    })
 }
 
 #[inline]

@@ -31,20 +31,23 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
-        let t0 = std::time::Instant::now();
-        for i in 0..n {
-            std::hint::black_box(
-                proxy
-                    .add(
-                        std::hint::black_box(i),
-                        context_proxy::benchkit::opaque_tag(),
-                    )
-                    .expect("call"),
-            );
+        // The fastest of many short batches: robust to preemption on a shared machine.
+        let batch = 20_000;
+        let mut best = f64::INFINITY;
+        for _ in 0..(n / batch).max(1) {
+            let t0 = std::time::Instant::now();
+            for i in 0..batch {
+                std::hint::black_box(
+                    proxy
+                        .add(
+                            std::hint::black_box(i),
+                            context_proxy::benchkit::opaque_tag(),
+                        )
+                        .expect("call"),
+                );
+            }
+            best = best.min(t0.elapsed().as_nanos() as f64 / batch as f64);
         }
-        println!(
-            "{name}: {:.1} ns per call",
-            t0.elapsed().as_nanos() as f64 / n as f64
-        );
+        println!("{name}: {best:.1} ns per call (fastest batch of {batch})");
     }
 }
