@@ -100,13 +100,22 @@ enum Wake {
     Home(*const AtomicU32),
 }
 
+/// Laid out in two cache-line groups: what the home thread writes last and the caller polls
+/// (`state`, `result`) first, what the caller writes before publishing and the home thread reads
+/// (`input`) on the next line, so that each group crosses between the cores once per call.
+#[repr(C, align(64))]
 struct JobCell<G, R> {
     state: AtomicU32,
+    /// INVARIANT: written by the home thread before it finishes the cell; read by the caller after.
+    result: UnsafeCell<Option<Result<R, EnterError>>>,
+    input: JobInput<G>,
+}
+
+#[repr(C, align(64))]
+struct JobInput<G> {
     /// INVARIANT: touched only by the home thread between popping the cell and finishing it, or by
     /// the caller after it removed the cell from the queue or saw it finished (module docs).
     work: UnsafeCell<Option<G>>,
-    /// INVARIANT: written by the home thread before it finishes the cell; read by the caller after.
-    result: UnsafeCell<Option<Result<R, EnterError>>>,
     wake: Wake,
     id: ContextId,
     /// The caller's call chain, adopted by the home thread while it runs the job.
@@ -139,11 +148,11 @@ where
         // `result` (INVARIANT) and the cell is live (its caller waits). Everything goes through the
         // raw pointer: no reference to the whole cell is created.
         // SAFETY: `cell` is live; reading a `Copy` field through a raw place.
-        let chain = unsafe { (*cell).chain };
+        let chain = unsafe { (*cell).input.chain };
         // SAFETY: as above.
-        let id = unsafe { (*cell).id };
+        let id = unsafe { (*cell).input.id };
         // SAFETY: as above; a raw pointer to the `work` slot, which this thread owns.
-        let work_slot = unsafe { (*cell).work.get() };
+        let work_slot = unsafe { (*cell).input.work.get() };
         // SAFETY: `work_slot` is valid and nobody else touches it now (INVARIANT).
         let work = unsafe { (*work_slot).take() };
         let result = match work {
@@ -172,7 +181,7 @@ where
     /// `cell` is live, popped and not finished.
     unsafe fn finish(cell: *const Self, state: u32) {
         // SAFETY: the cell is live until the swap below publishes the final state (contract).
-        let wake = unsafe { (*cell).wake };
+        let wake = unsafe { (*cell).input.wake };
         // SAFETY: as above; a raw place projection, no reference to the cell.
         let word = unsafe { &raw const (*cell).state };
         // SAFETY: as above. The `&AtomicU32` made for the call covers only the atomic (interior
@@ -271,7 +280,16 @@ impl Home {
         // Pairs with the fence in the home thread's sleep path: either it sees our work before it
         // sleeps, or we see `sleep == 1` here.
         fence(Ordering::SeqCst);
-        if self.sleep.load(Ordering::Relaxed) == 1 {
+        self.wake_if_sleeping();
+    }
+
+    /// The second half of [`Home::wake_home`], for a caller whose work was published by a
+    /// `SeqCst` read-modify-write (the mailbox CAS): that RMW, followed by this `SeqCst` load,
+    /// orders against the home thread's `sleep` store and fence just as our own fence would (if the
+    /// CAS precedes the home's fence in the SC order the home sees the job; else this load comes
+    /// after that fence and sees `sleep == 1`), without a second full barrier per call.
+    fn wake_if_sleeping(&self) {
+        if self.sleep.load(Ordering::SeqCst) == 1 {
             self.sleep.store(0, Ordering::Relaxed);
             futex::wake_addr(&raw const self.sleep);
         }
@@ -291,16 +309,16 @@ impl Home {
     /// address); `ship_work` keeps it beside the cell, on the waiting caller's stack.
     fn push(&self, job: &JobPtr) -> bool {
         if self.queued.load(Ordering::Acquire) == 0 {
-            // Release: the home thread's Acquire on taking the pointer sees the `JobPtr` and the
-            // cell written before.
+            // SeqCst (Release at least): the home thread's Acquire on taking the pointer sees the
+            // `JobPtr` and the cell written before; SeqCst lets `wake_if_sleeping` skip the fence.
             match self.mailbox.0.compare_exchange(
                 ptr::null_mut(),
                 ptr::from_ref(job).cast_mut(),
-                Ordering::Release,
+                Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    self.wake_home();
+                    self.wake_if_sleeping();
                     return true;
                 }
                 Err(m) if m == mailbox_closed() => return false,
@@ -583,11 +601,13 @@ where
         let caller_home = current_home();
         let cell = JobCell {
             state: AtomicU32::new(PENDING),
-            work: UnsafeCell::new(Some(work)),
             result: UnsafeCell::new(None),
-            wake: caller_home.map_or(Wake::Own, |h| Wake::Home(&raw const h.sleep)),
-            id,
-            chain: handoff::current_chain(),
+            input: JobInput {
+                work: UnsafeCell::new(Some(work)),
+                wake: caller_home.map_or(Wake::Own, |h| Wake::Home(&raw const h.sleep)),
+                id,
+                chain: handoff::current_chain(),
+            },
         };
         // The home thread uses this pointer only while the cell is queued or popped-not-finished, and
         // `wait_for` below does not return (nor unwind: it calls nothing that panics) in those
@@ -617,8 +637,8 @@ fn wait_for<G, R>(
                 if target.cancel(job) {
                     // Removed from the queue before the home thread saw it: it never will.
                     // SAFETY: the cell is ours alone again (module docs).
-                    drop(unsafe { (*cell.work.get()).take() });
-                    return Err(EnterError::TimedOut(cell.id));
+                    drop(unsafe { (*cell.input.work.get()).take() });
+                    return Err(EnterError::TimedOut(cell.input.id));
                 }
                 // Already running: a started call runs to completion.
                 deadline = None;
@@ -661,9 +681,9 @@ fn wait_for<G, R>(
 fn take_outcome<G, R>(cell: &JobCell<G, R>) -> Result<R, EnterError> {
     if cell.state.load(Ordering::Acquire) == REJECTED {
         // SAFETY: finished: the cell is ours alone (module docs).
-        drop(unsafe { (*cell.work.get()).take() });
-        return Err(EnterError::Closed(cell.id));
+        drop(unsafe { (*cell.input.work.get()).take() });
+        return Err(EnterError::Closed(cell.input.id));
     }
     // SAFETY: finished: the home thread wrote `result` and will not touch the cell again.
-    unsafe { (*cell.result.get()).take() }.unwrap_or(Err(EnterError::Closed(cell.id)))
+    unsafe { (*cell.result.get()).take() }.unwrap_or(Err(EnterError::Closed(cell.input.id)))
 }

@@ -1,5 +1,5 @@
 //! Profiling aid: a tight loop of small proxy calls in move mode and serialize mode
-//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize]`).
+//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize|pinned]`).
 use context_core::Context;
 use context_proxy::{Mode, Proxy, service};
 
@@ -26,7 +26,38 @@ fn main() {
     let ctx = Context::new("b");
     let p: Proxy<SmallService> = Proxy::adopt(&ctx, S(0)).expect("adopt");
     let m = p.clone().with_mode(Mode::Move).expect("move");
+    let home = Context::pinned("home").expect("pinned context");
+    let pinned: Proxy<SmallService> = Proxy::adopt(&home, S(0)).expect("adopt");
     let only = std::env::args().nth(2);
+    if only.as_deref() == Some("pinned") {
+        // The pinned call beside its baseline, a request and reply over two crossbeam channels.
+        let (tx, rx) = context_proxy::benchkit::spawn_echo();
+        let batch = 2_000;
+        let (mut best_call, mut best_echo) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..(n / batch).max(1) {
+            let t0 = std::time::Instant::now();
+            for i in 0..batch {
+                std::hint::black_box(
+                    pinned
+                        .add(i, context_proxy::benchkit::opaque_tag())
+                        .expect("call"),
+                );
+            }
+            best_call = best_call.min(t0.elapsed().as_nanos() as f64 / batch as f64);
+            let t0 = std::time::Instant::now();
+            for i in 0..batch {
+                tx.send(i).expect("echo");
+                std::hint::black_box(rx.recv().expect("echo"));
+            }
+            best_echo = best_echo.min(t0.elapsed().as_nanos() as f64 / batch as f64);
+        }
+        println!(
+            "pinned: {best_call:.0} ns per call, channel round trip {best_echo:.0} ns \
+             ({:.2}x; fastest batches of {batch})",
+            best_call / best_echo
+        );
+        return;
+    }
     for (name, proxy) in [("move", &m), ("serialize", &p)] {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
