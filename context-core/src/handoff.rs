@@ -346,8 +346,9 @@ pub(crate) fn run_one<T: Lockable, R>(
     run_frame(&entries, |_| target, wait, allow_closed, f)
 }
 
-/// Steps 4 and 5 for one target already acquired by a thread that held nothing before.
-#[inline]
+/// Steps 4 and 5 for one target already acquired by a thread that held nothing before. Always
+/// inlined, like [`run_one`].
+#[inline(always)]
 fn run_held<'e, T: Lockable, R>(
     entries: &'e [FrameEntry<'e>; 1],
     target: &'e T,
