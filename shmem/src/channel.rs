@@ -2,12 +2,9 @@
 //!
 //! Each direction is a single-producer single-consumer ring of frames. A frame is a 4-byte header
 //! word (`0` = nothing here, `len + 1` = a committed frame of `len` bytes) followed by the payload,
-//! rounded up to 8 bytes so every header is 8-aligned; payloads wrap around the ring end. In rings
-//! of at least 4 KiB a frame is further rounded up to end on a cache-line (64-byte) boundary, so
-//! every frame starts a fresh line and one of up to 60 payload bytes travels to the consumer as a
-//! single cache line (where the consumer already polls), not two; smaller rings pack frames
-//! tightly instead, to hold as many as their size suggests. The
-//! producer copies the payload (which may come in several parts, [`Endpoint::send_parts`]) into
+//! rounded up to 8 bytes so every header is 8-aligned; payloads wrap around the ring end. (A 4-byte
+//! header, not 8: a 60-byte frame then fills exactly one cache line.) The producer copies the
+//! payload (which may come in several parts, [`Endpoint::send_parts`]) into
 //! free space, stores 0 into the header word *after* the frame
 //! (where the next frame will start, so stale bytes there can never look like a header), and then
 //! *commits* the frame by storing its header (Release); the consumer polls the header word at its
@@ -360,7 +357,7 @@ impl Channel {
                 if h == 0 {
                     break;
                 }
-                let need = frame_need(tail, u64::from(h - 1), self.cap)
+                let need = frame_need(u64::from(h - 1), self.cap)
                     .ok_or(ChannelError::Corrupt("committed frame length out of range"))?;
                 tail = tail.wrapping_add(need as u64);
             }
@@ -392,39 +389,20 @@ impl Channel {
     }
 }
 
-/// Cache-line size: in rings of at least [`LINED_MIN_CAP`] bytes frames end on a line boundary
-/// (see [`frame_need`]).
-const LINE: usize = 64;
-/// Smallest ring whose frames are padded to end on a cache line. Smaller rings pack frames tightly
-/// (8-byte granularity), so that they hold as many small frames as their size promises.
-const LINED_MIN_CAP: usize = 4096;
-
 /// Bytes of a frame's header word (the payload follows it; the word itself is 8-aligned).
 const HDR: usize = 4;
 
-/// Bytes a frame of `len` payload bytes occupies when it starts at position `pos`: the 4-byte
-/// header plus the payload, rounded up to 8 bytes (every header stays 8-aligned), and in rings of
-/// at least [`LINED_MIN_CAP`] bytes further up so that the frame ends on a cache-line boundary: the
-/// next frame then starts on one, and a frame of up to 60 payload bytes occupies a single line, one
-/// cache-line transfer to the consumer instead of two when it would straddle a boundary. A frame
-/// too large to be rounded up to the line and still fit the ring is rounded to 8 only. The result
-/// depends on `pos`, `len` and `cap` alone, so the consumer, and a process walking the committed
-/// headers at attach, compute the same. `None` if the frame is longer than the largest frame,
+/// Bytes a frame of `len` payload bytes occupies: the 4-byte header plus the payload, rounded up to
+/// 8 bytes so every header is 8-aligned. `None` if the frame is longer than the largest frame,
 /// `cap - 16` bytes (so that it fits the ring together with the next frame's header word, which
 /// the producer zeroes before committing).
-fn frame_need(pos: u64, len: u64, cap: usize) -> Option<usize> {
+fn frame_need(len: u64, cap: usize) -> Option<usize> {
     let len = usize::try_from(len).ok()?;
     if len > cap - 16 {
         return None;
     }
-    // `len <= cap - 16 < 1 GiB`, so nothing below overflows; `need + 8 <= cap`.
-    let need = (len + HDR + 7) & !7;
-    if cap < LINED_MIN_CAP {
-        return Some(need);
-    }
-    let off = (pos as usize) & (LINE - 1);
-    let lined = (off + need).next_multiple_of(LINE) - off;
-    Some(if lined + 8 <= cap { lined } else { need })
+    // `len <= cap - 16 < 1 GiB`, so this does not overflow; `need + 8 <= cap`.
+    Some((len + HDR + 7) & !7)
 }
 
 /// One process's end of a [`Channel`]: sends frames on one ring, receives on the other.
@@ -492,7 +470,7 @@ impl Endpoint {
         let spin = &mut self.spin;
         let head_cache = &mut self.tx_head;
         let tail = self.tx_tail;
-        let need = frame_need(tail, len as u64, cap).ok_or_else(too_large)?;
+        let need = frame_need(len as u64, cap).ok_or_else(too_large)?;
         let (hdr, data) = ch.ring(self.tx);
         loop {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
@@ -606,7 +584,7 @@ impl Endpoint {
             let h = word.load(Ordering::SeqCst);
             if h != 0 {
                 let len = u64::from(h - 1);
-                let need = frame_need(head, len, cap)
+                let need = frame_need(len, cap)
                     .ok_or(ChannelError::Corrupt("frame length out of range"))?;
                 // `frame_need` checked `len <= cap - 16`, so this conversion is lossless.
                 return Ok((need.min(len as usize), need));
@@ -822,18 +800,15 @@ mod tests {
         assert_eq!(&buf[..48], &[7u8; 48]);
     }
 
-    /// In a ring of at least 4 KiB every frame ends on a cache line, so the next one starts on a
-    /// fresh line, and a 60-byte frame fills exactly one line; near the end of a ring too small to
-    /// pad, frames fall back to 8-byte granularity and realign afterwards.
+    /// Frames sent in parts arrive whole, into a slice or appended to a vector; frame sizes are
+    /// the 4-byte header plus the payload, rounded up to 8.
     #[test]
-    fn frames_of_large_rings_end_on_cache_lines() {
-        assert_eq!(frame_need(0, 60, 4096), Some(64));
-        assert_eq!(frame_need(0, 61, 4096), Some(128));
-        assert_eq!(frame_need(8, 0, 4096), Some(56));
-        assert_eq!(frame_need(0, 60, 2048), Some(64));
-        assert_eq!(frame_need(0, 1, 2048), Some(8));
-        assert_eq!(frame_need(0, 4096 - 16, 4096), Some(4088));
-        assert_eq!(frame_need(0, 4096 - 15, 4096), None);
+    fn parts_and_appending_receives() {
+        assert_eq!(frame_need(60, 4096), Some(64));
+        assert_eq!(frame_need(61, 4096), Some(72));
+        assert_eq!(frame_need(0, 4096), Some(8));
+        assert_eq!(frame_need(4096 - 16, 4096), Some(4088));
+        assert_eq!(frame_need(4096 - 15, 4096), None);
         let ch = Channel::create(4096).unwrap();
         let mut a = ch.endpoint(Side::A).unwrap();
         let mut b = ch.endpoint(Side::B).unwrap();
@@ -844,7 +819,6 @@ mod tests {
             let msg: Vec<u8> = (0..len).map(|x| (x + i) as u8).collect();
             let (x, y) = msg.split_at(len / 3);
             a.send_parts(&[x, y], None).unwrap();
-            assert_eq!(a.tx_tail % 64, 0, "frame {i} of {len} bytes");
             if i % 2 == 0 {
                 let n = b.recv(&mut buf, None).unwrap();
                 assert_eq!(&buf[..n], &msg[..]);
@@ -855,15 +829,17 @@ mod tests {
                 assert_eq!((n, &got[1..]), (len, &msg[..]));
             }
         }
-        // The largest frame cannot be padded: it leaves the positions misaligned, and the next
-        // frame realigns them.
-        a.send(&vec![9u8; a.max_frame()], None).unwrap();
-        assert_ne!(a.tx_tail % 64, 0);
-        assert_eq!(b.recv(&mut buf, None).unwrap(), 4080);
-        a.send(b"x", None).unwrap();
-        assert_eq!(a.tx_tail % 64, 0);
-        assert_eq!(b.recv(&mut buf, None).unwrap(), 1);
-        assert_eq!(buf[0], b'x');
+        a.send_parts(&[&vec![9u8; 4000], &[8u8; 80]], None).unwrap();
+        assert!(matches!(
+            a.send_parts(&[&[0u8; 4000], &[0u8; 81]], None),
+            Err(ChannelError::FrameTooLarge {
+                len: 4081,
+                max: 4080
+            })
+        ));
+        got.clear();
+        assert_eq!(b.recv_append(&mut got, None).unwrap(), 4080);
+        assert!(got[..4000].iter().all(|&x| x == 9) && got[4000..].iter().all(|&x| x == 8));
     }
 
     #[test]
@@ -901,9 +877,8 @@ mod tests {
     #[test]
     fn producer_takeover_while_the_consumer_receives() {
         const TOTAL: u32 = 60;
-        // A small ring (tightly packed frames) and a large one (frames padded to cache lines).
-        for round in 0..300u32 {
-            let ch = Channel::create(if round % 2 == 0 { 256 } else { 4096 }).unwrap();
+        for round in 0..150u32 {
+            let ch = Channel::create(256).unwrap();
             let mut a = ch.endpoint(Side::A).unwrap();
             let mut b = ch.endpoint(Side::B).unwrap();
             let before = 2 + round % 6;
@@ -1038,16 +1013,14 @@ mod tests {
             tail: u64,
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
             buf_len in 0usize..100,
-            large: bool,
         ) {
-            // A small ring (tightly packed frames) or a large one (frames padded to cache lines).
-            let ch = Channel::create(if large { 4096 } else { 128 }).unwrap();
+            let ch = Channel::create(128).unwrap();
             for r in 0..2 {
                 let (hdr, data) = ch.ring(r);
                 hdr.head.store(head, Ordering::SeqCst);
                 hdr.tail.store(tail, Ordering::SeqCst);
                 for (i, x) in bytes.iter().enumerate() {
-                    // SAFETY: `i < 128 <= cap`, inside the ring of a channel only this test uses.
+                    // SAFETY: `i < 128 == cap`, inside the ring of a channel only this test uses.
                     unsafe { data.wrapping_add(i).write_volatile(*x) };
                 }
             }
