@@ -739,9 +739,26 @@ impl Drop for Endpoint {
 #[inline]
 unsafe fn ring_write(data: *mut u8, cap: usize, pos: usize, src: &[u8]) {
     let first = src.len().min(cap - pos);
-    // SAFETY: `pos + first <= cap` (caller: pos < cap), destination exclusive (caller); the source
-    // is a private slice.
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), data.wrapping_add(pos), first) };
+    let dst = data.wrapping_add(pos);
+    if (8..=16).contains(&first) {
+        // A short part (a sequence number, say) without the call into `memcpy`: two 8-byte words,
+        // overlapping when `first < 16`.
+        let (a, b) = (src.as_ptr(), src.as_ptr().wrapping_add(first - 8));
+        // SAFETY: `a` starts 8 readable bytes inside `src` (`8 <= first <= src.len()`); unaligned
+        // reads are allowed.
+        let x = unsafe { a.cast::<u64>().read_unaligned() };
+        // SAFETY: `b = a + first - 8` also starts 8 readable bytes inside `src`.
+        let y = unsafe { b.cast::<u64>().read_unaligned() };
+        // SAFETY: `dst` starts 8 bytes inside [pos, pos + first), within the ring
+        // (`pos + first <= cap`) and exclusive (caller); unaligned writes are allowed.
+        unsafe { dst.cast::<u64>().write_unaligned(x) };
+        // SAFETY: `dst + first - 8` likewise (`first >= 8`).
+        unsafe { dst.wrapping_add(first - 8).cast::<u64>().write_unaligned(y) };
+    } else {
+        // SAFETY: `pos + first <= cap` (caller: pos < cap), destination exclusive (caller); the
+        // source is a private slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, first) };
+    }
     if first < src.len() {
         // SAFETY: the rest (`src.len() - first`, at most `pos` bytes since `src.len() <= cap`)
         // goes to the start of the ring, also exclusive.

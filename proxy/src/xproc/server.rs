@@ -359,7 +359,7 @@ impl<C: Codec> Host<C> {
         // passed, so answering a request reads no clock.
         let mut poll = Instant::now() + STOP_POLL;
         let end = |calls, end| Ok(Served { calls, end });
-        if let Some(e) = send(&mut server.ep, &[&hello], &mut poll, stop)? {
+        if let Some(e) = send(&mut server.ep, &hello, &mut poll, stop)? {
             return end(calls, e);
         }
         let Server { ep, inb, out } = &mut server;
@@ -401,25 +401,26 @@ impl<C: Codec> Host<C> {
                 });
                 self.exports.error_reply(request, &e, out);
             }
+            out.extend_from_slice(&seq.to_le_bytes());
             calls += 1;
-            // The reply goes into the ring with its number appended on the way (no extra copy).
-            if let Some(e) = send(ep, &[out, &seq.to_le_bytes()], &mut poll, stop)? {
+            if let Some(e) = send(ep, out, &mut poll, stop)? {
                 return end(calls, e);
             }
         }
     }
 }
 
-/// Sends one message made of `parts`, waiting for ring space in bounded slices; `Some(end)` if the
-/// loop must end.
+/// Sends one message, waiting for ring space in bounded slices; `Some(end)` if the loop must end.
+/// (The reply's number is appended to the reply buffer rather than sent as a second part: one
+/// copy into the ring measured a few instructions cheaper.)
 fn send(
     ep: &mut Endpoint,
-    parts: &[&[u8]],
+    msg: &[u8],
     poll: &mut Instant,
     stop: &AtomicBool,
 ) -> Result<Option<ServeEnd>, XprocError> {
     loop {
-        match ep.send_parts(parts, Some(*poll)) {
+        match ep.send(msg, Some(*poll)) {
             Ok(()) => return Ok(None),
             Err(ChannelError::TimedOut) => {
                 if stop.load(Ordering::Relaxed) {
