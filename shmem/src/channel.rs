@@ -25,6 +25,17 @@
 //! consumer one cache-line transfer per frame; the producer reloads `head` only when its cached
 //! copy says the ring is full.
 //!
+//! **Pre-touch.** Right after a commit the producer also stores 0 into the header word at the next
+//! cache-line boundary beyond its position, when that word is free space. The next frame's bytes
+//! spill into that line, and the consumer holds it from the previous lap: without the pre-touch
+//! the next commit (an `xchg`, which waits for every earlier store) waits for that line's transfer
+//! on top of the transfer of the line the consumer polls; with it, the transfer happens while the
+//! producer waits for its answer anyway. (Measured: about 7% off a small cross-process proxy
+//! call.) It is harmless to the protocol: the word lies beyond the producer's position, where the
+//! consumer reads nothing, a later frame overwrites it before it can be read, and a walk of the
+//! committed headers stops at the producer's position before it. (Padding frames to whole cache
+//! lines was tried too and measured no faster.)
+//!
 //! **Waiting.** A side that finds the ring empty (or full) spins for an adaptive number of polls
 //! (grown when spinning paid off, shrunk when it had to sleep), yields the CPU a few times (the
 //! peer may be waiting for it on a busy machine), then announces itself in a
@@ -389,6 +400,9 @@ impl Channel {
     }
 }
 
+/// Cache-line size (see the pre-touch in the module docs).
+const LINE: usize = 64;
+
 /// Bytes of a frame's header word (the payload follows it; the word itself is 8-aligned).
 const HDR: usize = 4;
 
@@ -515,6 +529,14 @@ impl Endpoint {
                     .store(len as u32 + 1, Ordering::SeqCst);
                 self.tx_tail = new_tail;
                 hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
+                // Pre-touch (module docs): take the line after the one our position is in now,
+                // while nobody waits on it, if its first word is free space (`head` may be stale:
+                // that only underestimates the free space).
+                let ahead = (new_tail & !(LINE as u64 - 1)).wrapping_add(LINE as u64);
+                let gap = usize::try_from(ahead.wrapping_sub(new_tail)).unwrap_or(usize::MAX);
+                if gap <= LINE && used + need + gap + 8 <= cap {
+                    ch.header(data, ahead).store(0, Ordering::Relaxed);
+                }
                 if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
                     hdr.data_seq.fetch_add(1, Ordering::SeqCst);
                     sync::futex_wake(&hdr.data_seq, 1);
