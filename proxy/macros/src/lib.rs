@@ -244,10 +244,20 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
         quote! {
             #[inline]
             #sig {
-                match #cp::Proxy::call(self, #req::#v { #(#names),* })? {
-                    #resp::#v(r) => ::core::result::Result::Ok(r),
+                let mut error = ::core::option::Option::None;
+                match #cp::Proxy::call_split(
+                    self,
+                    &mut ::core::option::Option::Some(#req::#v { #(#names),* }),
+                    &mut error,
+                ) {
+                    ::core::option::Option::Some(#resp::#v(r)) => ::core::result::Result::Ok(r),
                     #[allow(unreachable_patterns)]
-                    _ => ::core::result::Result::Err(#cp::CallError::UnexpectedResponse),
+                    ::core::option::Option::Some(_) => {
+                        ::core::result::Result::Err(#cp::CallError::UnexpectedResponse)
+                    }
+                    ::core::option::Option::None => ::core::result::Result::Err(
+                        error.unwrap_or(#cp::CallError::UnexpectedResponse),
+                    ),
                 }
             }
         }
