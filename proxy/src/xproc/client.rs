@@ -72,8 +72,9 @@ enum LaneError {
     Failed(LinkFailure),
 }
 
-/// The channel endpoint and its buffers. Lives as the only object of the link's private context,
-/// whose FIFO lock (direct handoff, no barging) orders the callers.
+/// The channel endpoint and the sequence numbers (no buffers of its own: requests go from the
+/// caller's buffer into the ring, replies from the ring into the caller's). Lives as the only object
+/// of the link's private context, whose FIFO lock (direct handoff, no barging) orders the callers.
 struct Lane {
     ep: Endpoint,
     /// Sequence number of the next request (the export table was 0).
