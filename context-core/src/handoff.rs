@@ -369,7 +369,10 @@ fn run_held<'e, T: Lockable, R>(
     })
 }
 
-#[inline]
+/// Always inlined (into `run_one`'s nested path and `run_in`): out of line its closure and
+/// result crossed the call through memory, and a nested enter (A -> B -> A) measured 14 ns
+/// instead of 10 with one codegen unit.
+#[inline(always)]
 fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     entries: &'e [FrameEntry<'e>],
     target_of: impl Fn(&'e FrameEntry<'e>) -> &'e T,
