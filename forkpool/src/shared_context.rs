@@ -632,7 +632,8 @@ impl PoolLock {
 // If this process cannot register (more than MAX_PROCS live processes use the lock, or /proc is
 // missing), `try_lock` reports WouldBlock and `lock` TimedOut.
 unsafe impl RawContextLock for PoolLock {
-    #[inline]
+    // Always inlined, as the acquire of an idle shared context is this call plus core's frame.
+    #[inline(always)]
     fn try_lock(&self) -> Result<Acquired, LockError> {
         let me = self.slot().map_err(|_| LockError::WouldBlock)?;
         self.raw().try_lock(me)
@@ -644,7 +645,7 @@ unsafe impl RawContextLock for PoolLock {
         self.raw().lock(me, deadline, &ProcLiveness)
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn unlock(&self) {
         // SAFETY: forwarded contract: the caller holds the lock, taken with this process's slot.
         unsafe { self.raw().unlock() }
