@@ -482,9 +482,13 @@ pub(crate) fn enter_inner<L: RawContextLock, R>(
     allow_closed: bool,
     f: impl FnOnce(&mut Cx<'_>) -> R,
 ) -> Result<R, EnterError> {
-    handoff::run_one(inner, wait, allow_closed, |holding| {
-        f(&mut Cx::new(inner, holding))
-    })
+    handoff::run_one(
+        inner,
+        wait,
+        allow_closed,
+        #[inline(always)]
+        |holding| f(&mut Cx::new(inner, holding)),
+    )
 }
 
 /// Why [`Context::close`] failed.

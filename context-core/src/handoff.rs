@@ -357,7 +357,10 @@ fn run_held<'e, T: Lockable, R>(
     let frame = Frame { entries };
     let restore = Restore(ptr::null());
     CURRENT.with(|c| c.set(ptr::from_ref(&frame).cast::<Frame<'static>>()));
-    let outcome = catch_unwind(AssertUnwindSafe(|| f(&Holding { entries })));
+    let outcome = catch_unwind(AssertUnwindSafe(
+        #[inline(always)]
+        || f(&Holding { entries }),
+    ));
     drop(restore);
     if outcome.is_err() && entries[0].held.get() {
         target.record_panic();
@@ -437,7 +440,10 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     let restore = Restore(prev);
     CURRENT.with(|c| c.set(ptr::from_ref(&frame).cast::<Frame<'static>>()));
     let holding = Holding { entries };
-    let outcome = catch_unwind(AssertUnwindSafe(|| f(&holding)));
+    let outcome = catch_unwind(AssertUnwindSafe(
+        #[inline(always)]
+        || f(&holding),
+    ));
 
     // Step 5.
     drop(restore);
