@@ -195,6 +195,13 @@ impl MoveFailure {
     }
 }
 
+/// Writes `e` to `error` and returns `None`: a failed call in [`Proxy::call_split`]'s shape.
+#[cold]
+fn fail<R>(error: &mut Option<CallError>, e: CallError) -> Option<R> {
+    *error = Some(e);
+    None
+}
+
 /// A moved call's state, on the caller's stack; the `enter` closure holds only a pointer to it.
 struct MoveCall<'a, 'r, S: Service> {
     mover: MoveFn<S>,
@@ -548,28 +555,21 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         slot: &mut Option<S::Request<'_>>,
         error: &mut Option<CallError>,
     ) -> Option<S::Response> {
-        let outcome = match (&self.route, self.mode) {
+        match (&self.route, self.mode) {
             (
                 Route::Local {
                     transport, mover, ..
                 },
                 Mode::Move,
-            ) => return self.call_moved(transport, *mover, slot, error),
+            ) => self.call_moved(transport, *mover, slot, error),
             (Route::Local { transport, .. }, Mode::Serialize) => match slot {
-                Some(request) => self.call_framed(transport, request),
-                None => Err(CallError::UnexpectedResponse),
+                Some(request) => self.call_framed(transport, request, error),
+                None => fail(error, CallError::UnexpectedResponse),
             },
             (Route::Remote(t), _) => match slot {
-                Some(request) => self.call_framed(&**t, request),
-                None => Err(CallError::UnexpectedResponse),
+                Some(request) => self.call_framed(&**t, request, error),
+                None => fail(error, CallError::UnexpectedResponse),
             },
-        };
-        match outcome {
-            Ok(response) => Some(response),
-            Err(e) => {
-                *error = Some(e);
-                None
-            }
         }
     }
 
@@ -587,10 +587,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
     ) -> Option<S::Response> {
         match self.call_moved_inner(transport, mover, slot) {
             Ok(response) => Some(response),
-            Err(e) => {
-                *error = Some(e);
-                None
-            }
+            Err(e) => fail(error, e),
         }
     }
 
@@ -641,21 +638,36 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         }
     }
 
+    /// Serialize mode, in [`Proxy::call_split`]'s shape: the decoded response is returned as it
+    /// comes (a `Result` built and then copied as a whole was read back with a store-forwarding
+    /// stall), a failure goes to `error`.
     #[inline]
     fn call_framed<X: Transport + ?Sized>(
         &self,
         transport: &X,
         request: &S::Request<'_>,
-    ) -> Result<S::Response, CallError> {
+        error: &mut Option<CallError>,
+    ) -> Option<S::Response> {
         let mut pooled = Pooled::take();
         let Bufs { req, rep } = pooled.bufs();
-        frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)?;
+        if let Err(e) = frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)
+        {
+            return fail(error, e.into());
+        }
         // The common case: one round trip, with the proxy's timeout as it is (no clock read
         // here; the transport reads one only if it has to wait).
-        transport.round_trip(req, rep, self.timeout)?;
+        if let Err(e) = transport.round_trip(req, rep, self.timeout) {
+            return fail(error, e);
+        }
         match decode_reply::<C, S::Response>(rep, S::ID, &self.object) {
-            Err(CallError::InUse(id)) => self.call_framed_retrying(transport, req, rep, Some(id)),
-            other => other,
+            Ok(response) => Some(response),
+            Err(CallError::InUse(id)) => {
+                match self.call_framed_retrying(transport, req, rep, Some(id)) {
+                    Ok(response) => Some(response),
+                    Err(e) => fail(error, e),
+                }
+            }
+            Err(e) => fail(error, e),
         }
     }
 
