@@ -585,19 +585,6 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         slot: &mut Option<S::Request<'_>>,
         error: &mut Option<CallError>,
     ) -> Option<S::Response> {
-        match self.call_moved_inner(transport, mover, slot) {
-            Ok(response) => Some(response),
-            Err(e) => fail(error, e),
-        }
-    }
-
-    #[inline(always)]
-    fn call_moved_inner(
-        &self,
-        transport: &InProcess,
-        mover: MoveFn<S>,
-        slot: &mut Option<S::Request<'_>>,
-    ) -> Result<S::Response, CallError> {
         // Set at the first refusal: the timeout for waiting on the object counts from there.
         let mut retry: Option<Retry> = None;
         loop {
@@ -619,21 +606,22 @@ impl<S: Service, C: Codec> Proxy<S, C> {
                 None => transport.ctx.enter(run),
                 Some(t) => transport.ctx.enter_timeout(t, run),
             };
+            // The response is returned as it comes, in `call_split`'s shape (see there).
             match entered {
-                Ok(Some(response)) => return Ok(response),
+                Ok(Some(response)) => return Some(response),
                 Ok(None) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return fail(error, e.into()),
             }
             let id = match state.failure.take() {
                 Some(f) => match f.in_use() {
                     Some(id) if slot.is_some() => id,
-                    _ => return Err(f.into_call::<S>()),
+                    _ => return fail(error, f.into_call::<S>()),
                 },
-                None => return Err(CallError::UnexpectedResponse),
+                None => return fail(error, CallError::UnexpectedResponse),
             };
             // Refused: another call chain has the object borrowed. Wait and retry.
             if !retry.get_or_insert_with(|| Retry::new(self.timeout)).wait() {
-                return Err(CallError::InUse(id));
+                return fail(error, CallError::InUse(id));
             }
         }
     }
