@@ -157,6 +157,14 @@
 //! A through a proxy (A -> B -> A); calling back into the very object whose method is running gives
 //! [`CallError::Busy`]. Generated client methods are trait methods: a service method named like an
 //! inherent method of [`Proxy`] (`call`, `new`, ...) must be called as `CounterClient::call(&p, ..)`.
+//!
+//! ## Speed
+//! On the 2-vCPU machine the README's figures come from, a small call into an idle context costs
+//! about 8.5x a parking_lot-guarded direct call when serialized, 3.8x in move mode, and about one
+//! crossbeam channel round trip into a pinned context (`ctx bench proxy`). Build with
+//! `codegen-units = 1` in the release profile, as this workspace does: with the default 16 units
+//! LLVM leaves bincode's and serde's generic decoders out of line in the call path and a
+//! serialized call takes about a third more instructions.
 // One reviewed exception, `codec::borrowed_str::utf8` (an ASCII fast path); everything else is
 // safe code.
 #![deny(unsafe_code)]
