@@ -850,26 +850,10 @@ mod tests {
         let h = p.handle::<E>().unwrap();
         let mut ex: Exports = Exports::new();
         let id = ex.export::<EchoService, E>(h);
-        let mut req = Vec::new();
-        frame::encode::<crate::Bincode, _>(
-            &mut req,
-            frame::FrameKind::Request,
-            <EchoService as crate::Service>::ID,
-            id,
-            &EchoRequest::Echo { n: 1, s: "x" },
-        )
-        .unwrap();
-        let mut rep = Vec::new();
-        b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
-        let r: EchoResponse = super::decode_reply::<crate::Bincode, _>(
-            &rep,
-            <EchoService as crate::Service>::ID,
-            &id,
-        )
-        .unwrap();
-        assert!(matches!(r, EchoResponse::Echo((7, _))));
+        assert_eq!(serve_echo(&ex, &b, id).unwrap(), 7);
+        let mut req = echo_request(id);
         req[3] = 77;
-        b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+        let rep = serve_raw(&ex, &b, &req);
         let e = super::decode_reply::<crate::Bincode, EchoResponse>(
             &rep,
             0,
@@ -885,8 +869,8 @@ mod tests {
         ));
     }
 
-    /// Serves one echo request for `id` through `ex` and decodes the answer.
-    fn serve_echo(ex: &Exports, ctx: &Context, id: frame::ObjectId) -> Result<u64, CallError> {
+    /// A request frame for `echo(1, "x")` on `id`.
+    fn echo_request(id: frame::ObjectId) -> Vec<u8> {
         let mut req = Vec::new();
         frame::encode::<crate::Bincode, _>(
             &mut req,
@@ -896,8 +880,19 @@ mod tests {
             &EchoRequest::Echo { n: 1, s: "x" },
         )
         .unwrap();
+        req
+    }
+
+    /// The reply frame `ex` writes for `req`, served inside `ctx`.
+    fn serve_raw(ex: &Exports, ctx: &Context, req: &[u8]) -> Vec<u8> {
         let mut rep = Vec::new();
-        ctx.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+        ctx.enter(|cx| ex.serve(cx, req, &mut rep)).unwrap();
+        rep
+    }
+
+    /// Serves one echo request for `id` through `ex` and decodes the answer.
+    fn serve_echo(ex: &Exports, ctx: &Context, id: frame::ObjectId) -> Result<u64, CallError> {
+        let rep = serve_raw(ex, ctx, &echo_request(id));
         super::decode_reply::<crate::Bincode, EchoResponse>(
             &rep,
             <EchoService as crate::Service>::ID,
@@ -958,8 +953,7 @@ mod tests {
             .unwrap();
             let at = req.len() - bad.len();
             req[at..].copy_from_slice(bad);
-            let mut rep = Vec::new();
-            b.enter(|cx| ex.serve(cx, &req, &mut rep)).unwrap();
+            let rep = serve_raw(&ex, &b, &req);
             let r = super::decode_reply::<crate::Bincode, EchoResponse>(
                 &rep,
                 <EchoService as crate::Service>::ID,
