@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use context_core::Context;
 use context_forkpool::isolated;
 use context_proxy::Proxy;
-use context_proxy::benchkit::{CounterClient, CounterService, TAG, Tally};
+use context_proxy::benchkit::{CounterClient, CounterService, TAG, Tally, opaque_tag};
 use context_proxy::xproc::{Client, ClientOptions, Host, Server, ServerOptions};
 use context_shmem::benchkit::{Echo, Transport, pin_current_thread};
 
@@ -164,7 +164,7 @@ pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
     let mut calls = 0u64;
     let mut call = |n: u64| -> anyhow::Result<()> {
         for _ in 0..n {
-            black_box(counter.add(black_box(5), black_box(TAG))?);
+            black_box(counter.add(black_box(5), opaque_tag())?);
         }
         calls += n;
         Ok(())
