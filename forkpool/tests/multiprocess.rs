@@ -17,7 +17,7 @@ use context_forkpool::{
     open_memfd_count, resident_bytes,
 };
 
-const T: Duration = Duration::from_secs(20);
+use common::{T, small_pool};
 
 /// Runs supervision ticks until `n` deaths were found (a killed process needs CPU time to finish
 /// dying, which a loaded machine may delay), or 10 s pass.
@@ -29,14 +29,6 @@ fn supervise_until(pool: &mut Pool, n: usize) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     found == n
-}
-
-fn small_pool(workers: usize) -> context_forkpool::PoolBuilder {
-    Pool::builder()
-        .workers(workers)
-        .reserve(1 << 30)
-        .initial_region(64 << 20)
-        .control_timeout(T)
 }
 
 // ---------------------------------------------------------------------------------------------

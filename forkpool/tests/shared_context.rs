@@ -22,7 +22,7 @@ use context_forkpool::{
     SharedCloseError, SharedContext, SharedContextRef, SharedHandle,
 };
 
-const T: Duration = Duration::from_secs(20);
+use common::{T, small_pool};
 
 /// Runs `f` on a thread and fails the test if it has not finished within `secs`.
 fn watchdog(secs: u64, f: impl FnOnce() + Send + 'static) {
@@ -51,14 +51,6 @@ fn heap_only() -> Pool {
         .initial_region(64 << 20)
         .build()
         .expect("pool without workers")
-}
-
-fn small_pool(workers: usize) -> context_forkpool::PoolBuilder {
-    Pool::builder()
-        .workers(workers)
-        .reserve(1 << 30)
-        .initial_region(64 << 20)
-        .control_timeout(T)
 }
 
 /// Polls `cond` until it holds or `within` passes.

@@ -851,7 +851,7 @@ mod tests {
         let mut ex: Exports = Exports::new();
         let id = ex.export::<EchoService, E>(h);
         assert_eq!(serve_echo(&ex, &b, id).unwrap(), 7);
-        let mut req = echo_request(id);
+        let mut req = echo_request(id, "x");
         req[3] = 77;
         let rep = serve_raw(&ex, &b, &req);
         let e = super::decode_reply::<crate::Bincode, EchoResponse>(
@@ -869,15 +869,15 @@ mod tests {
         ));
     }
 
-    /// A request frame for `echo(1, "x")` on `id`.
-    fn echo_request(id: frame::ObjectId) -> Vec<u8> {
+    /// A request frame for `echo(1, s)` on `id`.
+    fn echo_request(id: frame::ObjectId, s: &str) -> Vec<u8> {
         let mut req = Vec::new();
         frame::encode::<crate::Bincode, _>(
             &mut req,
             frame::FrameKind::Request,
             <EchoService as crate::Service>::ID,
             id,
-            &EchoRequest::Echo { n: 1, s: "x" },
+            &EchoRequest::Echo { n: 1, s },
         )
         .unwrap();
         req
@@ -892,7 +892,7 @@ mod tests {
 
     /// Serves one echo request for `id` through `ex` and decodes the answer.
     fn serve_echo(ex: &Exports, ctx: &Context, id: frame::ObjectId) -> Result<u64, CallError> {
-        let rep = serve_raw(ex, ctx, &echo_request(id));
+        let rep = serve_raw(ex, ctx, &echo_request(id, "x"));
         super::decode_reply::<crate::Bincode, EchoResponse>(
             &rep,
             <EchoService as crate::Service>::ID,
@@ -941,16 +941,7 @@ mod tests {
         let mut ex: Exports = Exports::new();
         let id = ex.export::<EchoService, E>(h);
         for bad in [&b"\xffabcdefgh"[..], b"abcdefgh\xc3"] {
-            let good = "x".repeat(bad.len());
-            let mut req = Vec::new();
-            frame::encode::<crate::Bincode, _>(
-                &mut req,
-                frame::FrameKind::Request,
-                <EchoService as crate::Service>::ID,
-                id,
-                &EchoRequest::Echo { n: 1, s: &good },
-            )
-            .unwrap();
+            let mut req = echo_request(id, &"x".repeat(bad.len()));
             let at = req.len() - bad.len();
             req[at..].copy_from_slice(bad);
             let rep = serve_raw(&ex, &b, &req);

@@ -31,3 +31,16 @@ macro_rules! isolated_test {
         }
     };
 }
+
+/// How long the multi-process tests wait for a control reply before calling a worker stuck.
+pub const T: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A pool builder for tests: `workers` workers, a 1 GiB reservation, a 64 MiB first region and the
+/// tests' control timeout.
+pub fn small_pool(workers: usize) -> context_forkpool::PoolBuilder {
+    context_forkpool::Pool::builder()
+        .workers(workers)
+        .reserve(1 << 30)
+        .initial_region(64 << 20)
+        .control_timeout(T)
+}
