@@ -43,6 +43,21 @@ pub trait Codec: Send + Sync + 'static {
     /// # Errors
     /// Malformed input, input over the limit, or bytes left over after the value.
     fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError>;
+
+    /// Decodes a value from exactly `bytes` and hands it straight to `then`, returning what `then`
+    /// returns: [`Codec::decode`] for a value that is used at once. The default calls `decode`;
+    /// a codec may override it so that the value reaches `then` without being moved through
+    /// memory first.
+    ///
+    /// # Errors
+    /// As for [`Codec::decode`]; `then` does not run.
+    #[inline(always)]
+    fn decode_then<'de, T: Deserialize<'de>, R>(
+        bytes: &'de [u8],
+        then: impl FnOnce(T) -> R,
+    ) -> Result<R, CodecError> {
+        Self::decode(bytes).map(then)
+    }
 }
 
 /// The default body limit: 16 MiB. Services that move larger payloads pick a larger one, e.g.
@@ -166,6 +181,14 @@ impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
 
     #[inline]
     fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, CodecError> {
+        Self::decode_then(bytes, |value| value)
+    }
+
+    #[inline(always)]
+    fn decode_then<'de, T: Deserialize<'de>, R>(
+        bytes: &'de [u8],
+        then: impl FnOnce(T) -> R,
+    ) -> Result<R, CodecError> {
         if bytes.len() > LIMIT {
             return Err(CodecError::new(
                 CodecErrorKind::Limit,
@@ -176,7 +199,8 @@ impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
             .with_fixed_int_encoding()
             .with_limit::<LIMIT>();
         match bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config) {
-            Ok((value, read)) => check_consumed(read, bytes.len()).map(|()| value),
+            Ok((value, read)) if read == bytes.len() => Ok(then(value)),
+            Ok((_, read)) => Err(trailing(read, bytes.len())),
             Err(bincode::error::DecodeError::LimitExceeded) => Err(CodecError::new(
                 CodecErrorKind::Limit,
                 format_args!("a length prefix claims more than {LIMIT} bytes"),
@@ -262,6 +286,19 @@ mod tests {
             C::decode::<Small<'_>>(&out[1..3]).unwrap_err().kind(),
             CodecErrorKind::Decode
         );
+        // `decode_then` hands over the same value, and runs nothing on bad input.
+        let n = C::decode_then(&out[1..], |s: Small<'_>| {
+            assert_eq!(s, v);
+            s.n
+        });
+        assert_eq!(n, Ok(7));
+        for bad in [&longer[..], &out[1..3]] {
+            let e = C::decode_then(bad, |_: Small<'_>| panic!("`then` ran on bad input"));
+            assert_eq!(
+                e.unwrap_err().kind(),
+                C::decode::<Small<'_>>(bad).unwrap_err().kind()
+            );
+        }
     }
 
     #[test]

@@ -130,10 +130,10 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
             });
         }
         let handle = h.object.typed::<T>().ok_or(FrameError::Mismatched)?;
-        let req: S::Request<'_> = C::decode(body)?;
-        let resp = cx
-            .with(handle, |obj| S::serve(obj, req))
-            .map_err(|e| CallError::from_access(e, S::NAME))?;
+        let resp = C::decode_then(body, |req: S::Request<'_>| {
+            cx.with(handle, |obj| S::serve(obj, req))
+        })?
+        .map_err(|e| CallError::from_access(e, S::NAME))?;
         frame::encode::<C, _>(reply, FrameKind::Reply, S::ID, h.object, &resp)?;
         Ok(())
     })();
