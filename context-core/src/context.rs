@@ -550,6 +550,37 @@ pub fn call_chain() -> u64 {
     handoff::current_chain()
 }
 
+/// Runs `f` holding no context: every context the calling thread holds is released for the
+/// duration, exactly as when it calls into another context, and re-acquired (in the global order)
+/// when `f` returns. For code that blocks on something other than a context (an answer from
+/// another process, I/O, a condition), so that other threads can use the caller's context
+/// meanwhile: Python's `Py_BEGIN_ALLOW_THREADS`. Outside any context it just runs `f`.
+///
+/// Objects the caller borrowed (inside [`Cx::with`]) stay borrowed meanwhile: other call chains
+/// get [`AccessError::InUse`] for them. A [`Cx`] captured by `f` refuses access
+/// ([`AccessError::NotHeld`]) until `f` returns.
+///
+/// ```
+/// use context_core::{Context, held_contexts, suspended};
+///
+/// let ctx = Context::new("a");
+/// let inside = ctx.enter(|_| suspended(held_contexts)).unwrap().unwrap();
+/// assert!(inside.is_empty());
+/// assert_eq!(ctx.enter(|_| held_contexts()).unwrap(), vec![ctx.id()]);
+/// ```
+///
+/// # Errors
+/// [`EnterError::CallerLost`] if a released context's lock could not be taken again (a lock
+/// that reports errors, such as a process-shared one); `f` has run, and the thread then does not
+/// hold that context. A context closed meanwhile is re-acquired like an open one (as after any
+/// call out of it): its objects are gone and later entries fail.
+///
+/// # Panics
+/// A panic of `f` continues after the contexts were re-acquired.
+pub fn suspended<R>(f: impl FnOnce() -> R) -> Result<R, EnterError> {
+    handoff::while_suspended(f)
+}
+
 /// The contexts the calling thread holds right now, in ascending id order (empty outside any
 /// context; one entry inside `enter`; several inside [`enter_all`]).
 #[must_use]

@@ -289,16 +289,27 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs `f` holding no context: releases what the thread holds, runs `f`, re-acquires. Used by
-/// callers that wait for another thread (a pinned context's home thread) to do the work.
+/// callers that wait for another thread (a pinned context's home thread) or another process to do
+/// the work. If `f` panics, the contexts are re-acquired before the panic goes on (so the frames
+/// above see the state they expect), and a failure to re-acquire is then ignored: the entry stays
+/// `held = false`, which refuses access safely.
+#[inline]
 pub(crate) fn while_suspended<R>(f: impl FnOnce() -> R) -> Result<R, EnterError> {
     let prev = CURRENT.with(Cell::get);
+    if prev.is_null() {
+        // Nothing held: nothing to release or re-acquire.
+        return Ok(f());
+    }
     suspend(prev);
     let restore = Restore(prev);
     CURRENT.with(|c| c.set(ptr::null()));
-    let r = f();
+    let r = catch_unwind(AssertUnwindSafe(f));
     drop(restore);
-    resume(prev)?;
-    Ok(r)
+    let resumed = resume(prev);
+    match r {
+        Ok(r) => resumed.map(|()| r),
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
 }
 
 /// The whole protocol for a set of targets, sorted by id and free of duplicates.

@@ -72,7 +72,9 @@ mod pinned;
 mod sync;
 mod table;
 
-pub use context::{CloseError, Context, ContextStats, Cx, call_chain, enter_all, held_contexts};
+pub use context::{
+    CloseError, Context, ContextStats, Cx, call_chain, enter_all, held_contexts, suspended,
+};
 pub use error::{AccessError, EnterError};
 pub use handle::{ContextId, Handle};
 pub use local_lock::LocalLock;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{wait_until, watchdog};
-use context_core::{AccessError, CloseError, Context, EnterError, enter_all, held_contexts, os};
+use context_core::{
+    AccessError, CloseError, Context, EnterError, enter_all, held_contexts, os, suspended,
+};
 
 #[test]
 fn idle_handoffs_make_no_voluntary_context_switches() {
@@ -429,5 +431,71 @@ fn an_object_suspended_on_another_thread_is_in_use_not_busy() {
         release_tx.send(()).unwrap();
         t1.join().unwrap();
         assert_eq!(a.enter(|cx| cx.with(h, |v| *v)).unwrap(), Ok(2));
+    });
+}
+
+#[test]
+fn suspended_releases_the_callers_contexts_and_takes_them_back() {
+    watchdog(30, || {
+        let a = Context::new("a");
+        let h = a.enter(|cx| cx.adopt(0u32)).unwrap().unwrap();
+        // Outside any context it just runs.
+        assert_eq!(suspended(|| 7), Ok(7));
+        let other = a.clone();
+        let seen = a
+            .enter(move |cx| {
+                let during = suspended(|| {
+                    // A is free now: another thread enters it and changes the object.
+                    let t = std::thread::spawn(move || {
+                        other
+                            .try_enter(|cx| cx.with(h, |v| *v = 5))
+                            .unwrap()
+                            .unwrap();
+                    });
+                    t.join().unwrap();
+                    held_contexts()
+                })
+                .unwrap();
+                assert!(during.is_empty());
+                // Held again, and the object is usable through the same Cx.
+                assert_eq!(held_contexts(), vec![cx.id()]);
+                cx.with(h, |v| *v).unwrap()
+            })
+            .unwrap();
+        assert_eq!(seen, 5);
+    });
+}
+
+#[test]
+fn suspended_refuses_a_captured_cx_and_survives_panics_and_closes() {
+    watchdog(30, || {
+        let a = Context::new("a");
+        let h = a.enter(|cx| cx.adopt(1u32)).unwrap().unwrap();
+        a.enter(|cx| {
+            let cx = &*cx;
+            let inside = suspended(|| cx.with(h, |v| *v)).unwrap();
+            assert_eq!(inside, Err(AccessError::NotHeld(cx.id())));
+            // A panic inside propagates, and the context is held again when it does.
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                suspended(|| panic!("inside")).ok();
+            }));
+            assert!(caught.is_err());
+            assert_eq!(held_contexts(), vec![cx.id()]);
+            assert_eq!(cx.with(h, |v| *v), Ok(1));
+        })
+        .unwrap();
+        // Closed while released: the caller gets it back (as after any call out of it), without
+        // its objects; later entries are refused.
+        let closer = a.clone();
+        let r = a
+            .enter(move |cx| {
+                let r = suspended(move || closer.close().unwrap());
+                (r, held_contexts(), cx.with(h, |v| *v))
+            })
+            .unwrap();
+        assert_eq!(r.0, Ok(()));
+        assert_eq!(r.1, vec![a.id()]);
+        assert!(r.2.is_err());
+        assert!(matches!(a.enter(|_| ()), Err(EnterError::Closed(_))));
     });
 }
