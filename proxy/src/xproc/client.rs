@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use context_core::{Context, ContextId, Cx, EnterError, Handle};
+use parking_lot::{Mutex, MutexGuard};
+
+use context_core::ContextId;
 use context_shmem::{Channel, ChannelError, Endpoint, Segment, Side};
 
 use super::wire::{Export, Hello, SEQ_LEN, split_seq};
@@ -73,8 +75,8 @@ enum LaneError {
 }
 
 /// The channel endpoint and the sequence numbers (no buffers of its own: requests go from the
-/// caller's buffer into the ring, replies from the ring into the caller's). Lives as the only object
-/// of the link's private context, whose FIFO lock (direct handoff, no barging) orders the callers.
+/// caller's buffer into the ring, replies from the ring into the caller's). Lives in the link's
+/// mutex, which orders the callers (see [`Link::lane`]).
 struct Lane {
     ep: Endpoint,
     /// Sequence number of the next request (the export table was 0).
@@ -206,11 +208,12 @@ impl Lane {
 
 /// The shared state behind a [`Client`] and every proxy made from it.
 struct Link {
-    /// A private context whose only object is the lane; its lock orders the callers (FIFO, direct
-    /// handoff), and entering it releases the caller's own context for the duration of the call,
-    /// exactly as an in-process call does.
-    lane_ctx: Context,
-    lane: Handle<Lane>,
+    /// The channel, one caller at a time. Always released with `unlock_fair`, which hands the lock
+    /// straight to the longest-waiting caller (parking_lot queues waiters in arrival order), so a
+    /// caller that arrives while others wait cannot barge past them. Callers take it holding no
+    /// context ([`context_core::suspended`]): the caller's own context is free for the duration of
+    /// the call, exactly as during an in-process call.
+    lane: Mutex<Lane>,
     exports: Vec<Export>,
     codec: String,
     server_pid: u32,
@@ -219,27 +222,30 @@ struct Link {
     failure: OnceLock<LinkFailure>,
 }
 
-impl Drop for Link {
-    fn drop(&mut self) {
-        // Drops the endpoint, which closes our end: the server's loop sees it and returns.
-        let _ = self.lane_ctx.close();
-    }
-}
-
 /// The target context named in a request frame's header, for errors that happen before the frame
-/// reaches it (timeouts, a closed channel). Falls back to `fallback` for a frame without one.
-fn target_of(request: &[u8], fallback: ContextId) -> ContextId {
+/// reaches it (timeouts, a closed channel); `None` for a frame without a valid header.
+fn target_of(request: &[u8]) -> Option<ContextId> {
     frame::parse(request, usize::MAX)
         .ok()
         .and_then(|(h, _)| ContextId::from_raw(h.object.context))
-        .unwrap_or(fallback)
+}
+
+/// `make(target)` for a request that names its target, else a transport error saying `what`.
+fn about_target(
+    request: &[u8],
+    make: impl FnOnce(ContextId) -> CallError,
+    what: &str,
+) -> CallError {
+    target_of(request).map_or_else(
+        || CallError::Transport(format!("{what} (the request has no valid frame header)")),
+        make,
+    )
 }
 
 impl Link {
     fn call_error(&self, e: LaneError, request: &[u8]) -> CallError {
-        let target = || target_of(request, self.lane_ctx.id());
         match e {
-            LaneError::TimedOut => CallError::TimedOut(target()),
+            LaneError::TimedOut => about_target(request, CallError::TimedOut, "timed out"),
             LaneError::TooLarge { len, max } => CallError::Frame(FrameError::TooLarge {
                 len: len as u64,
                 limit: max as u64,
@@ -248,7 +254,9 @@ impl Link {
             LaneError::Failed(f) => {
                 let _ = self.failure.set(f);
                 match f {
-                    LinkFailure::Closed => CallError::Closed(target()),
+                    LinkFailure::Closed => {
+                        about_target(request, CallError::Closed, "the server closed the channel")
+                    }
                     LinkFailure::PeerDead { pid } => CallError::PeerDead { pid },
                     other => CallError::Transport(other.to_string()),
                 }
@@ -264,44 +272,34 @@ impl Transport for Link {
         reply: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<(), CallError> {
-        let (lane, discarded) = (self.lane, &self.discarded);
-        let entered = match timeout {
-            None => self.lane_ctx.enter(|cx: &mut Cx<'_>| {
-                cx.with(lane, |l| l.call(request, reply, None, discarded))
-            }),
-            // An idle lane is taken without reading the clock; a busy one is waited for in turn.
-            Some(t) => match self.lane_ctx.try_enter(|cx: &mut Cx<'_>| {
-                cx.with(lane, |l| l.call(request, &mut *reply, timeout, discarded))
-            }) {
-                Err(EnterError::WouldBlock(_)) => self.lane_ctx.enter_timeout(t, |cx| {
-                    cx.with(lane, |l| l.call(request, reply, timeout, discarded))
-                }),
-                other => other,
-            },
-        };
-        match entered {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(self.call_error(e, request)),
-            Ok(Err(access)) => Err(CallError::Transport(format!(
-                "the channel's lane is unusable: {access}"
-            ))),
-            Err(EnterError::TimedOut(_)) => {
-                Err(CallError::TimedOut(target_of(request, self.lane_ctx.id())))
-            }
-            Err(e) => Err(e.into()),
-        }
+        let exchanged = context_core::suspended(|| {
+            let lane = match timeout {
+                None => Some(self.lane.lock()),
+                // An idle lane is taken without reading the clock; a busy one is waited for in
+                // turn.
+                Some(t) => self.lane.try_lock().or_else(|| self.lane.try_lock_for(t)),
+            };
+            let Some(mut lane) = lane else {
+                return Err(LaneError::TimedOut);
+            };
+            let r = lane.call(request, reply, timeout, &self.discarded);
+            MutexGuard::unlock_fair(lane);
+            r
+        })?;
+        exchanged.map_err(|e| self.call_error(e, request))
     }
 }
 
 /// The calling end of a cross-process channel: a [`Transport`] that any number of threads share,
 /// and the server's table of exported objects.
 ///
-/// Callers are served one at a time in arrival order: each call enters a private context (FIFO
-/// with direct handoff, so nobody barges past a waiting caller), sends its request with the next
-/// sequence number and waits for the answer carrying that number. A caller that times out simply
-/// leaves; the late answer is recognised by its number and discarded by whoever reads next, so the
-/// stream never desynchronises. Entering that context releases the caller's own context for the
-/// duration of the call, as an in-process call does (so a server may call back into it).
+/// Callers are served one at a time in arrival order: each call takes the channel's mutex (a
+/// fair one: it is handed straight to the longest-waiting caller, so nobody barges past a waiting
+/// caller), sends its request with the next sequence number and waits for the answer carrying that
+/// number. A caller that times out simply leaves; the late answer is recognised by its number and
+/// discarded by whoever reads next, so the stream never desynchronises. The caller's own context
+/// is released for the duration of the call ([`context_core::suspended`]), as during an in-process
+/// call (so other threads, or a server calling back, can use it meanwhile).
 ///
 /// Cloning is cheap (a reference count); the channel closes when the client and every proxy made
 /// from it are dropped.
@@ -395,17 +393,14 @@ impl Client {
             }
         };
         let hello = Hello::from_message(&inb[..n]).map_err(XprocError::Handshake)?;
-        let lane_ctx = Context::new("xproc-client");
-        let lane = Lane {
+        let lane = Mutex::new(Lane {
             ep,
             next_seq: 1,
             failed: None,
             epoch: Instant::now(),
-        };
-        let lane = lane_ctx.enter(move |cx| cx.adopt(lane))??;
+        });
         Ok(Self {
             link: Arc::new(Link {
-                lane_ctx,
                 lane,
                 exports: hello.exports,
                 codec: hello.codec,
