@@ -11,6 +11,8 @@
 //! directly (one compare-and-swap, no syscall, no thread switch); if it is busy, the caller waits its
 //! turn in first-come, first-served order. Chains such as A -> B -> A -> C work and cannot deadlock by
 //! lock order, because a thread never waits while holding a context (see `ARCHITECTURE.md`).
+//! Code that blocks on something else (I/O, another process) calls [`suspended`], which releases the
+//! caller's contexts for the duration, as a call into another context does.
 //!
 //! **Free and pinned.** A free context ([`Context::new`]) runs calls on the calling thread. A pinned
 //! context ([`Context::pinned`]) owns a home thread that runs every call, so its objects need not be
