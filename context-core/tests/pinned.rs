@@ -190,20 +190,24 @@ fn a_home_thread_waiting_on_another_keeps_serving_its_own_calls() {
         let p = Context::pinned("p").unwrap();
         let q = Context::pinned("q").unwrap();
         let (tx, rx) = mpsc::channel::<&'static str>();
-        // P calls Q, and Q takes long enough for P's home thread to go to sleep while it waits.
+        let (served_tx, served_rx) = mpsc::channel::<()>();
+        // P calls Q, and Q returns only once P has served another call: P's home thread must serve
+        // its own calls while it waits for Q (no fixed sleep decides the order, so a slow machine
+        // or Miri cannot flip it; if P did not serve, Q gives up after 10 s and says so).
         let caller = {
             let (p, q, tx) = (p.clone(), q.clone(), tx.clone());
             std::thread::spawn(move || {
                 p.enter(move |_| {
                     q.enter(move |_| {
-                        std::thread::sleep(Duration::from_millis(150));
-                        let _ = tx.send("q done");
+                        let served = served_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+                        let _ = tx.send(if served { "q done" } else { "q gave up" });
                     })
                     .unwrap();
                 })
                 .unwrap();
             })
         };
+        // Give P's home thread time to go to sleep while it waits (not needed for correctness).
         std::thread::sleep(Duration::from_millis(30));
         // Meanwhile another thread calls P: P's home thread serves it while it waits for Q.
         let p2 = p.clone();
@@ -211,11 +215,15 @@ fn a_home_thread_waiting_on_another_keeps_serving_its_own_calls() {
         let other = std::thread::spawn(move || {
             p2.enter(move |_| {
                 let _ = tx2.send("p served");
+                let _ = served_tx.send(());
             })
             .unwrap();
         });
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "p served");
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "q done");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(20)).unwrap(),
+            "p served"
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), "q done");
         caller.join().unwrap();
         other.join().unwrap();
     });
