@@ -539,15 +539,16 @@ impl Endpoint {
                 // as many as this frame spanned (the next frame is likely of its size), while
                 // nobody waits on them, where their first word is free space (`head` may be
                 // stale: that only underestimates the free space).
-                let line_start = new_tail & !(LINE as u64 - 1);
+                let into_line = (new_tail as usize) & (LINE - 1);
                 for k in 1..=need.div_ceil(LINE).min(MAX_PRETOUCH) {
-                    let ahead = line_start.wrapping_add((k * LINE) as u64);
-                    // `ahead - new_tail <= k * LINE < cap`: no overflow below.
-                    let gap = usize::try_from(ahead.wrapping_sub(new_tail)).unwrap_or(usize::MAX);
+                    // Bytes from our new position to the k-th line boundary after it: at most
+                    // `MAX_PRETOUCH * LINE`, and `used + need <= cap`, so nothing overflows.
+                    let gap = k * LINE - into_line;
                     if used + need + gap + 8 > cap {
                         break;
                     }
-                    ch.header(data, ahead).store(0, Ordering::Relaxed);
+                    ch.header(data, new_tail.wrapping_add(gap as u64))
+                        .store(0, Ordering::Relaxed);
                 }
                 if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
                     hdr.data_seq.fetch_add(1, Ordering::SeqCst);
