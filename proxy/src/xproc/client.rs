@@ -222,24 +222,21 @@ struct Link {
     failure: OnceLock<LinkFailure>,
 }
 
-/// The target context named in a request frame's header, for errors that happen before the frame
-/// reaches it (timeouts, a closed channel); `None` for a frame without a valid header.
-fn target_of(request: &[u8]) -> Option<ContextId> {
-    frame::parse(request, usize::MAX)
-        .ok()
-        .and_then(|(h, _)| ContextId::from_raw(h.object.context))
-}
-
-/// `make(target)` for a request that names its target, else a transport error saying `what`.
+/// An error about the target context named in the request frame's header (`make(target)`), for
+/// errors that happen before the frame reaches it (timeouts, a closed channel); for a frame
+/// without a valid header, a transport error saying `what`.
 fn about_target(
     request: &[u8],
     make: impl FnOnce(ContextId) -> CallError,
     what: &str,
 ) -> CallError {
-    target_of(request).map_or_else(
-        || CallError::Transport(format!("{what} (the request has no valid frame header)")),
-        make,
-    )
+    frame::parse(request, usize::MAX)
+        .ok()
+        .and_then(|(h, _)| ContextId::from_raw(h.object.context))
+        .map_or_else(
+            || CallError::Transport(format!("{what} (the request has no valid frame header)")),
+            make,
+        )
 }
 
 impl Link {
