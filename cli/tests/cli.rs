@@ -52,7 +52,23 @@ fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
             assert!(r[field].is_number(), "row field {field} missing: {r}");
         }
         assert!(r["better"] == "lower" || r["better"] == "higher");
+        // The paired-ratio spread, where present, is an ordered pair of positive ratios.
+        if let Some(range) = r["ratio_range"].as_array() {
+            let (lo, hi) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+            assert!(0.0 < lo && lo <= hi, "bad ratio_range in {r}");
+        } else {
+            assert!(
+                r["ratio_range"].is_null(),
+                "ratio_range neither pair nor null: {r}"
+            );
+        }
     }
+    // Rows from an in-process comparison carry it.
+    assert!(
+        rows.iter()
+            .any(|r| r["case"] == "call_small_idle" && r["ratio_range"].is_array()),
+        "no ratio_range on call_small_idle"
+    );
     // The human table went to stderr, so stdout stays machine-readable.
     assert!(String::from_utf8_lossy(&out.stderr).contains("== handoff"));
 }

@@ -5,9 +5,16 @@
 //! interleaves the two so that noise on this shared machine hits both alike) and records one row per
 //! (case, baseline) pair with [`Runner::row`]. Rows carry the ratio value / baseline_value and, where
 //! the issue states one, the target the ratio is judged against.
+//!
+//! A row made from the medians of the last comparison also carries the **spread of its paired
+//! ratios**: trial `t` of the case and trial `t` of the baseline ran back to back, so their ratio is
+//! one paired sample of the ratio, and the interquartile range of those samples
+//! ([`Row::ratio_range`]) shows how far this run's noise moved it (the headline ratio stays the
+//! ratio of the two medians).
 
 pub mod report;
 
+use std::ptr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -77,6 +84,10 @@ pub struct Row {
     pub baseline_value: f64,
     /// value / baseline_value (0 when the baseline is 0).
     pub ratio: f64,
+    /// The interquartile range (lowest and highest for fewer than five trials) of the paired
+    /// per-trial ratios, when the row's two values are the medians of the runner's last comparison
+    /// (see the module docs); `None` otherwise (one-shot figures, figures from a child process).
+    pub ratio_range: Option<(f64, f64)>,
     /// Which direction is better for this metric.
     pub better: Better,
     /// The target, if the issue states one.
@@ -118,6 +129,8 @@ pub struct Runner {
     suite: &'static str,
     rows: Vec<Row>,
     progress: Box<dyn FnMut(&str)>,
+    /// The last comparison's per-trial samples, each with its median (see [`Runner::row`]).
+    recent: Vec<(f64, Vec<f64>)>,
 }
 
 /// A named fallible measurement for [`Runner::rotate_ns`]: runs `n` operations.
@@ -131,6 +144,7 @@ impl Runner {
             suite: "",
             rows: Vec::new(),
             progress,
+            recent: Vec::new(),
         }
     }
 
@@ -155,7 +169,10 @@ impl Runner {
         (self.progress)(what);
     }
 
-    /// Records one row. `ratio` is computed as value / baseline_value.
+    /// Records one row. `ratio` is computed as value / baseline_value. If `value` and
+    /// `baseline_value` are two of the medians the last [`Runner::compare_ns`] or
+    /// [`Runner::rotate_ns`] returned (as returned, bit for bit), the row also gets the spread of the
+    /// paired per-trial ratios ([`Row::ratio_range`]).
     #[allow(clippy::too_many_arguments)] // a row has this many fields; a builder would only hide them
     pub fn row(
         &mut self,
@@ -173,6 +190,7 @@ impl Runner {
             value / baseline_value
         };
         let target_met = target.map(|t| t.met(value, ratio));
+        let ratio_range = self.paired_range(value, baseline_value);
         self.rows.push(Row {
             suite: self.suite.to_owned(),
             case: case.to_owned(),
@@ -181,6 +199,7 @@ impl Runner {
             baseline: baseline.to_owned(),
             baseline_value,
             ratio,
+            ratio_range,
             better,
             target,
             target_met,
@@ -236,7 +255,45 @@ impl Runner {
             baseline(bi);
             bs.push(t0.elapsed().as_nanos() as f64 / bi as f64);
         }
-        (median(&mut cs), median(&mut bs))
+        let medians = self.paired_medians(vec![cs, bs]);
+        (medians[0], medians[1])
+    }
+
+    /// The medians of the sample sets of one comparison, in order; trial `t` of every set must have
+    /// run in the same round. The samples are kept for [`Runner::row`], which then gives a row made
+    /// of two of these medians the spread of their paired ratios. [`Runner::compare_ns`] and
+    /// [`Runner::rotate_ns`] call this; a suite with its own rounds (one-shot trials) calls it too.
+    pub fn paired_medians(&mut self, samples: Vec<Vec<f64>>) -> Vec<f64> {
+        self.recent = samples
+            .into_iter()
+            .map(|s| {
+                let m = median(&mut s.clone());
+                (m, s)
+            })
+            .collect();
+        self.recent.iter().map(|(m, _)| *m).collect()
+    }
+
+    /// The spread of the paired ratios of the last comparison's samples whose medians are `value`
+    /// and `baseline` (bit-equal), if both are there with the same number of trials.
+    fn paired_range(&self, value: f64, baseline: f64) -> Option<(f64, f64)> {
+        let find = |v: f64| {
+            self.recent
+                .iter()
+                .find(|(m, _)| m.to_bits() == v.to_bits())
+                .map(|(_, s)| s)
+        };
+        let (cs, bs) = (find(value)?, find(baseline)?);
+        if cs.len() != bs.len() || cs.is_empty() || ptr::eq(cs, bs) {
+            return None;
+        }
+        let mut ratios: Vec<f64> = cs
+            .iter()
+            .zip(bs)
+            .filter(|(_, b)| **b != 0.0)
+            .map(|(c, b)| c / b)
+            .collect();
+        interquartile(&mut ratios)
     }
 
     /// Several fallible measurements (each runs `n` operations), each calibrated to about one trial,
@@ -245,7 +302,7 @@ impl Runner {
     ///
     /// # Errors
     /// The first error of a case, with its name.
-    pub fn rotate_ns(&self, cases: &mut [Case<'_>]) -> anyhow::Result<Vec<f64>> {
+    pub fn rotate_ns(&mut self, cases: &mut [Case<'_>]) -> anyhow::Result<Vec<f64>> {
         use anyhow::Context as _;
         let trial = self.config.trial_time();
         let mut iters = Vec::new();
@@ -271,7 +328,7 @@ impl Runner {
                 samples[i].push(t0.elapsed().as_nanos() as f64 / iters[i] as f64);
             }
         }
-        Ok(samples.iter_mut().map(|s| median(s)).collect())
+        Ok(self.paired_medians(samples))
     }
 
     /// Median of `trials()` runs of a one-shot measurement (for things that cannot loop cheaply,
@@ -280,6 +337,17 @@ impl Runner {
         let mut samples: Vec<f64> = (0..self.config.trials()).map(|_| f()).collect();
         median(&mut samples)
     }
+}
+
+/// The interquartile range of a sample set: its lower and upper quartiles (by rank, no
+/// interpolation), which for fewer than five samples are its lowest and highest. `None` if empty.
+fn interquartile(samples: &mut [f64]) -> Option<(f64, f64)> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_by(f64::total_cmp);
+    let k = (samples.len() - 1) / 4;
+    Some((samples[k], samples[samples.len() - 1 - k]))
 }
 
 /// The median of a non-empty sample set (0 for an empty one).
@@ -293,5 +361,79 @@ pub fn median(samples: &mut [f64]) -> f64 {
         samples[n / 2]
     } else {
         (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner() -> Runner {
+        Runner::new(Config { quick: true }, Box::new(|_: &str| {}))
+    }
+
+    #[test]
+    fn interquartile_is_by_rank_and_spans_all_of_a_small_set() {
+        assert_eq!(interquartile(&mut []), None);
+        assert_eq!(interquartile(&mut [2.0]), Some((2.0, 2.0)));
+        assert_eq!(interquartile(&mut [3.0, 1.0, 2.0]), Some((1.0, 3.0)));
+        let mut nine = [9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0];
+        assert_eq!(interquartile(&mut nine), Some((3.0, 7.0)));
+    }
+
+    #[test]
+    fn a_row_of_the_last_comparisons_medians_gets_the_paired_spread() {
+        let mut r = runner();
+        // Trial by trial the case is 2x, 3x and 4x its baseline, though both drift.
+        let medians = r.paired_medians(vec![vec![2.0, 30.0, 8.0], vec![1.0, 10.0, 2.0]]);
+        assert_eq!(medians, [8.0, 2.0]);
+        r.row(
+            "c",
+            "ns_per_op",
+            medians[0],
+            Better::Lower,
+            "b",
+            medians[1],
+            None,
+        );
+        assert_eq!(r.rows[0].ratio, 4.0);
+        assert_eq!(r.rows[0].ratio_range, Some((2.0, 4.0)));
+        // Any other figures get none: a value that is not a median, or the same median twice.
+        r.row("c", "ns_per_op", 8.5, Better::Lower, "b", medians[1], None);
+        r.row(
+            "c",
+            "ns_per_op",
+            medians[0],
+            Better::Lower,
+            "c",
+            medians[0],
+            None,
+        );
+        assert_eq!(r.rows[1].ratio_range, None);
+        assert_eq!(r.rows[2].ratio_range, None);
+        // A new comparison replaces the old samples.
+        r.paired_medians(vec![vec![1.0], vec![1.0, 2.0]]);
+        r.row(
+            "c",
+            "ns_per_op",
+            medians[0],
+            Better::Lower,
+            "b",
+            medians[1],
+            None,
+        );
+        assert_eq!(r.rows[3].ratio_range, None);
+    }
+
+    #[test]
+    fn compare_ns_pairs_its_trials() {
+        let mut r = runner();
+        let (case, base) = r.compare_ns(
+            |n| std::thread::sleep(Duration::from_micros(n.min(200) * 4)),
+            |n| std::thread::sleep(Duration::from_micros(n.min(200))),
+        );
+        r.row("c", "ns_per_op", case, Better::Lower, "b", base, None);
+        let (lo, hi) = r.rows[0].ratio_range.expect("paired spread");
+        assert!(0.0 < lo && lo <= hi);
     }
 }

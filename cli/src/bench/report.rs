@@ -83,6 +83,15 @@ fn fmt_ratio(r: f64) -> String {
     }
 }
 
+/// A row's paired-ratio spread, e.g. `2.81-3.10x`; empty without one.
+fn fmt_range(r: Option<(f64, f64)>) -> String {
+    r.map(|(lo, hi)| {
+        let lo = fmt_ratio(lo);
+        format!("{}-{}", lo.trim_end_matches('x'), fmt_ratio(hi))
+    })
+    .unwrap_or_default()
+}
+
 /// The table printed by `ctx bench`.
 #[must_use]
 pub fn table(rows: &[Row]) -> String {
@@ -94,6 +103,7 @@ pub fn table(rows: &[Row]) -> String {
         "baseline",
         "baseline value",
         "ratio",
+        "ratio IQR",
         "target",
         "met",
     ];
@@ -104,7 +114,7 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     for suite in suites {
-        let lines: Vec<[String; 8]> = rows
+        let lines: Vec<[String; 9]> = rows
             .iter()
             .filter(|r| r.suite == suite)
             .map(|r| {
@@ -115,6 +125,7 @@ pub fn table(rows: &[Row]) -> String {
                     r.baseline.clone(),
                     fmt_value(r.baseline_value),
                     fmt_ratio(r.ratio),
+                    fmt_range(r.ratio_range),
                     r.target.map(|t| t.describe()).unwrap_or_default(),
                     match r.target_met {
                         Some(true) => "yes".to_owned(),
@@ -135,7 +146,7 @@ pub fn table(rows: &[Row]) -> String {
             let mut s = String::new();
             for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
                 // Numbers right-aligned, names left-aligned.
-                if matches!(i, 2 | 4 | 5) {
+                if matches!(i, 2 | 4 | 5 | 6) {
                     let _ = write!(s, "{c:>w$}  ");
                 } else {
                     let _ = write!(s, "{c:<w$}  ");
@@ -164,13 +175,13 @@ pub fn table(rows: &[Row]) -> String {
 #[must_use]
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| suite | case | metric | value | baseline | baseline value | ratio | target | met |\n",
+        "| suite | case | metric | value | baseline | baseline value | ratio | ratio IQR | target | met |\n",
     );
-    out.push_str("|---|---|---|---:|---|---:|---:|---|---|\n");
+    out.push_str("|---|---|---|---:|---|---:|---:|---:|---|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.suite,
             r.case,
             r.metric,
@@ -178,6 +189,7 @@ pub fn markdown(rows: &[Row]) -> String {
             r.baseline,
             fmt_value(r.baseline_value),
             fmt_ratio(r.ratio),
+            fmt_range(r.ratio_range),
             r.target.map(|t| t.describe()).unwrap_or_default(),
             match r.target_met {
                 Some(true) => "yes",

@@ -11,7 +11,7 @@ use context_proxy::benchkit::{
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 
-use crate::bench::{Better, Runner, Target, median};
+use crate::bench::{Better, Runner, Target};
 
 fn gb_per_s(bytes: usize, f: impl FnOnce()) -> f64 {
     let t0 = Instant::now();
@@ -21,7 +21,7 @@ fn gb_per_s(bytes: usize, f: impl FnOnce()) -> f64 {
 
 /// Median GB/s of `case` and of `baseline`, in alternating one-shot trials.
 fn compare_gbps(
-    r: &Runner,
+    r: &mut Runner,
     mut case: impl FnMut() -> f64,
     mut baseline: impl FnMut() -> f64,
 ) -> (f64, f64) {
@@ -34,7 +34,8 @@ fn compare_gbps(
         cs.push(case());
         bs.push(baseline());
     }
-    (median(&mut cs), median(&mut bs))
+    let medians = r.paired_medians(vec![cs, bs]);
+    (medians[0], medians[1])
 }
 
 pub fn run(r: &mut Runner) -> anyhow::Result<()> {

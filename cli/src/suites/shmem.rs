@@ -29,7 +29,7 @@ use context_shmem::benchkit::{
 };
 use context_shmem::{SharedBuf, SharedLock};
 
-use crate::bench::{Better, Runner, Target, median};
+use crate::bench::{Better, Runner, Target};
 
 const MIB64: usize = 64 << 20;
 
@@ -173,11 +173,13 @@ fn bulk(r: &mut Runner) -> anyhow::Result<()> {
         *dst == src[..],
         "the parent did not read what the child wrote"
     );
-    let memcpy = median(&mut m);
+    let &[warm, fresh, rd, memcpy] = r.paired_medians(vec![warm, fresh, rd, m]).as_slice() else {
+        anyhow::bail!("bulk: expected one median per sample set")
+    };
     r.row(
         "bulk_write_64mib_xproc",
         "gb_per_s",
-        median(&mut warm),
+        warm,
         Better::Higher,
         "memcpy_in_process",
         memcpy,
@@ -187,7 +189,7 @@ fn bulk(r: &mut Runner) -> anyhow::Result<()> {
     r.row(
         "bulk_write_64mib_xproc_fresh_child",
         "gb_per_s",
-        median(&mut fresh),
+        fresh,
         Better::Higher,
         "memcpy_in_process",
         memcpy,
@@ -197,7 +199,7 @@ fn bulk(r: &mut Runner) -> anyhow::Result<()> {
     r.row(
         "bulk_read_64mib_xproc",
         "gb_per_s",
-        median(&mut rd),
+        rd,
         Better::Higher,
         "memcpy_in_process",
         memcpy,
