@@ -1,5 +1,5 @@
 //! Profiling aid: a tight loop of small proxy calls in move mode and serialize mode
-//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize|pinned]`).
+//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize|pinned|core]`).
 use context_core::Context;
 use context_proxy::{Mode, Proxy, service};
 
@@ -33,7 +33,7 @@ fn main() {
         // The pinned call beside its baseline, a request and reply over two crossbeam channels.
         let (tx, rx) = context_proxy::benchkit::spawn_echo();
         let batch = 2_000;
-        let (mut best_call, mut best_echo) = (f64::INFINITY, f64::INFINITY);
+        let (mut calls, mut echoes) = (Vec::new(), Vec::new());
         for _ in 0..(n / batch).max(1) {
             let t0 = std::time::Instant::now();
             for i in 0..batch {
@@ -43,19 +43,49 @@ fn main() {
                         .expect("call"),
                 );
             }
-            best_call = best_call.min(t0.elapsed().as_nanos() as f64 / batch as f64);
+            calls.push(t0.elapsed().as_nanos() as f64 / batch as f64);
             let t0 = std::time::Instant::now();
             for i in 0..batch {
                 tx.send(i).expect("echo");
                 std::hint::black_box(rx.recv().expect("echo"));
             }
-            best_echo = best_echo.min(t0.elapsed().as_nanos() as f64 / batch as f64);
+            echoes.push(t0.elapsed().as_nanos() as f64 / batch as f64);
         }
+        calls.sort_by(f64::total_cmp);
+        echoes.sort_by(f64::total_cmp);
+        let (best_call, best_echo) = (calls[0], echoes[0]);
+        let (mid_call, mid_echo) = (calls[calls.len() / 2], echoes[echoes.len() / 2]);
         println!(
             "pinned: {best_call:.0} ns per call, channel round trip {best_echo:.0} ns \
-             ({:.2}x; fastest batches of {batch})",
-            best_call / best_echo
+             ({:.2}x; fastest batches of {batch}); medians {mid_call:.0} and {mid_echo:.0} ns ({:.2}x)",
+            best_call / best_echo,
+            mid_call / mid_echo
         );
+        return;
+    }
+    if only.as_deref() == Some("core") {
+        // The floor under move mode: the core's enter and borrow, with no proxy around them.
+        let plain = Context::new("plain");
+        let h = plain
+            .enter(|cx| cx.adopt(S(0)))
+            .expect("enter")
+            .expect("adopt");
+        let batch = 20_000;
+        let mut best = f64::INFINITY;
+        for _ in 0..(n / batch).max(1) {
+            let t0 = std::time::Instant::now();
+            for i in 0..batch {
+                let tag = context_proxy::benchkit::opaque_tag();
+                std::hint::black_box(
+                    plain
+                        .enter(|cx| cx.with(h, |o| o.add(std::hint::black_box(i), tag)))
+                        .expect("enter")
+                        .expect("with"),
+                );
+            }
+            best = best.min(t0.elapsed().as_nanos() as f64 / batch as f64);
+        }
+        println!("core enter + with: {best:.1} ns per call (fastest batch of {batch})");
         return;
     }
     for (name, proxy) in [("move", &m), ("serialize", &p)] {
