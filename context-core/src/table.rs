@@ -127,14 +127,15 @@ impl Table {
         let context = self.context;
         let e = self.entry_mut(h)?;
         Self::check_type::<T>(e)?;
-        if e.borrower == me {
-            return Err(AccessError::Busy(context));
-        }
-        if e.borrower != 0 {
-            return Err(AccessError::InUse(context));
-        }
-        if e.poisoned {
-            return Err(AccessError::Poisoned(context));
+        // One test on the common path (free and unpoisoned); the cold branch tells which.
+        if e.borrower != 0 || e.poisoned {
+            return Err(if e.borrower == me {
+                AccessError::Busy(context)
+            } else if e.borrower != 0 {
+                AccessError::InUse(context)
+            } else {
+                AccessError::Poisoned(context)
+            });
         }
         e.borrower = me;
         // The type id was checked above, so the object is a `T`.
@@ -142,9 +143,13 @@ impl Table {
     }
 
     /// Ends a borrow from [`Table::begin_borrow`]; `poison` marks the object poisoned.
+    ///
+    /// The handle was checked when the borrow began, and a borrowed object cannot be removed nor its
+    /// slot reused meanwhile (`remove` and `clear` refuse), so only the slot's index is looked up
+    /// again: the slot vector may have moved (an insert during the borrow), the slot has not.
     #[inline]
     pub(crate) fn end_borrow<T: ?Sized>(&mut self, h: Handle<T>, poison: bool) {
-        if let Ok(e) = self.entry_mut(h) {
+        if let Some(Slot { entry: Some(e), .. }) = self.slots.get_mut(h.slot as usize) {
             e.borrower = 0;
             e.poisoned |= poison;
         }
@@ -313,6 +318,9 @@ mod tests {
         }
         // SAFETY: still borrowed exclusively; objects live in their own boxes, not in the slot vector.
         unsafe { (&mut *p.as_ptr())[3] = 7 };
+        // What `end_borrow` relies on: a borrowed object's slot is neither emptied nor reused.
+        assert!(matches!(t.remove(h), Err(AccessError::Busy(_))));
+        assert!(matches!(t.check_no_borrows(), Err(AccessError::Busy(_))));
         t.end_borrow(h, false);
         assert_eq!(t.remove(h).unwrap(), vec![0, 0, 0, 7]);
         assert_eq!(t.len(), 1000);
