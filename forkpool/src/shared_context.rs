@@ -568,36 +568,48 @@ impl PoolLock {
         unsafe { self.raw.as_ref() }
     }
 
-    /// This process's token and slot: one load and a compare when cached for this process.
+    /// This process's registration, if it is cached for this process: one load and a compare.
     #[inline(always)]
-    fn me(&self) -> Result<(u64, Slot), LockError> {
-        let generation = context_shmem::process::fork_generation();
+    fn cached(&self) -> Option<&Registration> {
+        // `attach` checked `fork_hook_installed` before this lock was made, so the hook's
+        // installation is complete here.
+        let generation = context_shmem::process::fork_generation_installed();
         let p = self.reg.load(Ordering::Acquire);
         // SAFETY: a non-null `reg` points into an Arc held by `self.regs` until `self` drops.
-        if let Some(r) = unsafe { p.as_ref() } {
-            if r.generation == generation {
-                return Ok((r.token, r.slot));
-            }
+        let r = unsafe { p.as_ref() }?;
+        (r.generation == generation).then_some(r)
+    }
+
+    /// This process's token and slot.
+    #[inline(always)]
+    fn me(&self) -> Result<(u64, Slot), LockError> {
+        match self.cached() {
+            Some(r) => Ok((r.token, r.slot)),
+            None => self.me_slow(),
         }
-        self.me_slow(generation)
     }
 
     /// [`PoolLock::me`] without a registration for this process (its first use, or the first in a
     /// forked child): registers it.
     #[cold]
     #[inline(never)]
-    fn me_slow(&self, generation: u32) -> Result<(u64, Slot), LockError> {
+    fn me_slow(&self) -> Result<(u64, Slot), LockError> {
         // Without a token or a slot this process cannot take the lock; the trait has no better
         // variant than TimedOut (documented on `SharedContext::enter`).
         let token = ProcessToken::current()
             .map_err(|_| LockError::TimedOut)?
             .to_bits();
-        self.register(generation, token).map(|s| (token, s))
+        self.register(context_shmem::process::fork_generation(), token)
+            .map(|s| (token, s))
     }
 
+    /// This process's slot (only the slot is loaded from the cached registration).
     #[inline(always)]
     fn slot(&self) -> Result<Slot, LockError> {
-        self.me().map(|(_, s)| s)
+        match self.cached() {
+            Some(r) => Ok(r.slot),
+            None => self.me_slow().map(|(_, s)| s),
+        }
     }
 
     #[cold]
@@ -675,6 +687,7 @@ struct Local {
     /// The process this handle was made in (allocation uses that process's allocator slot).
     maker: u64,
     /// The heap's span (start, length): object pointers must fall inside.
+    /// INVARIANT: `1 <= start` (the heap's base is non-null) and `start + length < usize::MAX`.
     span: (usize, usize),
     /// This process's cache of validated segment addresses (0 = not yet validated).
     /// INVARIANT: a non-zero entry is the address of a live block of `heap` holding `seg_len(k)`
@@ -883,6 +896,10 @@ impl SharedContext {
         // Register now, so that a full lock is an error here rather than a timeout at entry.
         lock.register(context_shmem::process::fork_generation(), token)
             .map_err(|_| OpenError::LockFull)?;
+        // The start is the heap's (non-null) base; the length is clamped so that the span ends
+        // before the last address (which no object can reach anyway): the INVARIANT on `span`.
+        let (lo, len) = heap.span();
+        let span = (lo, len.min(usize::MAX.saturating_sub(lo).saturating_sub(1)));
         Ok(Self {
             local: Arc::new(Local {
                 ctx: context_core::Context::with_lock(&name, lock),
@@ -890,7 +907,7 @@ impl SharedContext {
                 uid,
                 heap: heap.clone(),
                 maker: token,
-                span: heap.span(),
+                span,
                 segs: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
@@ -1539,8 +1556,14 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     fn object_addr<T>(&self, rec: &SlotRec) -> Option<*mut T> {
         let addr = rec.ptr.load(Ordering::Relaxed) as usize;
         let (lo, len) = self.local.span;
-        let end = addr.saturating_add(size_of::<T>());
-        if addr == 0 || addr % align_of::<T>() != 0 || addr < lo || end - lo > len {
+        // Non-null and inside the span (`lo <= addr` and `addr + size <= lo + len`) as one compare
+        // of the offset: by the INVARIANT on `span` (`1 <= lo`, `lo + len < usize::MAX`), an
+        // `addr` below `lo`, 0 included, wraps `off` to at least `usize::MAX + 1 - lo > len`.
+        let off = addr.wrapping_sub(lo);
+        let inside = len
+            .checked_sub(size_of::<T>())
+            .is_some_and(|last| off <= last);
+        if !inside || addr % align_of::<T>() != 0 {
             return None;
         }
         Some(addr as *mut T)

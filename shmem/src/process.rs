@@ -196,6 +196,16 @@ pub fn fork_generation() -> u32 {
     FORK_GENERATION.load(Ordering::Relaxed)
 }
 
+/// [`fork_generation`] without its installation step, for callers that have already seen
+/// [`fork_hook_installed`] (or [`fork_generation`]) return in this process or an ancestor: the
+/// installation is then complete (a forked child inherits the completed state), so this is the
+/// same value without the check. One load, for hot paths that validate a per-process cache.
+#[inline]
+#[must_use]
+pub fn fork_generation_installed() -> u32 {
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
 /// Whether the hook behind [`fork_generation`] is installed (installed before `main`; only an
 /// out-of-memory `pthread_atfork` leaves it out). Callers that cannot tolerate mistaking a child
 /// for its parent refuse to work without it.
