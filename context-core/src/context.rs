@@ -52,13 +52,34 @@ fn bump_held(c: &AtomicU64, n: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
+/// What a [`Cx`] reads of its context, whatever the lock type: one place, so that a `Cx` is two
+/// pointers (this and its frame entry) and building one on every entry is two stores.
+struct CxMeta {
+    id: ContextId,
+    /// Whether the context is pinned (`Inner::home` is `Some`).
+    pinned: bool,
+    name: Box<str>,
+    /// INVARIANT: only accessed by the thread that holds the context's lock (through a `Cx`, which
+    /// checks that, or by `close`/`Drop`, which hold it or are the last owner).
+    table: UnsafeCell<Table>,
+}
+
+impl CxMeta {
+    fn new(id: ContextId, name: &str, pinned: bool) -> Self {
+        Self {
+            id,
+            pinned,
+            name: name.into(),
+            table: UnsafeCell::new(Table::new(id)),
+        }
+    }
+}
+
 pub(crate) struct Inner<L> {
     id: ContextId,
-    name: Box<str>,
+    /// The `Cx` face: `meta.id == id`, `meta.pinned == home.is_some()`.
+    meta: CxMeta,
     lock: L,
-    /// INVARIANT: only accessed by the thread that holds `lock` (through a `Cx`, which checks that,
-    /// or by `close`/`Drop`, which hold it or are the last owner).
-    table: UnsafeCell<Table>,
     /// Set once, under the lock; read under the lock by `acquire`.
     closed: AtomicBool,
     stats: RawStats,
@@ -66,8 +87,9 @@ pub(crate) struct Inner<L> {
     pub(crate) home: Option<Home>,
 }
 
-// SAFETY: `Inner` is shared between threads through `Arc`. Everything except `table` is Sync on its
-// own. `table` holds raw pointers to objects and is touched only by the holder of `lock` (INVARIANT),
+// SAFETY: `Inner` is shared between threads through `Arc`. Everything except `meta.table` is Sync on
+// its own. `meta.table` holds raw pointers to objects and is touched only by the holder of `lock`
+// (INVARIANT),
 // so accesses are serialized and ordered by the lock's Acquire/Release. Objects that are not `Send`
 // are only admitted into pinned contexts (`Cx::adopt_local` checks), whose lock is only ever taken by
 // their home thread (`Context::enter_local` and the multi-enter check it), and whose table is cleared
@@ -104,8 +126,8 @@ impl<L: RawContextLock> Inner<L> {
     /// Closes the context while holding it: sets `closed` and drops every object.
     pub(crate) fn close_held(&self) -> Result<(), AccessError> {
         // SAFETY: called only from inside a frame that holds this context (see callers), so by the
-        // INVARIANT on `table` we have exclusive access; no reference into the table outlives this.
-        let table = unsafe { &mut *self.table.get() };
+        // INVARIANT on `CxMeta::table` we have exclusive access; no reference into the table outlives this.
+        let table = unsafe { &mut *self.meta.table.get() };
         table.check_no_borrows()?;
         self.closed.store(true, Ordering::Relaxed);
         table.clear();
@@ -245,7 +267,7 @@ impl<L: RawContextLock> fmt::Debug for Context<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
             .field("id", &self.inner.id)
-            .field("name", &self.inner.name)
+            .field("name", &self.inner.meta.name)
             .field("pinned", &self.inner.is_pinned())
             .field("closed", &self.is_closed())
             .finish()
@@ -275,9 +297,8 @@ impl<L: RawContextLock> Context<L> {
         let id = ContextId::fresh();
         let inner = Inner {
             id,
-            name: name.into(),
+            meta: CxMeta::new(id, name, false),
             lock,
-            table: UnsafeCell::new(Table::new(id)),
             closed: AtomicBool::new(false),
             stats: RawStats::default(),
             home: None,
@@ -296,9 +317,8 @@ impl<L: RawContextLock> Context<L> {
         let id = ContextId::fresh();
         let (inner, owner) = pinned::spawn(name, id, move |home| Inner {
             id,
-            name: name.into(),
+            meta: CxMeta::new(id, name, true),
             lock,
-            table: UnsafeCell::new(Table::new(id)),
             closed: AtomicBool::new(false),
             stats: RawStats::default(),
             home: Some(home),
@@ -318,7 +338,7 @@ impl<L: RawContextLock> Context<L> {
     /// The name given at creation.
     #[must_use]
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.inner.meta.name
     }
 
     /// Whether this is a pinned context.
@@ -599,10 +619,7 @@ pub fn held_contexts() -> Vec<ContextId> {
 /// assert_send::<context_core::Cx<'static>>();
 /// ```
 pub struct Cx<'a> {
-    id: ContextId,
-    pinned: bool,
-    name: &'a str,
-    table: &'a UnsafeCell<Table>,
+    meta: &'a CxMeta,
     /// The frame entry through which this thread holds the context (see `handoff::Holding`): its
     /// `held` flag is true exactly while this thread holds the lock through it. `None` only if the
     /// frame does not hold it, which never happens.
@@ -614,10 +631,7 @@ impl<'a> Cx<'a> {
     #[inline]
     fn new<L: RawContextLock>(inner: &'a Inner<L>, holding: &handoff::Holding<'a>) -> Self {
         Self {
-            id: inner.id,
-            pinned: inner.is_pinned(),
-            name: &inner.name,
-            table: &inner.table,
+            meta: &inner.meta,
             entry: holding.entry(inner.id),
             _not_send: PhantomData,
         }
@@ -626,19 +640,19 @@ impl<'a> Cx<'a> {
     /// The context this `Cx` belongs to.
     #[must_use]
     pub fn id(&self) -> ContextId {
-        self.id
+        self.meta.id
     }
 
     /// The context's name.
     #[must_use]
     pub fn name(&self) -> &str {
-        self.name
+        &self.meta.name
     }
 
     /// Whether the context is pinned.
     #[must_use]
     pub fn is_pinned(&self) -> bool {
-        self.pinned
+        self.meta.pinned
     }
 
     /// Whether this thread holds the context through this `Cx` right now: false while a nested call
@@ -669,7 +683,7 @@ impl<'a> Cx<'a> {
     pub fn mark_consistent(&mut self) -> Result<(), AccessError> {
         match self.entry {
             Some(e) if e.mark_consistent() => Ok(()),
-            _ => Err(AccessError::NotHeld(self.id)),
+            _ => Err(AccessError::NotHeld(self.meta.id)),
         }
     }
 
@@ -677,13 +691,13 @@ impl<'a> Cx<'a> {
     #[inline]
     fn table<R>(&self, f: impl FnOnce(&mut Table) -> R) -> Result<R, AccessError> {
         if !self.is_held() {
-            return Err(AccessError::NotHeld(self.id));
+            return Err(AccessError::NotHeld(self.meta.id));
         }
         // SAFETY: the thread holds the context's lock right now (checked above: the flag is true
         // exactly while this thread's frame entry holds the lock), so by the INVARIANT
-        // on `Inner::table` nothing else touches the table; the `&mut` does not escape `f`, and `f`
+        // on `CxMeta::table` nothing else touches the table; the `&mut` does not escape `f`, and `f`
         // is one of this module's short table operations, which never call user code.
-        Ok(f(unsafe { &mut *self.table.get() }))
+        Ok(f(unsafe { &mut *self.meta.table.get() }))
     }
 
     /// Moves `value` into the context and returns its handle.
@@ -700,8 +714,8 @@ impl<'a> Cx<'a> {
     /// # Errors
     /// [`AccessError::NotPinned`] in a free context, and as for [`Cx::adopt`].
     pub fn adopt_local<T: 'static>(&mut self, value: T) -> Result<Handle<T>, AccessError> {
-        if !self.pinned {
-            return Err(AccessError::NotPinned(self.id));
+        if !self.meta.pinned {
+            return Err(AccessError::NotPinned(self.meta.id));
         }
         self.table(|t| t.insert(value))?
     }
@@ -789,8 +803,8 @@ impl<'a> Cx<'a> {
 impl fmt::Debug for Cx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cx")
-            .field("id", &self.id)
-            .field("name", &self.name)
+            .field("id", &self.meta.id)
+            .field("name", &self.meta.name)
             .finish()
     }
 }
