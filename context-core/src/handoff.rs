@@ -373,14 +373,32 @@ fn run_held<'e, T: Lockable, R>(
         || f(&Holding { entries }),
     ));
     drop(restore);
-    if outcome.is_err() && entries[0].held.get() {
+    // One test of the outcome: the panic's bookkeeping is out of line.
+    match outcome {
+        Ok(r) => {
+            release_held(entries, &|_| target);
+            Ok(r)
+        }
+        Err(p) => Err(panicked_held(entries, target, p)),
+    }
+}
+
+/// [`run_held`] after its closure panicked: records the panic, releases, and names it.
+#[cold]
+#[inline(never)]
+fn panicked_held<'e, T: Lockable>(
+    entries: &'e [FrameEntry<'e>; 1],
+    target: &'e T,
+    payload: Box<dyn std::any::Any + Send>,
+) -> EnterError {
+    if entries[0].held.get() {
         target.record_panic();
     }
     release_held(entries, &|_| target);
-    outcome.map_err(|p| EnterError::Panicked {
+    EnterError::Panicked {
         context: target.id(),
-        message: panic_message(&*p),
-    })
+        message: panic_message(&*payload),
+    }
 }
 
 /// Always inlined (into `run_one`'s nested path and `run_in`): out of line its closure and

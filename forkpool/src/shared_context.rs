@@ -1027,7 +1027,19 @@ impl SharedContext {
         self.finish(local.ctx.enter_local(move |cx| local.run(cx, f)))
     }
 
+    /// The entry's outcome as the caller sees it: the closure's result, or why it did not run.
+    #[inline(always)]
     fn finish<R>(&self, r: Result<Option<R>, EnterError>) -> Result<R, EnterError> {
+        match r {
+            Ok(Some(r)) => Ok(r),
+            other => self.finish_slow(other),
+        }
+    }
+
+    /// [`SharedContext::finish`] when the closure did not run (or panicked).
+    #[cold]
+    #[inline(never)]
+    fn finish_slow<R>(&self, r: Result<Option<R>, EnterError>) -> Result<R, EnterError> {
         match r {
             Ok(Some(r)) => Ok(r),
             Ok(None) => {
