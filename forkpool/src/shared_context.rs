@@ -984,7 +984,27 @@ impl SharedContext {
         R: Send,
     {
         let local = &*self.local;
-        self.finish(local.ctx.enter(move |cx| local.run(cx, f)))
+        let mut out = None;
+        let slot = &mut out;
+        // The slot is `None` until the closure's one write: the old value is forgotten rather than
+        // dropped (nothing to drop), so no drop check is compiled into the closure.
+        match local
+            .ctx
+            .enter(move |cx| std::mem::forget(std::mem::replace(slot, local.run(cx, f))))
+        {
+            Ok(()) => match out {
+                Some(r) => Ok(r),
+                None => Err(self.closed()),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn closed(&self) -> EnterError {
+        let _ = self.local.ctx.close();
+        EnterError::Closed(self.local.ctx.id())
     }
 
     /// Like [`SharedContext::enter`] but gives up at once if the context is busy.
@@ -1599,14 +1619,35 @@ impl<'a, 'c> SharedCx<'a, 'c> {
                 // this thread could release the lock.
                 Ok(unsafe { ptr.read() })
             }
-            _ => self.get_checked(h),
+            _ => {
+                // The slow path returns the value and the error separately, so that its answer
+                // comes back in registers (for a small `T`) instead of through a result in memory
+                // that the fast path's `Ok` would then be built in as well.
+                let mut e = ObjectError::NotHeld;
+                match self.get_slow(h, &mut e) {
+                    Some(v) => Ok(v),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// [`SharedCx::get_checked`], its error written to `e` (and `None` returned).
+    #[cold]
+    #[inline(never)]
+    fn get_slow<T: ShareSafe + Copy>(&self, h: SharedHandle<T>, e: &mut ObjectError) -> Option<T> {
+        match self.get_checked(h) {
+            Ok(v) => Some(v),
+            Err(err) => {
+                *e = err;
+                None
+            }
         }
     }
 
     /// [`SharedCx::get`] step by step, with its exact errors (and repairs): the path taken whenever
     /// the fast checks of [`SharedCx::ready`] do not all pass.
-    #[cold]
-    #[inline(never)]
+    #[inline]
     fn get_checked<T: ShareSafe + Copy>(&self, h: SharedHandle<T>) -> Result<T, ObjectError> {
         self.check()?;
         let (rec, s) = self.lookup_typed(h)?;
