@@ -56,48 +56,74 @@ pub(crate) trait Lockable: Sync {
     fn record_panic(&self);
 }
 
+/// [`FrameEntry::flags`]: this thread holds the lock through this entry.
+const HELD: u8 = 1;
+/// [`FrameEntry::flags`]: released by a nested enter (step 2), to be re-acquired when it returns
+/// (step 6). Never set together with [`HELD`]: step 2 clears `HELD` as it sets this, step 6 clears
+/// this before it sets `HELD` again.
+const SUSPENDED: u8 = 2;
+/// [`FrameEntry::flags`]: the lock was last acquired from a holder that died holding it
+/// (process-shared locks), and the state has not been declared repaired since.
+const OWNER_DIED: u8 = 4;
+
 pub(crate) struct FrameEntry<'a> {
     ctx: &'a dyn Lockable,
     /// `ctx.id()`, cached so that membership checks make no virtual call.
     id: ContextId,
-    /// This thread holds the lock through this entry.
-    held: Cell<bool>,
-    /// Released by a nested enter (step 2), to be re-acquired when it returns (step 6).
-    suspended: Cell<bool>,
-    /// The lock was last acquired from a holder that died holding it (process-shared locks), and
-    /// the state has not been declared repaired since.
-    owner_died: Cell<bool>,
+    /// [`HELD`], [`SUSPENDED`], [`OWNER_DIED`], in one byte, so that "held, and no death to
+    /// repair" is one compare ([`FrameEntry::held_consistent`]).
+    flags: Cell<u8>,
 }
 
 impl<'a> FrameEntry<'a> {
     /// Whether this thread holds the context through this entry right now.
     #[inline]
     pub(crate) fn is_held(&self) -> bool {
-        self.held.get()
+        self.flags.get() & HELD != 0
     }
 
     /// Whether the lock came from a holder that died, with the state not yet declared repaired.
     #[inline]
     pub(crate) fn owner_died(&self) -> bool {
-        self.owner_died.get()
+        self.flags.get() & OWNER_DIED != 0
+    }
+
+    /// `is_held() && !owner_died()`, as one compare: `SUSPENDED` is never set while `HELD` is.
+    #[inline]
+    pub(crate) fn held_consistent(&self) -> bool {
+        self.flags.get() == HELD
+    }
+
+    /// `is_held() && owner_died()`, as one compare (as for [`FrameEntry::held_consistent`]).
+    #[inline]
+    pub(crate) fn held_owner_died(&self) -> bool {
+        self.flags.get() == HELD | OWNER_DIED
+    }
+
+    /// Clears `HELD`; returns whether it was set.
+    #[inline]
+    fn take_held(&self) -> bool {
+        let f = self.flags.get();
+        self.flags.set(f & !HELD);
+        f & HELD != 0
     }
 
     /// Declares the state repaired (see [`Lockable::mark_consistent`]). Returns `false`, doing
     /// nothing, if this entry does not hold the lock now.
     pub(crate) fn mark_consistent(&self) -> bool {
-        if !self.held.get() {
+        if !self.is_held() {
             return false;
         }
-        // SAFETY: `held` is true, so this thread holds the lock via this entry.
+        // SAFETY: `HELD` is set, so this thread holds the lock via this entry.
         unsafe { self.ctx.mark_consistent() };
-        self.owner_died.set(false);
+        self.flags.set(self.flags.get() & !OWNER_DIED);
         true
     }
 
     #[inline]
     fn record(&self, how: Acquired) {
         if how == Acquired::OwnerDied {
-            self.owner_died.set(true);
+            self.flags.set(self.flags.get() | OWNER_DIED);
         }
     }
 
@@ -107,9 +133,7 @@ impl<'a> FrameEntry<'a> {
         Self {
             ctx,
             id: ctx.id(),
-            held: Cell::new(true),
-            suspended: Cell::new(false),
-            owner_died: Cell::new(false),
+            flags: Cell::new(HELD),
         }
     }
 
@@ -118,9 +142,7 @@ impl<'a> FrameEntry<'a> {
         Self {
             ctx,
             id: ctx.id(),
-            held: Cell::new(true),
-            suspended: Cell::new(false),
-            owner_died: Cell::new(false),
+            flags: Cell::new(HELD),
         }
     }
 }
@@ -224,7 +246,7 @@ pub(crate) fn held_ids() -> Vec<ContextId> {
         f.map(|f| {
             f.entries
                 .iter()
-                .filter(|e| e.held.get())
+                .filter(|e| e.is_held())
                 .map(|e| e.id)
                 .collect()
         })
@@ -237,9 +259,9 @@ pub(crate) fn held_ids() -> Vec<ContextId> {
 fn suspend(prev: *const Frame<'static>) {
     with_frame(prev, |f| {
         for e in f.map_or(&[][..], |f| f.entries).iter().rev() {
-            if e.held.replace(false) {
-                e.suspended.set(true);
-                // SAFETY: `held` was true, so this thread holds the lock via this entry.
+            if e.take_held() {
+                e.flags.set(e.flags.get() | SUSPENDED);
+                // SAFETY: `HELD` was set, so this thread holds the lock via this entry.
                 unsafe { e.ctx.release() };
             }
         }
@@ -253,12 +275,14 @@ fn resume(prev: *const Frame<'static>) -> Result<(), EnterError> {
     with_frame(prev, |f| {
         let mut result = Ok(());
         for e in f.map_or(&[][..], |f| f.entries) {
-            if !e.suspended.replace(false) {
+            let f = e.flags.get();
+            if f & SUSPENDED == 0 {
                 continue;
             }
+            e.flags.set(f & !SUSPENDED);
             match e.ctx.reacquire() {
                 Ok(how) => {
-                    e.held.set(true);
+                    e.flags.set(e.flags.get() | HELD);
                     e.record(how);
                 }
                 Err(_) if result.is_ok() => result = Err(EnterError::CallerLost(e.id)),
@@ -391,7 +415,7 @@ fn panicked_held<'e, T: Lockable>(
     target: &'e T,
     payload: Box<dyn std::any::Any + Send>,
 ) -> EnterError {
-    if entries[0].held.get() {
+    if entries[0].is_held() {
         target.record_panic();
     }
     release_held(entries, &|_| target);
@@ -421,7 +445,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
             cur.is_some_and(|cur| {
                 entries
                     .iter()
-                    .all(|t| cur.entries.iter().any(|e| e.held.get() && e.id == t.id))
+                    .all(|t| cur.entries.iter().any(|e| e.is_held() && e.id == t.id))
             })
         });
         if reentrant {
@@ -451,7 +475,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
             Ok(how) => e.record(how),
             Err(err) => {
                 for later in &entries[i..] {
-                    later.held.set(false);
+                    later.take_held();
                 }
                 failure = Some(err);
                 break;
@@ -477,7 +501,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     // Step 5.
     drop(restore);
     if outcome.is_err() {
-        if let Some(e) = entries.iter().find(|e| e.held.get()) {
+        if let Some(e) = entries.iter().find(|e| e.is_held()) {
             target_of(e).record_panic();
         }
     }
@@ -499,8 +523,8 @@ fn release_held<'e, T: Lockable + ?Sized + 'e>(
     target_of: &impl Fn(&'e FrameEntry<'e>) -> &'e T,
 ) {
     for e in entries.iter().rev() {
-        if e.held.replace(false) {
-            // SAFETY: `held` was true, so this thread holds the lock via this entry.
+        if e.take_held() {
+            // SAFETY: `HELD` was set, so this thread holds the lock via this entry.
             unsafe { target_of(e).release() };
         }
     }

@@ -1235,11 +1235,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     /// Repairs if the lock came from a holder that died (at entry, or on return from a nested call).
     #[inline]
     fn sync(&self) {
-        let died = {
-            let cx = self.cx();
-            cx.is_held() && cx.owner_died()
-        };
-        if died {
+        if self.cx().needs_repair() {
             self.repair();
         }
     }
@@ -1386,8 +1382,7 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     /// check is skipped, they are only fused into fewer branches with no call and no error value.
     #[inline(always)]
     fn ready<T: 'static>(&self, h: SharedHandle<T>) -> Option<(&'a SlotRec, *mut T)> {
-        let cx = self.cx();
-        if !cx.is_held() || cx.owner_died() {
+        if !self.cx().is_held_consistent() {
             return None;
         }
         let local = self.local;
