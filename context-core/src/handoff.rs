@@ -523,7 +523,8 @@ fn release_held<'e, T: Lockable + ?Sized + 'e>(
     target_of: &impl Fn(&'e FrameEntry<'e>) -> &'e T,
 ) {
     for e in entries.iter().rev() {
-        if e.take_held() {
+        // The entry is done with (its frame ends): every flag is cleared.
+        if e.flags.replace(0) & HELD != 0 {
             // SAFETY: `HELD` was set, so this thread holds the lock via this entry.
             unsafe { target_of(e).release() };
         }

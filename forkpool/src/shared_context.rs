@@ -541,8 +541,9 @@ pub struct PoolLock {
     /// while the heap is mapped, and `heap` keeps the mapping alive.
     raw: NonNull<RawSharedLock>,
     _heap: Heap,
-    /// The registration for the current process, or null. Points into an `Arc` kept in `regs`, so
-    /// it stays valid until `self` is dropped.
+    /// The latest registration (for the current process if its generation is the current fork
+    /// generation). INVARIANT: never null (`PoolLock::new` registers), and points into an `Arc`
+    /// kept in `regs`, so it stays valid until `self` is dropped.
     reg: AtomicPtr<Registration>,
     regs: Mutex<Vec<Arc<Registration>>>,
 }
@@ -575,8 +576,9 @@ impl PoolLock {
         // installation is complete here.
         let generation = context_shmem::process::fork_generation_installed();
         let p = self.reg.load(Ordering::Acquire);
-        // SAFETY: a non-null `reg` points into an Arc held by `self.regs` until `self` drops.
-        let r = unsafe { p.as_ref() }?;
+        // SAFETY: by the INVARIANT on `reg`, `p` is non-null and points into an Arc held by
+        // `self.regs` until `self` drops; a `Registration` is immutable.
+        let r = unsafe { &*p };
         (r.generation == generation).then_some(r)
     }
 
@@ -610,6 +612,22 @@ impl PoolLock {
             Some(r) => Ok(r.slot),
             None => self.me_slow().map(|(_, s)| s),
         }
+    }
+
+    /// A handle on `raw` (the `lock` of a validated header of `heap`), registering this process.
+    fn new(raw: &RawSharedLock, heap: &Heap, generation: u32, token: u64) -> Option<Self> {
+        let slot = raw.register(token, &ProcLiveness).ok()?;
+        let r = Arc::new(Registration {
+            generation,
+            token,
+            slot,
+        });
+        Some(Self {
+            raw: NonNull::from(raw),
+            _heap: heap.clone(),
+            reg: AtomicPtr::new(Arc::as_ptr(&r).cast_mut()),
+            regs: Mutex::new(vec![r]),
+        })
     }
 
     #[cold]
@@ -887,15 +905,14 @@ impl SharedContext {
         }
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         let name = String::from_utf8_lossy(&bytes[..end]).into_owned();
-        let lock = PoolLock {
-            raw: NonNull::from(&h.lock),
-            _heap: heap.clone(),
-            reg: AtomicPtr::new(std::ptr::null_mut()),
-            regs: Mutex::new(Vec::new()),
-        };
-        // Register now, so that a full lock is an error here rather than a timeout at entry.
-        lock.register(context_shmem::process::fork_generation(), token)
-            .map_err(|_| OpenError::LockFull)?;
+        // Registers now, so that a full lock is an error here rather than a timeout at entry.
+        let lock = PoolLock::new(
+            &h.lock,
+            heap,
+            context_shmem::process::fork_generation(),
+            token,
+        )
+        .ok_or(OpenError::LockFull)?;
         // The start is the heap's (non-null) base; the length is clamped so that the span ends
         // before the last address (which no object can reach anyway): the INVARIANT on `span`.
         let (lo, len) = heap.span();
