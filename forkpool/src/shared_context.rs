@@ -711,6 +711,12 @@ struct Local {
     /// INVARIANT: a non-zero entry is the address of a live block of `heap` holding `seg_len(k)`
     /// records, which stays allocated until the context is closed.
     segs: [AtomicU64; SEGMENTS],
+    /// The same cache, biased for [`Local::cached_slot`]: `1 + segs[k] - first(k) * 64` (wrapping),
+    /// with `first(k)` the index of segment `k`'s first slot, so that slot `i` of the segment has
+    /// its record at `slot_base[k] - 1 + i * 64` (one shift and one add); 0 = not yet validated (a
+    /// set entry is odd, as segment blocks are 64-aligned). INVARIANT: non-zero only after
+    /// `segs[k]` was set, and then derived from it.
+    slot_base: [AtomicU64; SEGMENTS],
 }
 
 // SAFETY: `hdr` points at atomics only (Sync), kept mapped by `heap`; everything else is Send +
@@ -748,6 +754,8 @@ impl Local {
         match self.heap.usable_size(p) {
             Ok(n) if n >= layout.size() => {
                 self.segs[k].store(addr, Ordering::Relaxed);
+                let first = (SEG_BASE * ((1 << k) - 1)) * size_of::<SlotRec>() as u64;
+                self.slot_base[k].store(addr.wrapping_sub(first) | 1, Ordering::Relaxed);
                 Some(p.cast())
             }
             _ => None,
@@ -761,12 +769,18 @@ impl Local {
         if i >= MAX_OBJECTS {
             return None;
         }
-        let (k, off) = seg_of(i);
-        let base = NonNull::new(self.segs.get(k)?.load(Ordering::Relaxed) as *mut SlotRec)?;
-        // SAFETY: as in `slot`: a non-zero cache entry is a validated live block of `seg_len(k)`
-        // records (INVARIANT on `segs`), `off < seg_len(k)` by `seg_of`, records are atomics, and
-        // callers check `closed` under the lock first (segments are freed only by `close`).
-        Some(unsafe { &*base.as_ptr().wrapping_add(off) })
+        let (k, _) = seg_of(i);
+        let biased = self.slot_base.get(k)?.load(Ordering::Relaxed);
+        if biased == 0 {
+            return None;
+        }
+        // `segs[k] + (i - first(k)) * 64`, i.e. record `off` of segment `k` (see `seg_of`).
+        let addr = (biased - 1).wrapping_add(u64::from(i) * size_of::<SlotRec>() as u64);
+        // SAFETY: as in `slot`: a non-zero `slot_base[k]` was derived from `segs[k]`, a validated
+        // live block of `seg_len(k)` records (INVARIANTs on `slot_base` and `segs`), and `addr` is
+        // its record `i - first(k) < seg_len(k)` (by `seg_of`); records are atomics, and callers
+        // check `closed` under the lock first (segments are freed only by `close`).
+        Some(unsafe { &*(addr as usize as *const SlotRec) })
     }
 
     /// The record of slot `i` (`None` if its segment does not exist).
@@ -926,6 +940,7 @@ impl SharedContext {
                 maker: token,
                 span,
                 segs: std::array::from_fn(|_| AtomicU64::new(0)),
+                slot_base: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
     }
