@@ -569,9 +569,11 @@ impl PoolLock {
         unsafe { self.raw.as_ref() }
     }
 
-    /// This process's registration, if it is cached for this process: one load and a compare.
+    /// The latest registration and whether it was made in this process (its generation is the
+    /// current fork generation): one load and a compare. (A pair rather than an
+    /// `Option<&Registration>`, whose test would be a null check of a pointer known non-null.)
     #[inline(always)]
-    fn cached(&self) -> Option<&Registration> {
+    fn cached(&self) -> (&Registration, bool) {
         // `attach` checked `fork_hook_installed` before this lock was made, so the hook's
         // installation is complete here.
         let generation = context_shmem::process::fork_generation_installed();
@@ -579,15 +581,15 @@ impl PoolLock {
         // SAFETY: by the INVARIANT on `reg`, `p` is non-null and points into an Arc held by
         // `self.regs` until `self` drops; a `Registration` is immutable.
         let r = unsafe { &*p };
-        (r.generation == generation).then_some(r)
+        (r, r.generation == generation)
     }
 
     /// This process's token and slot.
     #[inline(always)]
     fn me(&self) -> Result<(u64, Slot), LockError> {
         match self.cached() {
-            Some(r) => Ok((r.token, r.slot)),
-            None => self.me_slow(),
+            (r, true) => Ok((r.token, r.slot)),
+            (_, false) => self.me_slow(),
         }
     }
 
@@ -609,8 +611,8 @@ impl PoolLock {
     #[inline(always)]
     fn slot(&self) -> Result<Slot, LockError> {
         match self.cached() {
-            Some(r) => Ok(r.slot),
-            None => self.me_slow().map(|(_, s)| s),
+            (r, true) => Ok(r.slot),
+            (_, false) => self.me_slow().map(|(_, s)| s),
         }
     }
 
@@ -762,10 +764,12 @@ impl Local {
         }
     }
 
-    /// The record of slot `i` if its segment is in this process's cache of validated segments
-    /// (`None` otherwise: [`Local::slot`] then validates it). No call, for the fast paths.
+    /// `f` of the record of slot `i` if its segment is in this process's cache of validated
+    /// segments (`None` otherwise: [`Local::slot`] then validates it). No call, for the fast paths.
+    /// (`f` gets the record directly: an `Option<&SlotRec>` of a computed address would be tested
+    /// for null.)
     #[inline(always)]
-    fn cached_slot(&self, i: u32) -> Option<&SlotRec> {
+    fn cached_slot<'l, R>(&'l self, i: u32, f: impl FnOnce(&'l SlotRec) -> Option<R>) -> Option<R> {
         if i >= MAX_OBJECTS {
             return None;
         }
@@ -780,7 +784,7 @@ impl Local {
         // live block of `seg_len(k)` records (INVARIANTs on `slot_base` and `segs`), and `addr` is
         // its record `i - first(k) < seg_len(k)` (by `seg_of`); records are atomics, and callers
         // check `closed` under the lock first (segments are freed only by `close`).
-        Some(unsafe { &*(addr as usize as *const SlotRec) })
+        f(unsafe { &*(addr as usize as *const SlotRec) })
     }
 
     /// The record of slot `i` (`None` if its segment does not exist).
@@ -1426,16 +1430,21 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         {
             return None;
         }
-        let rec = local.cached_slot(id.slot)?;
-        // One compare covers LIVE set, POISONED clear and the generation (the state word is
-        // `generation << 32 | flags`).
-        if rec.state.load(Ordering::Relaxed) != (u64::from(id.generation) << 32) | LIVE
-            || rec.tag.load(Ordering::Relaxed) != type_tag::<T>()
-        {
-            return None;
-        }
-        let ptr = self.object_addr::<T>(rec)?;
-        Some((rec, ptr))
+        local.cached_slot(
+            id.slot,
+            #[inline(always)]
+            |rec| {
+                // One compare covers LIVE set, POISONED clear and the generation (the state word is
+                // `generation << 32 | flags`).
+                if rec.state.load(Ordering::Relaxed) != (u64::from(id.generation) << 32) | LIVE
+                    || rec.tag.load(Ordering::Relaxed) != type_tag::<T>()
+                {
+                    return None;
+                }
+                let ptr = self.object_addr::<T>(rec)?;
+                Some((rec, ptr))
+            },
+        )
     }
 
     /// Whether the object is free to borrow; reclaims it from a dead borrower (poisoning it).
