@@ -823,6 +823,22 @@ impl fmt::Debug for SharedContext {
     }
 }
 
+/// The outcome of a [`SharedContext`] entry as the caller sees it, from the core's outcome `r` and
+/// the closure's result slot `out` ([`Local::run_into`]): the result, or why the closure did not
+/// run. A macro rather than a function: passing `out` by value made LLVM copy it through three
+/// stack slots.
+macro_rules! finish {
+    ($scx:expr, $r:expr, $out:expr) => {
+        match $r {
+            Ok(()) => match $out {
+                Some(r) => Ok(r),
+                None => Err($scx.closed()),
+            },
+            Err(e) => Err(e),
+        }
+    };
+}
+
 impl SharedContext {
     /// Creates a shared context in `heap` (any process of the pool may do it) and returns this
     /// process's handle. Other processes open it from [`SharedContext::share`]. `name` is kept (up
@@ -1022,25 +1038,8 @@ impl SharedContext {
         let local = &*self.local;
         let mut out = None;
         let slot = &mut out;
-        // The slot is `None` until the closure's one write: the old value is forgotten rather than
-        // dropped (nothing to drop), so no drop check is compiled into the closure.
-        match local
-            .ctx
-            .enter(move |cx| std::mem::forget(std::mem::replace(slot, local.run(cx, f))))
-        {
-            Ok(()) => match out {
-                Some(r) => Ok(r),
-                None => Err(self.closed()),
-            },
-            Err(e) => Err(e),
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn closed(&self) -> EnterError {
-        let _ = self.local.ctx.close();
-        EnterError::Closed(self.local.ctx.id())
+        let r = local.ctx.enter(move |cx| local.run_into(cx, f, slot));
+        finish!(self, r, out)
     }
 
     /// Like [`SharedContext::enter`] but gives up at once if the context is busy.
@@ -1053,7 +1052,10 @@ impl SharedContext {
         R: Send,
     {
         let local = &*self.local;
-        self.finish(local.ctx.try_enter(move |cx| local.run(cx, f)))
+        let mut out = None;
+        let slot = &mut out;
+        let r = local.ctx.try_enter(move |cx| local.run_into(cx, f, slot));
+        finish!(self, r, out)
     }
 
     /// Like [`SharedContext::enter`] but gives up if the caller's turn has not come within
@@ -1067,7 +1069,12 @@ impl SharedContext {
         R: Send,
     {
         let local = &*self.local;
-        self.finish(local.ctx.enter_timeout(timeout, move |cx| local.run(cx, f)))
+        let mut out = None;
+        let slot = &mut out;
+        let r = local
+            .ctx
+            .enter_timeout(timeout, move |cx| local.run_into(cx, f, slot));
+        finish!(self, r, out)
     }
 
     /// Like [`SharedContext::enter`], without requiring `Send` of the closure or its result (a
@@ -1080,31 +1087,18 @@ impl SharedContext {
         f: impl FnOnce(&mut SharedCx<'_, '_>) -> R,
     ) -> Result<R, EnterError> {
         let local = &*self.local;
-        self.finish(local.ctx.enter_local(move |cx| local.run(cx, f)))
+        let mut out = None;
+        let slot = &mut out;
+        let r = local.ctx.enter_local(move |cx| local.run_into(cx, f, slot));
+        finish!(self, r, out)
     }
 
-    /// The entry's outcome as the caller sees it: the closure's result, or why it did not run.
-    #[inline(always)]
-    fn finish<R>(&self, r: Result<Option<R>, EnterError>) -> Result<R, EnterError> {
-        match r {
-            Ok(Some(r)) => Ok(r),
-            other => self.finish_slow(other),
-        }
-    }
-
-    /// [`SharedContext::finish`] when the closure did not run (or panicked).
+    /// Closed by some process: closes the local face too, so later entries fail at once.
     #[cold]
     #[inline(never)]
-    fn finish_slow<R>(&self, r: Result<Option<R>, EnterError>) -> Result<R, EnterError> {
-        match r {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => {
-                // Closed by some process: close the local face too, so later entries fail at once.
-                let _ = self.local.ctx.close();
-                Err(EnterError::Closed(self.local.ctx.id()))
-            }
-            Err(e) => Err(e),
-        }
+    fn closed(&self) -> EnterError {
+        let _ = self.local.ctx.close();
+        EnterError::Closed(self.local.ctx.id())
     }
 
     /// Closes the context for every process: frees every object and the table, and makes every
@@ -1147,6 +1141,20 @@ impl Local {
             return None;
         }
         Some(f(&mut s))
+    }
+
+    /// [`Local::run`] with its result written to `slot` (which is `None` before), so that the
+    /// entry's closure returns nothing and its caller reads the result once, in place, instead of
+    /// moving it through the core's `Result`s. The old `None` is forgotten rather than dropped
+    /// (nothing to drop), so no drop check is compiled in.
+    #[inline]
+    fn run_into<'a, 'c, R>(
+        &'a self,
+        cx: &'a mut Cx<'c>,
+        f: impl FnOnce(&mut SharedCx<'a, 'c>) -> R,
+        slot: &mut Option<R>,
+    ) {
+        std::mem::forget(std::mem::replace(slot, self.run(cx, f)));
     }
 }
 
