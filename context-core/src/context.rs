@@ -87,15 +87,15 @@ pub(crate) struct Inner<L> {
     pub(crate) home: Option<Home>,
 }
 
-// SAFETY: `Inner` is shared between threads through `Arc`. Everything except `meta.table` is Sync on
-// its own. `meta.table` holds raw pointers to objects and is touched only by the holder of `lock`
-// (INVARIANT),
-// so accesses are serialized and ordered by the lock's Acquire/Release. Objects that are not `Send`
-// are only admitted into pinned contexts (`Cx::adopt_local` checks), whose lock is only ever taken by
-// their home thread (`Context::enter_local` and the multi-enter check it), and whose table is cleared
-// on the home thread before it exits (`pinned::home_loop`), so such objects never change threads.
+// SAFETY: `Inner` is shared between threads through `Arc`. Everything except `meta.table` is Sync
+// on its own. `meta.table` holds raw pointers to objects and is touched only by the holder of
+// `lock` (INVARIANT), so accesses are serialized and ordered by the lock's Acquire/Release. Objects
+// that are not `Send` are only admitted into pinned contexts (`Cx::adopt_local` checks), whose lock
+// is only ever taken by their home thread (`Context::enter_local` and the multi-enter check it),
+// and whose table is cleared on the home thread before it exits (`pinned::home_loop`), so such
+// objects never change threads.
 unsafe impl<L: RawContextLock> Send for Inner<L> {}
-// SAFETY: as for `Send`: shared access to `table` is serialized by `lock`.
+// SAFETY: as for `Send`: shared access to `meta.table` is serialized by `lock`.
 unsafe impl<L: RawContextLock> Sync for Inner<L> {}
 
 impl<L: RawContextLock> Inner<L> {
@@ -126,7 +126,8 @@ impl<L: RawContextLock> Inner<L> {
     /// Closes the context while holding it: sets `closed` and drops every object.
     pub(crate) fn close_held(&self) -> Result<(), AccessError> {
         // SAFETY: called only from inside a frame that holds this context (see callers), so by the
-        // INVARIANT on `CxMeta::table` we have exclusive access; no reference into the table outlives this.
+        // INVARIANT on `CxMeta::table` we have exclusive access; no reference into the table
+        // outlives this.
         let table = unsafe { &mut *self.meta.table.get() };
         table.check_no_borrows()?;
         self.closed.store(true, Ordering::Relaxed);

@@ -534,8 +534,8 @@ struct Registration {
 }
 
 /// The [`RawContextLock`] of a shared context: a process's handle on the [`RawSharedLock`] in the
-/// context's header. It registers the process with the lock on first use, and again in a child
-/// after `fork` (the registration is cached with the process token it was made for).
+/// context's header. It registers the process with the lock when it is made, and again in a child
+/// after `fork` (the registration is cached with the fork generation it was made in).
 pub struct PoolLock {
     /// INVARIANTS: points at the `lock` field of a validated header in `heap`, which is never freed
     /// while the heap is mapped, and `heap` keeps the mapping alive.
@@ -778,7 +778,7 @@ impl Local {
         if biased == 0 {
             return None;
         }
-        // `segs[k] + (i - first(k)) * 64`, i.e. record `off` of segment `k` (see `seg_of`).
+        // `segs[k] + (i - first(k)) * 64`: the record of slot `i` in segment `k` (see `seg_of`).
         let addr = (biased - 1).wrapping_add(u64::from(i) * size_of::<SlotRec>() as u64);
         // SAFETY: as in `slot`: a non-zero `slot_base[k]` was derived from `segs[k]`, a validated
         // live block of `seg_len(k)` records (INVARIANTs on `slot_base` and `segs`), and `addr` is
