@@ -622,8 +622,10 @@ pub fn held_contexts() -> Vec<ContextId> {
 pub struct Cx<'a> {
     meta: &'a CxMeta,
     /// The frame entry through which this thread holds the context (see `handoff::Holding`): its
-    /// `held` flag is true exactly while this thread holds the lock through it.
-    entry: &'a handoff::FrameEntry<'a>,
+    /// `held` flag is true exactly while this thread holds the lock through it. `None` only if the
+    /// frame does not hold it, which never happens. (An `Option` rather than a panic there: an
+    /// entry nobody reads is then not computed at all.)
+    entry: Option<&'a handoff::FrameEntry<'a>>,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -632,12 +634,7 @@ impl<'a> Cx<'a> {
     fn new<L: RawContextLock>(inner: &'a Inner<L>, holding: &handoff::Holding<'a>) -> Self {
         Self {
             meta: &inner.meta,
-            // Every frame a closure runs in holds the closure's contexts: `run_one`, `run_in` and
-            // the re-entrant path (which checks that the frame holds every target) build `Cx`s
-            // only for those.
-            entry: holding
-                .entry(inner.id)
-                .expect("the frame holds every context its closure gets a Cx for"),
+            entry: holding.entry(inner.id),
             _not_send: PhantomData,
         }
     }
@@ -666,7 +663,7 @@ impl<'a> Cx<'a> {
     #[inline]
     #[must_use]
     pub fn is_held(&self) -> bool {
-        self.entry.is_held()
+        self.entry.is_some_and(handoff::FrameEntry::is_held)
     }
 
     /// `is_held() && !owner_died()`, in one load and one compare: the thread holds the context
@@ -675,7 +672,7 @@ impl<'a> Cx<'a> {
     #[inline]
     #[must_use]
     pub fn is_held_consistent(&self) -> bool {
-        self.entry.held_consistent()
+        self.entry.is_some_and(handoff::FrameEntry::held_consistent)
     }
 
     /// `is_held() && owner_died()`, in one load and one compare: the thread holds the context
@@ -684,7 +681,7 @@ impl<'a> Cx<'a> {
     #[inline]
     #[must_use]
     pub fn needs_repair(&self) -> bool {
-        self.entry.held_owner_died()
+        self.entry.is_some_and(handoff::FrameEntry::held_owner_died)
     }
 
     /// Whether the previous holder of this context's lock died holding it (possible only with a
@@ -695,7 +692,7 @@ impl<'a> Cx<'a> {
     /// re-acquired after a nested call and its holder meanwhile died.
     #[must_use]
     pub fn owner_died(&self) -> bool {
-        self.entry.owner_died()
+        self.entry.is_some_and(handoff::FrameEntry::owner_died)
     }
 
     /// Declares the state this context's lock protects repaired after [`Cx::owner_died`]. Does
@@ -704,10 +701,9 @@ impl<'a> Cx<'a> {
     /// # Errors
     /// [`AccessError::NotHeld`] if this `Cx` is suspended.
     pub fn mark_consistent(&mut self) -> Result<(), AccessError> {
-        if self.entry.mark_consistent() {
-            Ok(())
-        } else {
-            Err(AccessError::NotHeld(self.meta.id))
+        match self.entry {
+            Some(e) if e.mark_consistent() => Ok(()),
+            _ => Err(AccessError::NotHeld(self.meta.id)),
         }
     }
 

@@ -259,8 +259,9 @@ pub(crate) fn held_ids() -> Vec<ContextId> {
 fn suspend(prev: *const Frame<'static>) {
     with_frame(prev, |f| {
         for e in f.map_or(&[][..], |f| f.entries).iter().rev() {
-            if e.take_held() {
-                e.flags.set(e.flags.get() | SUSPENDED);
+            let f = e.flags.get();
+            if f & HELD != 0 {
+                e.flags.set((f & !HELD) | SUSPENDED);
                 // SAFETY: `HELD` was set, so this thread holds the lock via this entry.
                 unsafe { e.ctx.release() };
             }
