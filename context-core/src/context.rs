@@ -779,28 +779,35 @@ impl<'a> Cx<'a> {
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R, AccessError> {
         let ptr = self.table(|t| t.begin_borrow(h, crate::handoff::current_chain()))??;
-        struct EndBorrow<'c, 'a, T: 'static> {
+        /// Ends the borrow, poisoning the object, if `f` unwinds; forgotten when `f` returns.
+        struct PoisonOnUnwind<'c, 'a, T: 'static> {
             cx: &'c Cx<'a>,
             h: Handle<T>,
         }
-        impl<T: 'static> Drop for EndBorrow<'_, '_, T> {
-            #[inline]
+        impl<T: 'static> Drop for PoisonOnUnwind<'_, '_, T> {
+            #[cold]
             fn drop(&mut self) {
-                let poison = std::thread::panicking();
-                // If the thread lost the context meanwhile (`CallerLost`) the borrow flag cannot be
-                // cleared safely; the object then stays `Busy`, which is safe.
-                let _ = self.cx.table(|t| t.end_borrow(self.h, poison));
+                self.cx.end_borrow(self.h, true);
             }
         }
-        let end = EndBorrow { cx: self, h };
+        let unwind = PoisonOnUnwind { cx: self, h };
         // SAFETY: `begin_borrow` set the object's borrow flag, which makes this the only reference to
-        // it until `end` clears the flag after `f` returns (every other path to the object checks the
-        // flag under the context lock). The object lives in its own allocation, which only `remove`
+        // it until the flag is cleared after `f` returns or unwinds (every other path to the object
+        // checks the flag under the context lock). The object lives in its own allocation, which only `remove`
         // or `clear` free, and both refuse borrowed objects. The pointer is valid and aligned: it came
         // from a `Box<T>` (type checked by `begin_borrow`).
         let r = f(unsafe { &mut *ptr.as_ptr() });
-        drop(end);
+        std::mem::forget(unwind);
+        self.end_borrow(h, false);
         Ok(r)
+    }
+
+    /// Ends a borrow started by [`Cx::with`]; `poison` marks the object poisoned.
+    #[inline]
+    fn end_borrow<T: 'static>(&self, h: Handle<T>, poison: bool) {
+        // If the thread lost the context meanwhile (`CallerLost`) the borrow flag cannot be
+        // cleared safely; the object then stays `Busy`, which is safe.
+        let _ = self.table(|t| t.end_borrow(h, poison));
     }
 
     /// Takes the object out of the context; its handle becomes stale.

@@ -212,7 +212,9 @@ pub(crate) fn thread_tag() -> u64 {
 }
 
 thread_local! {
-    /// The call chain a pinned home thread is running a job for (0 outside jobs).
+    /// The call chain the thread's code belongs to now: the chain of the shipped job a pinned home
+    /// thread is running, else the thread's own tag; 0 until first asked (`current_chain` then
+    /// stores the tag, so the common case is one thread-local load).
     static CHAIN: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -223,9 +225,18 @@ thread_local! {
 #[inline]
 pub(crate) fn current_chain() -> u64 {
     match CHAIN.with(Cell::get) {
-        0 => thread_tag(),
+        0 => own_chain(),
         chain => chain,
     }
+}
+
+/// The first [`current_chain`] of a thread outside any job: its own tag, stored for next time.
+#[cold]
+#[inline(never)]
+fn own_chain() -> u64 {
+    let tag = thread_tag();
+    CHAIN.with(|c| c.set(tag));
+    tag
 }
 
 /// Runs `f` as part of `chain` (a shipped job's caller's chain), restoring the previous one after.
