@@ -158,10 +158,11 @@ fn write_error<C: Codec>(reply: &mut Vec<u8>, service: u64, object: ObjectId, e:
 /// The response comes back as the return value and a failure, rarely, through `failure`: a small
 /// response (`Option<u64>`-sized) then travels in registers. Passing a whole
 /// `Result<Response, CallError>` through memory across this non-inlined call cost a few
-/// nanoseconds of a 20 ns call in copies.
-type MoveFn<S> = for<'a, 'b, 'c, 'd, 'e> fn(
+/// nanoseconds of a 20 ns call in copies. The object id is passed by reference, read from the
+/// proxy itself (by value it is 16 bytes, which the Rust ABI passes through a stack copy).
+type MoveFn<S> = for<'a, 'b, 'c, 'd, 'e, 'f> fn(
     &'b Cx<'c>,
-    ObjectId,
+    &'f ObjectId,
     &'d mut Option<<S as Service>::Request<'a>>,
     &'e mut Option<MoveFailure>,
 ) -> Option<<S as Service>::Response>;
@@ -195,6 +196,15 @@ impl MoveFailure {
     }
 }
 
+/// The method's result out of `response` (`pick`: `None` for a response to another method).
+#[inline]
+fn picked<T, R>(response: T, pick: impl FnOnce(T) -> Option<R>) -> Result<R, CallError> {
+    match pick(response) {
+        Some(r) => Ok(r),
+        None => Err(CallError::UnexpectedResponse),
+    }
+}
+
 /// Writes `e` to `error` and returns `None`: a failed call in [`Proxy::call_split`]'s shape.
 #[cold]
 fn fail<R>(error: &mut Option<CallError>, e: CallError) -> Option<R> {
@@ -212,7 +222,7 @@ struct MoveCall<'a, 'r, S: Service> {
 
 fn serve_moved<S: Serve<T>, T: 'static>(
     cx: &Cx<'_>,
-    object: ObjectId,
+    object: &ObjectId,
     slot: &mut Option<S::Request<'_>>,
     failure: &mut Option<MoveFailure>,
 ) -> Option<S::Response> {
@@ -530,24 +540,13 @@ impl<S: Service, C: Codec> Proxy<S, C> {
     /// service, a bad frame, the method panicked, the timeout passed, ...
     #[inline]
     pub fn call(&self, request: S::Request<'_>) -> Result<S::Response, CallError> {
-        let mut error = None;
-        match self.call_split(&mut Some(request), &mut error) {
-            Some(response) => Ok(response),
-            None => Err(error.unwrap_or(CallError::UnexpectedResponse)),
-        }
+        self.call_pick(&mut Some(request), Some)
     }
 
-    /// [`Proxy::call`] in the form generated clients (`counter.add(5)?`) use: the request is built
-    /// in `slot` by the caller, the response is returned as an `Option` and a failure is written
-    /// to `error` (then `None` is returned). Not meant to be called by hand.
-    ///
-    /// Why this shape, in a call that costs a few tens of nanoseconds: a request passed by value
-    /// was copied through the call's layers, and a `Result<Response, CallError>` (56 bytes) went
-    /// back through memory; each copy that reads fresh stores back at another width stalls on
-    /// store forwarding, several nanoseconds each. Built in place, the request is read by the
-    /// target only after the lock's atomic instruction has drained the stores that built it (in
-    /// move mode it is taken out of the slot only then, and stays there if the call did not run);
-    /// a small response comes back in registers.
+    /// [`Proxy::call`] with the request built in `slot` by the caller, the response returned as an
+    /// `Option` and a failure written to `error` (then `None` is returned). Kept for callers of
+    /// earlier versions; generated clients use [`Proxy::call_pick`]. Not meant to be called by
+    /// hand.
     #[doc(hidden)]
     #[inline]
     pub fn call_split(
@@ -555,107 +554,177 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         slot: &mut Option<S::Request<'_>>,
         error: &mut Option<CallError>,
     ) -> Option<S::Response> {
+        match self.call_pick(slot, Some) {
+            Ok(response) => Some(response),
+            Err(e) => fail(error, e),
+        }
+    }
+
+    /// [`Proxy::call`] in the form generated clients (`counter.add(5)?`) use: the request is built
+    /// in `slot` by the caller, and `pick` takes the method's result out of the response (`None`:
+    /// a response to another method, [`CallError::UnexpectedResponse`]). Not meant to be called by
+    /// hand.
+    ///
+    /// Why this shape, in a call that costs a few tens of nanoseconds: a request passed by value
+    /// was copied through the call's layers, and a `Result<Response, CallError>` returned by a
+    /// function that was not inlined went back through memory and was copied again; each copy
+    /// that reads fresh stores back at another width stalls on store forwarding, several
+    /// nanoseconds each. Built in place, the request is read by the target only after the
+    /// lock's atomic instruction has drained the stores that built it (in move mode it is taken
+    /// out of the slot only then, and stays there if the call did not run). Every path builds
+    /// the client's own `Result<R, CallError>` where it ends, so the common one writes the result
+    /// once, straight into the client's return slot (an `Option<CallError>` out-parameter, the
+    /// previous shape, had to be initialised and then tested for a drop on every call).
+    #[doc(hidden)]
+    #[inline]
+    pub fn call_pick<R>(
+        &self,
+        slot: &mut Option<S::Request<'_>>,
+        pick: impl FnOnce(S::Response) -> Option<R>,
+    ) -> Result<R, CallError> {
         match (&self.route, self.mode) {
             (
                 Route::Local {
                     transport, mover, ..
                 },
                 Mode::Move,
-            ) => self.call_moved(transport, *mover, slot, error),
+            ) => self.call_moved(transport, *mover, slot, pick),
             (Route::Local { transport, .. }, Mode::Serialize) => match slot {
-                Some(request) => self.call_framed(transport, request, error),
-                None => fail(error, CallError::UnexpectedResponse),
+                Some(request) => self.call_framed(transport, request, pick),
+                None => Err(CallError::UnexpectedResponse),
             },
             (Route::Remote(t), _) => match slot {
-                Some(request) => self.call_framed(&**t, request, error),
-                None => fail(error, CallError::UnexpectedResponse),
+                Some(request) => self.call_framed(&**t, request, pick),
+                None => Err(CallError::UnexpectedResponse),
             },
         }
     }
 
     /// Move mode: one `enter` whose closure holds a single pointer, to the call's state on this
     /// stack (a closure that captured the request or several references by value was copied
-    /// from layer to layer of `enter`, with the stalls described at [`Proxy::call_in_place`]).
-    /// A borrow refused with `InUse` goes to the retry loop, the request still in its slot.
+    /// from layer to layer of `enter`, with store-forwarding stalls).
+    ///
+    /// Only the common case is inlined: no timeout, and a first attempt that runs. Everything
+    /// else (a timeout, a refusal, a failure, the retry loop) is [`Proxy::call_moved_rest`], out
+    /// of line, so the caller carries no retry state, and its frame and register pressure stay
+    /// small.
     #[inline]
-    fn call_moved(
+    fn call_moved<R>(
         &self,
         transport: &InProcess,
         mover: MoveFn<S>,
         slot: &mut Option<S::Request<'_>>,
-        error: &mut Option<CallError>,
-    ) -> Option<S::Response> {
+        pick: impl FnOnce(S::Response) -> Option<R>,
+    ) -> Result<R, CallError> {
+        if self.timeout.is_some() {
+            return self
+                .call_moved_rest(transport, mover, slot, None)
+                .and_then(|r| picked(r, pick));
+        }
+        let mut state = MoveCall {
+            mover,
+            object: &self.object,
+            slot: &mut *slot,
+            failure: None,
+        };
+        let st = &mut state;
+        let run = move |cx: &mut Cx<'_>| (st.mover)(cx, st.object, st.slot, &mut st.failure);
+        match transport.ctx.enter(run) {
+            Ok(Some(response)) => picked(response, pick),
+            Ok(None) => {
+                let failure = state.failure.take();
+                self.call_moved_rest(transport, mover, slot, Some(Ok(failure)))
+                    .and_then(|r| picked(r, pick))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`Proxy::call_moved`] past its common case. `first` is the outcome of a first attempt
+    /// made without a timeout (`Ok` with the failure the mover reported, or the enter error);
+    /// `None` when no attempt was made yet (the proxy has a timeout). A borrow refused with
+    /// `InUse` goes to the retry loop, the request still in its slot.
+    #[cold]
+    #[inline(never)]
+    fn call_moved_rest(
+        &self,
+        transport: &InProcess,
+        mover: MoveFn<S>,
+        slot: &mut Option<S::Request<'_>>,
+        first: Option<Result<Option<MoveFailure>, context_core::EnterError>>,
+    ) -> Result<S::Response, CallError> {
         // Set at the first refusal: the timeout for waiting on the object counts from there.
         let mut retry: Option<Retry> = None;
+        let mut outcome = first;
         loop {
-            let mut state = MoveCall {
-                mover,
-                object: &self.object,
-                slot: &mut *slot,
-                failure: None,
+            let failure = match outcome.take() {
+                Some(Ok(failure)) => failure,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    let mut state = MoveCall {
+                        mover,
+                        object: &self.object,
+                        slot: &mut *slot,
+                        failure: None,
+                    };
+                    let st = &mut state;
+                    let run =
+                        move |cx: &mut Cx<'_>| (st.mover)(cx, st.object, st.slot, &mut st.failure);
+                    // The first attempt waits with the proxy's timeout as it is.
+                    let wait = match &retry {
+                        None => self.timeout,
+                        Some(r) => r.left(),
+                    };
+                    let entered = match wait {
+                        None => transport.ctx.enter(run),
+                        Some(t) => transport.ctx.enter_timeout(t, run),
+                    };
+                    match entered {
+                        Ok(Some(response)) => return Ok(response),
+                        Ok(None) => state.failure.take(),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             };
-            let st = &mut state;
-            let run = move |cx: &mut Cx<'_>| (st.mover)(cx, *st.object, st.slot, &mut st.failure);
-            // No clock read on the common path: the first attempt waits with the proxy's timeout
-            // as it is.
-            let wait = match &retry {
-                None => self.timeout,
-                Some(r) => r.left(),
-            };
-            let entered = match wait {
-                None => transport.ctx.enter(run),
-                Some(t) => transport.ctx.enter_timeout(t, run),
-            };
-            // The response is returned as it comes, in `call_split`'s shape (see there).
-            match entered {
-                Ok(Some(response)) => return Some(response),
-                Ok(None) => {}
-                Err(e) => return fail(error, e.into()),
-            }
-            let id = match state.failure.take() {
+            let id = match failure {
                 Some(f) => match f.in_use() {
                     Some(id) if slot.is_some() => id,
-                    _ => return fail(error, f.into_call::<S>()),
+                    _ => return Err(f.into_call::<S>()),
                 },
-                None => return fail(error, CallError::UnexpectedResponse),
+                None => return Err(CallError::UnexpectedResponse),
             };
             // Refused: another call chain has the object borrowed. Wait and retry.
             if !retry.get_or_insert_with(|| Retry::new(self.timeout)).wait() {
-                return fail(error, CallError::InUse(id));
+                return Err(CallError::InUse(id));
             }
         }
     }
 
-    /// Serialize mode, in [`Proxy::call_split`]'s shape: the decoded response is returned as it
-    /// comes (a `Result` built and then copied as a whole was read back with a store-forwarding
-    /// stall), a failure goes to `error`.
+    /// Serialize mode, in [`Proxy::call_pick`]'s shape: every path builds the final result where
+    /// it ends (a `Result` built and then copied as a whole was read back with a
+    /// store-forwarding stall).
     #[inline]
-    fn call_framed<X: Transport + ?Sized>(
+    fn call_framed<X: Transport + ?Sized, R>(
         &self,
         transport: &X,
         request: &S::Request<'_>,
-        error: &mut Option<CallError>,
-    ) -> Option<S::Response> {
+        pick: impl FnOnce(S::Response) -> Option<R>,
+    ) -> Result<R, CallError> {
         let mut pooled = Pooled::take();
         let Bufs { req, rep } = pooled.bufs();
         if let Err(e) = frame::encode::<C, _>(req, FrameKind::Request, S::ID, self.object, request)
         {
-            return fail(error, e.into());
+            return Err(e.into());
         }
         // The common case: one round trip, with the proxy's timeout as it is (no clock read
         // here; the transport reads one only if it has to wait).
-        if let Err(e) = transport.round_trip(req, rep, self.timeout) {
-            return fail(error, e);
-        }
+        transport.round_trip(req, rep, self.timeout)?;
         match decode_reply::<C, S::Response>(rep, S::ID, &self.object) {
-            Ok(response) => Some(response),
-            Err(CallError::InUse(id)) => {
-                match self.call_framed_retrying(transport, req, rep, Some(id)) {
-                    Ok(response) => Some(response),
-                    Err(e) => fail(error, e),
-                }
-            }
-            Err(e) => fail(error, e),
+            Ok(response) => picked(response, pick),
+            Err(CallError::InUse(id)) => self
+                .call_framed_retrying(transport, req, rep, Some(id))
+                .and_then(|r| picked(r, pick)),
+            Err(e) => Err(e),
         }
     }
 

@@ -244,21 +244,15 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
         quote! {
             #[inline]
             #sig {
-                let mut error = ::core::option::Option::None;
-                match #cp::Proxy::call_split(
+                #cp::Proxy::call_pick(
                     self,
                     &mut ::core::option::Option::Some(#req::#v { #(#names),* }),
-                    &mut error,
-                ) {
-                    ::core::option::Option::Some(#resp::#v(r)) => ::core::result::Result::Ok(r),
-                    #[allow(unreachable_patterns)]
-                    ::core::option::Option::Some(_) => {
-                        ::core::result::Result::Err(#cp::CallError::UnexpectedResponse)
-                    }
-                    ::core::option::Option::None => ::core::result::Result::Err(
-                        error.unwrap_or(#cp::CallError::UnexpectedResponse),
-                    ),
-                }
+                    |response| match response {
+                        #resp::#v(r) => ::core::option::Option::Some(r),
+                        #[allow(unreachable_patterns)]
+                        _ => ::core::option::Option::None,
+                    },
+                )
             }
         }
     });
