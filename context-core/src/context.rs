@@ -639,6 +639,19 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// A `Cx` for the same context and frame that borrows this one, so that a `Cx` can be passed
+    /// by value (two pointers, in registers) to a function that would otherwise take a reference
+    /// to one in memory, such as a type-erased function pointer called on every entry.
+    #[inline]
+    #[must_use]
+    pub fn reborrow(&mut self) -> Cx<'_> {
+        Cx {
+            meta: self.meta,
+            entry: self.entry,
+            _not_send: PhantomData,
+        }
+    }
+
     /// The context this `Cx` belongs to.
     #[must_use]
     pub fn id(&self) -> ContextId {
