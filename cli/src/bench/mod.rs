@@ -384,44 +384,23 @@ mod tests {
     #[test]
     fn a_row_of_the_last_comparisons_medians_gets_the_paired_spread() {
         let mut r = runner();
+        let row = |r: &mut Runner, value: f64, baseline: &str, base: f64| {
+            r.row("c", "ns_per_op", value, Better::Lower, baseline, base, None);
+        };
         // Trial by trial the case is 2x, 3x and 4x its baseline, though both drift.
         let medians = r.paired_medians(vec![vec![2.0, 30.0, 8.0], vec![1.0, 10.0, 2.0]]);
         assert_eq!(medians, [8.0, 2.0]);
-        r.row(
-            "c",
-            "ns_per_op",
-            medians[0],
-            Better::Lower,
-            "b",
-            medians[1],
-            None,
-        );
+        row(&mut r, medians[0], "b", medians[1]);
         assert_eq!(r.rows[0].ratio, 4.0);
         assert_eq!(r.rows[0].ratio_range, Some((2.0, 4.0)));
         // Any other figures get none: a value that is not a median, or the same median twice.
-        r.row("c", "ns_per_op", 8.5, Better::Lower, "b", medians[1], None);
-        r.row(
-            "c",
-            "ns_per_op",
-            medians[0],
-            Better::Lower,
-            "c",
-            medians[0],
-            None,
-        );
+        row(&mut r, 8.5, "b", medians[1]);
+        row(&mut r, medians[0], "c", medians[0]);
         assert_eq!(r.rows[1].ratio_range, None);
         assert_eq!(r.rows[2].ratio_range, None);
         // A new comparison replaces the old samples.
         r.paired_medians(vec![vec![1.0], vec![1.0, 2.0]]);
-        r.row(
-            "c",
-            "ns_per_op",
-            medians[0],
-            Better::Lower,
-            "b",
-            medians[1],
-            None,
-        );
+        row(&mut r, medians[0], "b", medians[1]);
         assert_eq!(r.rows[3].ratio_range, None);
     }
 
