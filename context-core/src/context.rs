@@ -701,7 +701,7 @@ impl<'a> Cx<'a> {
     /// process-shared lock, such as `context-shmem`'s): the state the lock protects may be
     /// half-updated. Repair it, then call [`Cx::mark_consistent`]; a context released without that
     /// becomes unrecoverable for a lock that tracks it (every later entry fails with
-    /// [`EnterError::NotRecoverable`](crate::EnterError::NotRecoverable)). Also set when the lock is
+    /// [`EnterError::NotRecoverable`]). Also set when the lock is
     /// re-acquired after a nested call and its holder meanwhile died.
     #[must_use]
     pub fn owner_died(&self) -> bool {

@@ -139,7 +139,7 @@ pub(crate) fn punch_hole(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
     .map(drop)
 }
 
-/// A close-on-exec memfd named `name` (the name is only a label in /proc/<pid>/fd).
+/// A close-on-exec memfd named `name` (the name is only a label in `/proc/<pid>/fd`).
 pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
     let fd = cvt(unsafe {

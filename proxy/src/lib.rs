@@ -5,7 +5,7 @@
 //! hands the caller's context over to the target context, decodes and runs the method there, and
 //! returns the result the same way. The target never sees the caller's memory.
 //!
-//! - **Services** declare what can be called: the [`#[service]`](service) attribute turns a trait
+//! - **Services** declare what can be called: the [`#[service]`](macro@service) attribute turns a trait
 //!   into request/response enums and a typed client, or a [`Service`] is written by hand.
 //! - **Codec**: bincode 2.0.1 behind our own [`Codec`] trait ([`Bincode`], decode always limited);
 //!   `Proxy<S, Postcard>` (feature `postcard`) swaps it in one line. Errors are opaque
