@@ -804,11 +804,12 @@ impl<'a> Cx<'a> {
             }
         }
         let unwind = PoisonOnUnwind { cx: self, h };
-        // SAFETY: `begin_borrow` set the object's borrow flag, which makes this the only reference to
-        // it until the flag is cleared after `f` returns or unwinds (every other path to the object
-        // checks the flag under the context lock). The object lives in its own allocation, which only `remove`
-        // or `clear` free, and both refuse borrowed objects. The pointer is valid and aligned: it came
-        // from a `Box<T>` (type checked by `begin_borrow`).
+        // SAFETY: `begin_borrow` set the object's borrow flag, which makes this the only reference
+        // to it until the flag is cleared after `f` returns or unwinds (every other path to the
+        // object checks the flag under the context lock). The object lives in its own allocation,
+        // which only `remove` or `clear` free: `remove` refuses a borrowed object and `clear` runs
+        // only after `check_no_borrows` (a context is closed only with no borrows). The pointer is
+        // valid and aligned: it came from a `Box<T>` (type checked by `begin_borrow`).
         let r = f(unsafe { &mut *ptr.as_ptr() });
         std::mem::forget(unwind);
         self.end_borrow(h, false);

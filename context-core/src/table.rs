@@ -145,8 +145,9 @@ impl Table {
     /// Ends a borrow from [`Table::begin_borrow`]; `poison` marks the object poisoned.
     ///
     /// The handle was checked when the borrow began, and a borrowed object cannot be removed nor its
-    /// slot reused meanwhile (`remove` and `clear` refuse), so only the slot's index is looked up
-    /// again: the slot vector may have moved (an insert during the borrow), the slot has not.
+    /// slot reused meanwhile (`remove` refuses it, and `clear` runs only after `check_no_borrows`),
+    /// so only the slot's index is looked up again: the slot vector may have moved (an insert
+    /// during the borrow), the slot has not.
     #[inline]
     pub(crate) fn end_borrow<T: ?Sized>(&mut self, h: Handle<T>, poison: bool) {
         if let Some(Slot { entry: Some(e), .. }) = self.slots.get_mut(h.slot as usize) {
