@@ -1,5 +1,6 @@
 //! Enters an idle shared context `N` times and reads one object each time: the loop of
-//! `ctx bench xproc`'s `shared_context_enter_idle`, for a profiler and for quick timings.
+//! `ctx bench xproc`'s `shared_context_enter_get` (its `shared_context_enter_idle` row is the same
+//! entry with an empty closure), for a profiler and for quick timings.
 //!
 //! `cargo build --release -p context-forkpool --example shared_enter_loop`, then
 //! `valgrind --tool=callgrind ./target/release/examples/shared_enter_loop 1000000` and again with

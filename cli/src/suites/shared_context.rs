@@ -1,16 +1,19 @@
 //! `shared_context_enter_idle`: entering an idle shared context (`context_forkpool::SharedContext`,
-//! lock and objects in the fork pool's shared heap) from a **worker** process and leaving it, with a
-//! trivial closure (a read of one object, `SharedCx::get`), against the lock and unlock of an
-//! uncontended `parking_lot` mutex measured in the same worker in the same run (interleaved trials).
+//! lock and objects in the fork pool's shared heap) from a **worker** process and leaving it, with
+//! an empty closure, against the lock and unlock of an uncontended `parking_lot` mutex measured in
+//! the same worker in the same run (interleaved trials). Beside it, `shared_context_enter_get`: the
+//! same entry with a read of one object (`SharedCx::get`, which checks the handle's slot,
+//! generation, type, borrow and poison), against the same mutex, so the cost of the object table is
+//! shown apart from the entry's.
 //!
 //! The pool forks, so the measurement runs in a fresh single-threaded copy of this binary
 //! (`context_forkpool::isolated`): its master creates the shared context and an object, and worker 0
-//! opens the context from the reference it is given and measures both loops with its own
-//! [`Runner`]. The worker writes its two medians into shared memory; the child prints them on one
+//! opens the context from the reference it is given and measures the three loops with its own
+//! [`Runner`]. The worker writes its medians into shared memory; the child prints them on one
 //! line, which this process records.
 //!
-//! Not registered in `suites::ALL` on its own: the `xproc` suite calls [`run`] and adds its second
-//! baseline (`proxy_call_xproc`) from the returned figure.
+//! Not registered in `suites::ALL` on its own: the `xproc` suite calls [`run`] and adds the entry's
+//! second baseline (`proxy_call_xproc`) from the returned figure.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -24,17 +27,20 @@ use crate::bench::{Better, Config, Runner, Target};
 
 /// Environment variable telling the child whether this is a `--quick` run.
 const QUICK_ENV: &str = "CTX_BENCH_SHARED_CONTEXT_QUICK";
-/// Prefix of the child's result line on stdout: `<case ns> <baseline ns>`.
+/// Prefix of the child's result line on stdout: `<enter ns> <enter + get ns> <mutex ns>`.
 const RESULT_PREFIX: &str = "SHARED_CONTEXT_NS ";
-/// The row's name.
+/// The entry's row.
 pub(crate) const CASE: &str = "shared_context_enter_idle";
+/// The row of the entry with an object read.
+const CASE_GET: &str = "shared_context_enter_get";
 
-/// A worker's job argument: the context, the object it reads, and `[quick, case ns, baseline ns]`
-/// (the figures as `f64` bits).
-type Job = ((SharedContextRef, SharedHandle<u64>), [u64; 3]);
+/// A worker's job argument: the context, the object it reads, and
+/// `[quick, enter ns, enter + get ns, mutex ns]` (the figures as `f64` bits).
+type Job = ((SharedContextRef, SharedHandle<u64>), [u64; 4]);
 
-/// Measures `shared_context_enter_idle` against `parking_lot_mutex`, records the row and returns
-/// the measured nanoseconds per entry (for the `proxy_call_xproc` baseline row of the caller).
+/// Measures `shared_context_enter_idle` and `shared_context_enter_get` against
+/// `parking_lot_mutex`, records their rows and returns the measured nanoseconds per entry (for the
+/// `proxy_call_xproc` baseline row of the caller).
 ///
 /// # Errors
 /// The child could not be started, failed, timed out or reported nothing usable.
@@ -65,14 +71,23 @@ pub(crate) fn run(r: &mut Runner) -> anyhow::Result<f64> {
             out.stderr
         );
     };
-    let mut nums = line.split_whitespace().map(str::parse::<f64>);
-    let (Some(Ok(case)), Some(Ok(base))) = (nums.next(), nums.next()) else {
-        bail!("malformed result line from the shared-context child: {line:?}");
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse::<f64>)
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!("malformed result line from the shared-context child: {line:?}")
+        })?;
+    let &[enter, get, base] = nums.as_slice() else {
+        bail!(
+            "the shared-context child reported {} figures, not 3: {line:?}",
+            nums.len()
+        );
     };
     r.row(
         CASE,
         "ns_per_op",
-        case,
+        enter,
         Better::Lower,
         "parking_lot_mutex",
         base,
@@ -80,17 +95,30 @@ pub(crate) fn run(r: &mut Runner) -> anyhow::Result<f64> {
     );
     r.note(
         "a pool worker enters an idle shared context (process-shared lock in the pool's heap, one \
-         CAS each way) and reads one object (SharedCx::get), vs lock + unlock of an \
-         uncontended parking_lot mutex in the same worker",
+         CAS each way) and leaves it, with an empty closure, vs lock + unlock of an uncontended \
+         parking_lot mutex in the same worker",
     );
-    Ok(case)
+    r.row(
+        CASE_GET,
+        "ns_per_op",
+        get,
+        Better::Lower,
+        "parking_lot_mutex",
+        base,
+        None,
+    );
+    r.note(
+        "the same entry with a read of one object inside (SharedCx::get: slot, generation, type, \
+         borrow and poison checks) vs the same mutex, which guards one u64 that it reads",
+    );
+    Ok(enter)
 }
 
 /// The child's entry: runs single-threaded before `main`.
 fn child_entry() -> i32 {
     match measure() {
-        Ok((case, base)) => {
-            println!("{RESULT_PREFIX}{case} {base}");
+        Ok([enter, get, base]) => {
+            println!("{RESULT_PREFIX}{enter} {get} {base}");
             0
         }
         Err(e) => {
@@ -100,7 +128,8 @@ fn child_entry() -> i32 {
     }
 }
 
-fn measure() -> anyhow::Result<(f64, f64)> {
+/// `[enter ns, enter + get ns, mutex ns]`, measured by worker 0 of a fresh pool.
+fn measure() -> anyhow::Result<[f64; 3]> {
     let quick = std::env::var(QUICK_ENV).as_deref() == Ok("1");
     let mut pool = Pool::builder()
         .workers(1)
@@ -109,16 +138,19 @@ fn measure() -> anyhow::Result<(f64, f64)> {
         .build()?;
     let scx = SharedContext::create(pool.heap(), "bench")?;
     let obj = scx.enter(|s| s.alloc(7u64))??;
-    let mut job = SharedBox::new(pool.heap(), ((scx.share(), obj), [u64::from(quick), 0, 0]))?;
+    let mut job = SharedBox::new(
+        pool.heap(),
+        ((scx.share(), obj), [u64::from(quick), 0, 0, 0]),
+    )?;
     let status = pool.run_mut(0, in_worker, &mut job, Duration::from_secs(240))?;
     if status != 0 {
         bail!("the worker could not measure (status {status})");
     }
-    let [_, case, base] = job.1;
-    Ok((f64::from_bits(case), f64::from_bits(base)))
+    let [_, enter, get, base] = job.1;
+    Ok([enter, get, base].map(f64::from_bits))
 }
 
-/// Runs in worker 0: opens the context and measures both loops, interleaved.
+/// Runs in worker 0: opens the context and measures the three loops, interleaved.
 fn in_worker(jcx: &JobContext, job: &mut Job) -> u64 {
     let (at, obj) = job.0;
     let Ok(scx) = SharedContext::open(jcx.heap(), at) else {
@@ -135,21 +167,35 @@ fn in_worker(jcx: &JobContext, job: &mut Job) -> u64 {
         },
         Box::new(|_: &str| {}),
     );
-    let (case, base) = r.compare_ns(
-        |n| {
-            for _ in 0..n {
-                black_box(scx.enter(|s| s.get(obj)).ok());
-            }
-        },
-        |n| {
-            for _ in 0..n {
-                let g = mutex.lock();
-                black_box(*g);
-                drop(g);
-            }
-        },
-    );
-    job.1[1] = case.to_bits();
-    job.1[2] = base.to_bits();
+    let mut enter = |n: u64| -> anyhow::Result<()> {
+        for _ in 0..n {
+            black_box(scx.enter(|_| ()))?;
+        }
+        Ok(())
+    };
+    let mut get = |n: u64| -> anyhow::Result<()> {
+        for _ in 0..n {
+            black_box(scx.enter(|s| s.get(obj)))??;
+        }
+        Ok(())
+    };
+    let mut lock = |n: u64| -> anyhow::Result<()> {
+        for _ in 0..n {
+            let g = mutex.lock();
+            black_box(*g);
+            drop(g);
+        }
+        Ok(())
+    };
+    let Ok(med) = r.rotate_ns(&mut [
+        (CASE, &mut enter),
+        (CASE_GET, &mut get),
+        ("parking_lot_mutex", &mut lock),
+    ]) else {
+        return 3;
+    };
+    job.1[1] = med[0].to_bits();
+    job.1[2] = med[1].to_bits();
+    job.1[3] = med[2].to_bits();
     0
 }
