@@ -115,8 +115,9 @@ struct JobCell<G, R> {
 struct JobInput<G> {
     /// The cell's own [`JobPtr`], which the mailbox points to: here, on the line the home thread
     /// reads anyway, rather than in a separate stack slot (one cache-line transfer fewer per
-    /// shipped call). Set once, before the job is published; `None` only until then.
-    job: Option<JobPtr>,
+    /// shipped call). Its `cell` is set to the cell's address once the cell is in place, before
+    /// the job is published; never changed after.
+    job: JobPtr,
     /// INVARIANT: touched only by the home thread between popping the cell and finishing it, or by
     /// the caller after it removed the cell from the queue or saw it finished (module docs).
     work: UnsafeCell<Option<G>>,
@@ -136,10 +137,11 @@ where
     G: FnOnce() -> Result<R, EnterError> + Send,
     R: Send,
 {
-    fn job_ptr_at(at: *mut Self) -> JobPtr {
+    /// The cell's [`JobPtr`], its `cell` still dangling: `ship_work` sets it once the cell is in
+    /// place.
+    fn unplaced_job_ptr() -> JobPtr {
         JobPtr {
-            // A local's address is never null.
-            cell: NonNull::new(at).map_or(NonNull::dangling(), NonNull::cast),
+            cell: NonNull::dangling(),
             run: Self::run_raw,
             reject: Self::reject_raw,
         }
@@ -608,23 +610,21 @@ where
             state: AtomicU32::new(PENDING),
             result: UnsafeCell::new(None),
             input: JobInput {
-                job: None,
+                job: JobCell::<G, R>::unplaced_job_ptr(),
                 work: UnsafeCell::new(Some(work)),
                 wake: caller_home.map_or(Wake::Own, |h| Wake::Home(&raw const h.sleep)),
                 id,
                 chain: handoff::current_chain(),
             },
         };
-        let at: *mut JobCell<G, R> = &raw mut cell;
-        // SAFETY: `at` points to `cell`, a live local nobody else knows of yet; the write goes
-        // through the raw pointer, so the pointer stored (derived from `at`) stays valid for the
-        // shared uses below, which all derive from `at` too.
-        unsafe { (*at).input.job = Some(JobCell::job_ptr_at(at)) };
+        let at = NonNull::from(&mut cell);
+        // SAFETY: `at` points to `cell`, a live local that nobody else knows of yet. The write
+        // goes through `at`, and every later use of the cell (the shared reference below, and the
+        // pointer stored, which the home thread uses) derives from `at`, so none is invalidated.
+        unsafe { (*at.as_ptr()).input.job.cell = at.cast() };
         // SAFETY: as above; from here on the cell is only shared.
-        let cell: &JobCell<G, R> = unsafe { &*at };
-        let Some(job) = cell.input.job.as_ref() else {
-            unreachable!("set just above")
-        };
+        let cell: &JobCell<G, R> = unsafe { at.as_ref() };
+        let job = &cell.input.job;
         // The home thread uses this pointer only while the cell is queued or popped-not-finished, and
         // `wait_for` below does not return (nor unwind: it calls nothing that panics) in those
         // phases (module docs), so the cell outlives every use.
