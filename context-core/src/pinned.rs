@@ -618,11 +618,13 @@ where
             },
         };
         let at = NonNull::from(&mut cell);
-        // SAFETY: `at` points to `cell`, a live local that nobody else knows of yet. The write
-        // goes through `at`, and every later use of the cell (the shared reference below, and the
-        // pointer stored, which the home thread uses) derives from `at`, so none is invalidated.
+        // SAFETY: `at` comes from a `&mut` to `cell`, a live local, so it is valid and aligned,
+        // and nobody else knows of the cell yet, so the write races with nothing. It goes through
+        // `at`, and every later use of the cell (the shared reference below, and the pointer
+        // stored, which the home thread uses) derives from `at`, so none is invalidated.
         unsafe { (*at.as_ptr()).input.job.cell = at.cast() };
-        // SAFETY: as above; from here on the cell is only shared.
+        // SAFETY: `at` is valid and aligned (above); `cell` is not used by name again, so no
+        // `&mut` to it exists while this shared reference (and what derives from it) lives.
         let cell: &JobCell<G, R> = unsafe { at.as_ref() };
         let job = &cell.input.job;
         // The home thread uses this pointer only while the cell is queued or popped-not-finished, and
