@@ -187,12 +187,17 @@ fn in_worker(jcx: &JobContext, job: &mut Job) -> u64 {
         }
         Ok(())
     };
-    let Ok(med) = r.rotate_ns(&mut [
+    let med = match r.rotate_ns(&mut [
         (CASE, &mut enter),
         (CASE_GET, &mut get),
         ("parking_lot_mutex", &mut lock),
-    ]) else {
-        return 3;
+    ]) {
+        Ok(med) => med,
+        Err(e) => {
+            // The child's stderr, which the parent shows when the child fails.
+            eprintln!("shared-context worker: {e:#}");
+            return 3;
+        }
     };
     job.1[1] = med[0].to_bits();
     job.1[2] = med[1].to_bits();
