@@ -31,7 +31,8 @@ pub struct ContextStats {
     pub gave_up: u64,
     /// Closures that panicked inside the context.
     pub panics: u64,
-    /// Calls shipped to a pinned context's home thread from other threads.
+    /// Calls from other threads that a pinned context's home thread ran (counted as each one
+    /// starts; a call cancelled by its timeout before it started is not counted).
     pub shipped_calls: u64,
 }
 
@@ -107,8 +108,13 @@ impl<L: RawContextLock> Inner<L> {
         self.home.is_some()
     }
 
-    pub(crate) fn stats_shipped(&self) {
-        self.stats.shipped.fetch_add(1, Ordering::Relaxed);
+    /// Counts a shipped call. Called by the home thread as it starts the job, never by the
+    /// caller: the counter sits beside those the lock holder (always the home thread, for a
+    /// pinned context) bumps on every entry, and a caller's read-modify-write there would pull
+    /// that line to the caller's core and back on every call. Only the home thread writes it, so
+    /// [`bump_held`] applies.
+    pub(crate) fn count_shipped_on_home(&self) {
+        bump_held(&self.stats.shipped, 1);
     }
 
     pub(crate) fn record_gave_up(&self) {

@@ -563,6 +563,7 @@ where
         Wait::Until(d) => d,
     };
     ship_work(inner, home, deadline, move || {
+        inner.count_shipped_on_home();
         enter_inner(inner, Wait::Until(None), false, f)
     })
 }
@@ -603,7 +604,6 @@ where
     if inner.is_closed() {
         return Err(EnterError::Closed(id));
     }
-    inner.stats_shipped();
     handoff::while_suspended(|| {
         let caller_home = current_home();
         let mut cell = JobCell {
