@@ -1,5 +1,7 @@
 //! Profiling aid: a tight loop of small proxy calls in move mode and serialize mode
-//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize|pinned|core]`).
+//! (`cargo run --release -p context-proxy --example move_loop -- [CALLS] [move|serialize|pinned|pinned-move|pinned-raw|core]`).
+//! `pinned-move` and `pinned-raw` split a pinned call's cost: the same call without serialization,
+//! and a bare shipped `enter` with an empty closure, each beside the same channel round trip.
 use context_core::Context;
 use context_proxy::{Mode, Proxy, service};
 
@@ -29,17 +31,26 @@ fn main() {
     let home = Context::pinned("home").expect("pinned context");
     let pinned: Proxy<SmallService> = Proxy::adopt(&home, S(0)).expect("adopt");
     let only = std::env::args().nth(2);
-    if only.as_deref() == Some("pinned") {
-        // The pinned call beside its baseline, a request and reply over two crossbeam channels.
+    let raw = only.as_deref() == Some("pinned-raw");
+    let moved = pinned.clone().with_mode(Mode::Move).expect("move");
+    let pmove = only.as_deref() == Some("pinned-move");
+    if only.as_deref() == Some("pinned") || raw || pmove {
+        // The pinned call beside its baseline, a request and reply over two crossbeam channels
+        // (`pinned-raw`: a bare `enter` with an empty closure instead of the call; `pinned-move`:
+        // the call in move mode).
         let (tx, rx) = context_proxy::benchkit::spawn_echo();
         let batch = 2_000;
         let (mut calls, mut echoes) = (Vec::new(), Vec::new());
         for _ in 0..(n / batch).max(1) {
             let t0 = std::time::Instant::now();
             for i in 0..batch {
+                if raw {
+                    std::hint::black_box(home.enter(|_| std::hint::black_box(i)).expect("enter"));
+                    continue;
+                }
+                let p = if pmove { &moved } else { &pinned };
                 std::hint::black_box(
-                    pinned
-                        .add(i, context_proxy::benchkit::opaque_tag())
+                    p.add(i, context_proxy::benchkit::opaque_tag())
                         .expect("call"),
                 );
             }
