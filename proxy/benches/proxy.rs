@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use context_core::Context;
 use context_proxy::benchkit::{
-    BigFrames, COPY_BYTES, Counter, CounterClient, CounterService, Tally, opaque_tag,
+    BigFrames, BlockingHop, COPY_BYTES, Counter, CounterClient, CounterService, Tally, opaque_tag,
     spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
@@ -56,6 +56,11 @@ fn calls(c: &mut Criterion) {
             tx.send((black_box(5), opaque_tag())).expect("send");
             rx.recv().expect("recv")
         })
+    });
+
+    let blocking = BlockingHop::spawn().expect("spawn the blocking hop");
+    g.bench_function("thread_hop_blocking_roundtrip", |b| {
+        b.iter(|| blocking.call(black_box(5), opaque_tag()))
     });
     g.finish();
 }

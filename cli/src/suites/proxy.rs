@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use context_core::Context;
 use context_proxy::benchkit::{
-    BigFrames as Big, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally, opaque_tag,
-    spawn_echo, spawn_thread_hop,
+    BigFrames as Big, BlockingHop, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally,
+    opaque_tag, spawn_echo, spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
 
@@ -91,6 +91,34 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         Some(Target::RatioAtMost(0.05)),
     );
     drop((hop_tx, hop_rx));
+
+    // Context, not a target: the hop to a worker that sleeps until work arrives, as idle workers
+    // do, which is the thread switch a direct entry avoids.
+    let blocking = BlockingHop::spawn()?;
+    let (case, base) = r.compare_ns(
+        |n| call(&idle, n),
+        |n| {
+            for _ in 0..n {
+                black_box(blocking.call(black_box(5), opaque_tag()));
+            }
+        },
+    );
+    r.row(
+        "call_small_idle",
+        "ns_per_op",
+        case,
+        Better::Lower,
+        "thread_hop_blocking_roundtrip",
+        base,
+        None,
+    );
+    r.note(
+        "the same call shipped to a worker thread that sleeps (mutex + condvar, no spinning) until \
+         a request arrives, as an idle pool worker does: two wake-ups and two thread switches per \
+         call. thread_hop_roundtrip's crossbeam channels spin, so in a tight loop both threads stay \
+         awake; this is the hop an occasional call to an idle worker pays",
+    );
+    drop(blocking);
 
     r.step("call_small_move_idle");
     let moving = idle.clone().with_mode(Mode::Move)?;
