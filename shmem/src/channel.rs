@@ -49,8 +49,11 @@
 //!
 //! **Untrusted memory.** Each side keeps its own position privately (read from the segment and
 //! validated once, at attach); header lengths and the peer's `head` read from the segment are
-//! checked against the ring capacity this process computed from its own view of the segment size;
-//! a violation is [`ChannelError::Corrupt`], never an out-of-bounds access.
+//! checked against the ring capacity this process computed from its own view of the segment size,
+//! and `head` must never move backwards; a violation is [`ChannelError::Corrupt`], never an
+//! out-of-bounds access. A wait ends as soon as the word it watches changes, so each retry after a
+//! wait checks the deadline: a peer that keeps changing that word without making room (or without
+//! committing a frame) cannot hold a send or a receive past its deadline.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -492,9 +495,16 @@ impl Endpoint {
         let tail = self.tx_tail;
         let need = frame_need(len as u64, cap).ok_or_else(too_large)?;
         let (hdr, data) = ch.ring(self.tx);
+        let mut waited = false;
         loop {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 return Err(ChannelError::Closed);
+            }
+            // A wait ends as soon as `head` moves, which need not free enough room; the deadline
+            // is checked before every retry, so a consumer that keeps moving `head` a little
+            // cannot keep us here past it.
+            if waited && deadline_passed(deadline) {
+                return Err(ChannelError::TimedOut);
             }
             // The consumer's `head` only grows, so a cached (older) value underestimates the free
             // space: reload it (one cache-line transfer) only when the cached value says full.
@@ -503,11 +513,18 @@ impl Endpoint {
             let room = need + 8;
             let mut used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
             if used > cap || cap - used < room {
+                let before = used;
                 head = hdr.head.load(Ordering::Acquire);
                 *head_cache = head;
                 used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
                 if used > cap || head % 8 != 0 {
                     return Err(ChannelError::Corrupt("ring positions out of range"));
+                }
+                // `head` only grows (module docs), so the space in use can only shrink.
+                if used > before {
+                    return Err(ChannelError::Corrupt(
+                        "the consumer's position moved backwards",
+                    ));
                 }
             }
             if cap - used >= room {
@@ -558,6 +575,7 @@ impl Endpoint {
             }
             let changed = |o| hdr.head.load(o) != head;
             wait(ch, peer, spin, Wait::Space, changed, hdr, deadline)?;
+            waited = true;
         }
     }
 
@@ -615,7 +633,13 @@ impl Endpoint {
         let head = self.rx_head;
         let (hdr, data) = ch.ring(self.rx);
         let word = ch.header(data, head);
+        let mut waited = false;
         loop {
+            // As in `send_parts`: a wait ends when the header word changes, and a producer that
+            // keeps flipping it between 0 and a value cannot keep us here past the deadline.
+            if waited && deadline_passed(deadline) {
+                return Err(ChannelError::TimedOut);
+            }
             let h = word.load(Ordering::SeqCst);
             if h != 0 {
                 let len = u64::from(h - 1);
@@ -633,6 +657,7 @@ impl Endpoint {
             }
             let changed = |o| word.load(o) != 0;
             wait(ch, peer, spin, Wait::Data, changed, hdr, deadline)?;
+            waited = true;
         }
     }
 
@@ -726,6 +751,11 @@ fn wait(
             return Ok(());
         }
     }
+}
+
+/// Whether `deadline` has passed (never, for `None`). Reads the clock: for retry paths only.
+fn deadline_passed(deadline: Option<Instant>) -> bool {
+    sync::remaining(deadline) == Some(Duration::ZERO)
 }
 
 /// `Ok(true)` if the peer closed (the caller's loop delivers what is left, then reports
@@ -1019,6 +1049,65 @@ mod tests {
             b.recv(&mut big, soon),
             Err(ChannelError::TimedOut)
         ));
+    }
+
+    /// Runs `f` while another thread keeps flipping `word` between `a` and `b` (a misbehaving
+    /// peer), and returns what `f` returned with how long it took.
+    fn with_flipping<T>(word: &AtomicU64, a: u64, b: u64, f: impl FnOnce() -> T) -> (T, Duration) {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut v = a;
+                // Bounded, so a regression fails the assertion below instead of hanging the suite.
+                let until = Instant::now() + Duration::from_secs(5);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    v = if v == a { b } else { a };
+                    word.store(v, Ordering::SeqCst);
+                    std::hint::spin_loop();
+                }
+            });
+            let t0 = Instant::now();
+            let r = f();
+            let took = t0.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            (r, took)
+        })
+    }
+
+    #[test]
+    fn a_consumer_that_keeps_moving_head_cannot_hold_a_send_past_its_deadline() {
+        let ch = Channel::create(64).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let _b = ch.endpoint(Side::B).unwrap();
+        a.send(&[1u8; 40], None).unwrap(); // 48 bytes used: no room for another 40
+        let (hdr, _) = ch.ring(0);
+        // 0 <-> 8: every value is in range, none frees enough room, and every change ends a wait.
+        let (r, took) = with_flipping(&hdr.head, 0, 8, || {
+            a.send(&[2u8; 40], Some(Instant::now() + Duration::from_millis(50)))
+        });
+        // Moving back from 8 to 0 is caught as corruption; if the flips are too fast to be seen
+        // as a move back, the deadline ends the send.
+        assert!(
+            matches!(r, Err(ChannelError::TimedOut | ChannelError::Corrupt(_))),
+            "{r:?}"
+        );
+        assert!(took < Duration::from_secs(1), "the send took {took:?}");
+    }
+
+    #[test]
+    fn a_consumer_position_that_moves_back_is_corruption() {
+        let ch = Channel::create(64).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        a.send(&[1u8; 16], None).unwrap(); // 24 bytes: tail 24
+        let mut buf = [0u8; 64];
+        assert_eq!(b.recv(&mut buf, None).unwrap(), 16); // head 24
+        a.send(&[2u8; 32], None).unwrap(); // 40 bytes, after reloading head = 24: tail 64
+        // Back to 16: in range (8-aligned, 48 bytes in use), but behind what the producer saw.
+        ch.ring(0).0.head.store(16, Ordering::SeqCst);
+        let soon = Some(Instant::now() + Duration::from_millis(20));
+        let r = a.send(&[3u8; 16], soon);
+        assert!(matches!(r, Err(ChannelError::Corrupt(_))), "{r:?}");
     }
 
     #[test]
