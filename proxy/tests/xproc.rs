@@ -4,6 +4,8 @@
 //! `integration-tests/tests/xproc_*.rs`.
 #![cfg(feature = "xproc")]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -14,7 +16,58 @@ use context_proxy::xproc::{
     ServerOptions, XprocError,
 };
 use context_proxy::{CallError, FrameError, Postcard, Proxy, service};
-use context_shmem::Side;
+use context_shmem::{Endpoint, Side};
+
+/// The system allocator, noting the largest single allocation made on a thread that asked
+/// ([`largest_allocation_during`]): how the tests see that a peer cannot make us allocate much.
+struct Noting;
+
+thread_local! {
+    static NOTE: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    if NOTE.try_with(Cell::get).unwrap_or(false) {
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
+}
+
+// SAFETY: every call forwards to `System` with the caller's arguments unchanged; `note` only
+// touches two thread-local `Cell`s with const initializers (no allocation, no reentrancy).
+unsafe impl GlobalAlloc for Noting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: forwarded from the caller.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: forwarded from the caller.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        // SAFETY: forwarded from the caller.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Noting = Noting;
+
+/// Runs `f` and returns its result with the largest single allocation it made on this thread.
+fn largest_allocation_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    LARGEST.with(|l| l.set(0));
+    NOTE.with(|n| n.set(true));
+    let r = f();
+    NOTE.with(|n| n.set(false));
+    (r, LARGEST.with(Cell::get))
+}
 
 /// The workload's service.
 #[service]
@@ -378,7 +431,25 @@ fn bad_sizes_and_names_at_setup() {
 fn fake_server(
     answer: impl Fn(&[u8], u64) -> Vec<u8> + Send + 'static,
 ) -> (Client, std::thread::JoinHandle<()>) {
-    let channel = Channel::create(4096).unwrap();
+    fake_server_on(4096, move |mut ep| {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
+            let (req, seq) = buf[..n].split_at(n - 8);
+            let seq = u64::from_le_bytes(seq.try_into().unwrap());
+            if ep.send(&answer(req, seq), None).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// A fake server on a channel of `capacity` bytes: sends a real export table, then hands its
+/// endpoint to `serve`, on a thread.
+fn fake_server_on(
+    capacity: usize,
+    serve: impl FnOnce(Endpoint) + Send + 'static,
+) -> (Client, std::thread::JoinHandle<()>) {
+    let channel = Channel::create(capacity).unwrap();
     // The table comes from a real host whose serve loop we stop at once.
     let mut host = Host::new(Context::new("real"));
     host.adopt::<WorkloadService, _>("c", Acc::default())
@@ -398,18 +469,87 @@ fn fake_server(
     });
     let mut ep = channel.endpoint(Side::B).unwrap();
     ep.send(&table, None).unwrap();
-    let serving = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
-        while let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
-            let (req, seq) = buf[..n].split_at(n - 8);
-            let seq = u64::from_le_bytes(seq.try_into().unwrap());
-            if ep.send(&answer(req, seq), None).is_err() {
-                break;
-            }
-        }
-    });
+    let serving = std::thread::spawn(move || serve(ep));
     let client = Client::attach(&channel, &options()).unwrap();
     (client, serving)
+}
+
+#[test]
+fn late_answers_that_keep_coming_cannot_hold_a_call_past_its_timeout() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = Arc::clone(&stop);
+    let (filled_tx, filled) = std::sync::mpsc::channel();
+    // 32 MiB of ring: 2 M late answers of 16 bytes each, far more than a call can drain in its
+    // timeout, so the ring is never empty while the call runs.
+    let (client, h) = fake_server_on(32 << 20, move |mut ep| {
+        // Numbered 0: each looks like the late answer to an earlier caller. Sent until the ring
+        // is full, then more as space frees. Bounded, so a regression fails below instead of
+        // hanging.
+        let late = 0u64.to_le_bytes();
+        while ep.send(&late, Some(Instant::now())).is_ok() {}
+        let _ = filled_tx.send(());
+        let until = Instant::now() + Duration::from_secs(10);
+        while !flooding.load(Ordering::Relaxed) && Instant::now() < until {
+            let _ = ep.send(&late, Some(Instant::now() + Duration::from_millis(10)));
+        }
+    });
+    filled.recv_timeout(T).unwrap();
+    let timeout = Duration::from_millis(20);
+    let p: Proxy<WorkloadService> = client
+        .proxy::<WorkloadService>("c")
+        .unwrap()
+        .with_timeout(timeout);
+    let t0 = Instant::now();
+    let r = p.total();
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert!(matches!(r, Err(CallError::TimedOut(_))), "{r:?}");
+    // Draining the ring would take several hundred milliseconds.
+    assert!(took < timeout * 8, "the call took {took:?}");
+    assert!(client.discarded_replies() > 0);
+    drop((p, client));
+    h.join().unwrap();
+}
+
+#[test]
+fn a_reply_over_the_codec_limit_is_dropped_unread() {
+    // A ring large enough for a 17 MiB reply, which the default codec (16 MiB) could not take.
+    let big = 17 << 20;
+    let (client, h) = fake_server_on(32 << 20, move |mut ep| {
+        let mut buf = vec![0u8; 4096];
+        if let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
+            let mut reply = vec![0u8; big];
+            reply[big - 8..].copy_from_slice(&buf[n - 8..n]); // the request's number
+            let _ = ep.send(&reply, Some(Instant::now() + T));
+        }
+        // Keep the channel open until the client is done.
+        let _ = ep.recv(&mut buf, Some(Instant::now() + T));
+    });
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    let (r, largest) = largest_allocation_during(|| p.total());
+    assert!(
+        matches!(r, Err(CallError::Frame(FrameError::TooLarge { .. }))),
+        "{r:?}"
+    );
+    assert!(
+        largest < 1 << 20,
+        "a {largest}-byte allocation for a refused reply"
+    );
+    drop((p, client));
+    h.join().unwrap();
+}
+
+#[test]
+fn an_export_table_over_its_limit_is_refused_before_it_is_allocated() {
+    let channel = Channel::create(4 << 20).unwrap();
+    let mut ep = channel.endpoint(Side::B).unwrap();
+    ep.send(&vec![7u8; 2 << 20], None).unwrap();
+    let (r, largest) = largest_allocation_during(|| Client::attach(&channel, &options()));
+    assert!(matches!(r, Err(XprocError::Handshake(_))), "{r:?}");
+    assert!(
+        largest < 1 << 20,
+        "a {largest}-byte allocation for a refused table"
+    );
 }
 
 fn with_seq(mut frame: Vec<u8>, seq: u64) -> Vec<u8> {

@@ -92,7 +92,8 @@ pub enum ChannelError {
     /// The peer closed its end (and, on receive, every frame it sent has been received).
     #[error("the peer closed the channel")]
     Closed,
-    /// The frame does not fit the ring even when empty.
+    /// The frame does not fit the ring even when empty; or, on a bounded receive
+    /// ([`Endpoint::recv_append_max`]), the frame received is over the bound (and was dropped).
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
     FrameTooLarge {
         /// The frame's length.
@@ -611,7 +612,27 @@ impl Endpoint {
         buf: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<usize, ChannelError> {
+        self.recv_append_max(buf, usize::MAX, deadline)
+    }
+
+    /// [`Endpoint::recv_append`] for frames of at most `max` bytes: a longer frame is dropped
+    /// unread, with nothing allocated for it, and reported as [`ChannelError::FrameTooLarge`], so
+    /// a peer cannot make this process allocate more than `max` (the ring's size is the peer's
+    /// choice when the peer created the channel).
+    ///
+    /// # Errors
+    /// `FrameTooLarge` (the frame is gone), `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    pub fn recv_append_max(
+        &mut self,
+        buf: &mut Vec<u8>,
+        max: usize,
+        deadline: Option<Instant>,
+    ) -> Result<usize, ChannelError> {
         let (len, need) = self.next_frame(deadline)?;
+        if len > max {
+            self.release(need);
+            return Err(ChannelError::FrameTooLarge { len, max });
+        }
         buf.reserve(len);
         let spare = buf.spare_capacity_mut();
         // SAFETY: as in `recv`; `spare` has at least `len` writable bytes (reserved above).
@@ -1108,6 +1129,30 @@ mod tests {
         let soon = Some(Instant::now() + Duration::from_millis(20));
         let r = a.send(&[3u8; 16], soon);
         assert!(matches!(r, Err(ChannelError::Corrupt(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_bounded_receive_drops_a_longer_frame_without_allocating_for_it() {
+        let ch = Channel::create(4096).unwrap();
+        let mut a = ch.endpoint(Side::A).unwrap();
+        let mut b = ch.endpoint(Side::B).unwrap();
+        a.send(&[1u8; 3000], None).unwrap();
+        a.send(&[2u8; 10], None).unwrap();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            b.recv_append_max(&mut buf, 100, None),
+            Err(ChannelError::FrameTooLarge {
+                len: 3000,
+                max: 100
+            })
+        ));
+        assert_eq!(
+            buf.capacity(),
+            0,
+            "nothing was allocated for the dropped frame"
+        );
+        assert_eq!(b.recv_append_max(&mut buf, 100, None).unwrap(), 10);
+        assert_eq!(buf, [2u8; 10]);
     }
 
     #[test]

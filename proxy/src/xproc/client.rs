@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -12,11 +12,11 @@ use parking_lot::{Mutex, MutexGuard};
 use context_core::ContextId;
 use context_shmem::{Channel, ChannelError, Endpoint, Segment, Side};
 
-use super::wire::{Export, Hello, SEQ_LEN, split_seq};
+use super::wire::{Export, Hello, SEQ_LEN, TableCodec, split_seq};
 use super::{XprocError, handshake_io};
-use crate::codec::{Bincode, Codec};
+use crate::codec::{Bincode, Codec, DEFAULT_LIMIT};
 use crate::error::CallError;
-use crate::frame::{self, FrameError};
+use crate::frame::{self, FrameError, HEADER_LEN};
 use crate::proxy::Proxy;
 use crate::service::Service;
 use crate::transport::Transport;
@@ -117,6 +117,26 @@ impl Deadline {
         self.at = self.timeout.and_then(|t| Instant::now().checked_add(t));
         true
     }
+
+    /// Whether the exchange is out of time, for a loop that makes progress without waiting (late
+    /// answers arriving back to back): starts the real deadline if it was not started yet, and
+    /// reads the clock.
+    fn passed(&mut self) -> bool {
+        if self.timeout.is_none() {
+            return false;
+        }
+        if !self.real {
+            self.renew();
+            return false;
+        }
+        self.at.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// The largest reply message a client accepts from proxies whose codec limit is `limit`: a frame
+/// header, the body and the sequence number.
+fn reply_bound(limit: usize) -> usize {
+    limit.saturating_add(HEADER_LEN + SEQ_LEN)
 }
 
 impl Lane {
@@ -138,10 +158,15 @@ impl Lane {
     }
 
     /// Receives one message into `reply` (replacing its contents). Returns its length.
-    fn recv(&mut self, reply: &mut Vec<u8>, deadline: &mut Deadline) -> Result<usize, LaneError> {
+    fn recv(
+        &mut self,
+        reply: &mut Vec<u8>,
+        max: usize,
+        deadline: &mut Deadline,
+    ) -> Result<usize, LaneError> {
         loop {
             reply.clear();
-            match self.ep.recv_append(reply, deadline.at) {
+            match self.ep.recv_append_max(reply, max, deadline.at) {
                 Ok(n) => return Ok(n),
                 Err(ChannelError::TimedOut) if deadline.renew() => {}
                 Err(e) => return Err(self.fail(e)),
@@ -159,6 +184,7 @@ impl Lane {
         request: &[u8],
         reply: &mut Vec<u8>,
         timeout: Option<Duration>,
+        max_reply: usize,
         discarded: &AtomicU64,
     ) -> Result<(), LaneError> {
         if let Some(f) = self.failed {
@@ -183,7 +209,7 @@ impl Lane {
             }
         }
         loop {
-            let n = self.recv(reply, &mut deadline)?;
+            let n = self.recv(reply, max_reply, &mut deadline)?;
             let Some((frame, got)) = split_seq(reply) else {
                 // A message too short to be numbered cannot be matched to a caller; the stream
                 // itself is intact (messages are delimited by the channel).
@@ -197,6 +223,11 @@ impl Lane {
             if got < seq {
                 // The late answer to a caller that timed out: nobody waits for it any more.
                 discarded.fetch_add(1, Ordering::Relaxed);
+                // Late answers that keep coming (a misbehaving server, say) find the ring never
+                // empty, so no receive waits and times out: check the deadline here.
+                if deadline.passed() {
+                    return Err(LaneError::TimedOut);
+                }
                 continue;
             }
             let f = LinkFailure::Corrupt("the server answered a request that was never sent");
@@ -219,6 +250,11 @@ struct Link {
     server_pid: u32,
     call_timeout: Option<Duration>,
     discarded: AtomicU64,
+    /// The longest reply message accepted ([`Endpoint::recv_append_max`]); longer ones are
+    /// dropped unread, so the server, which chose the ring's size, cannot make us allocate more.
+    /// [`reply_bound`] of the default codec limit, raised by [`Client::proxy_with`] to that of
+    /// the largest codec limit of the proxies made.
+    max_reply: AtomicUsize,
     failure: OnceLock<LinkFailure>,
 }
 
@@ -279,7 +315,8 @@ impl Transport for Link {
             let Some(mut lane) = lane else {
                 return Err(LaneError::TimedOut);
             };
-            let r = lane.call(request, reply, timeout, &self.discarded);
+            let max = self.max_reply.load(Ordering::Relaxed);
+            let r = lane.call(request, reply, timeout, max, &self.discarded);
             MutexGuard::unlock_fair(lane);
             r
         })?;
@@ -315,6 +352,9 @@ impl std::fmt::Debug for Client {
             .finish()
     }
 }
+
+/// The longest first message (export table and sequence number) a client accepts.
+const HELLO_MAX: usize = TableCodec::LIMIT + SEQ_LEN;
 
 impl Client {
     /// Attaches side A of `channel` (created before a fork, or received from the server) and
@@ -382,7 +422,15 @@ impl Client {
         let n = loop {
             match ep.recv(&mut inb, deadline) {
                 Ok(n) => break n,
-                Err(ChannelError::BufferTooSmall { needed }) => inb.resize(needed, 0),
+                Err(ChannelError::BufferTooSmall { needed }) if needed <= HELLO_MAX => {
+                    inb.resize(needed, 0);
+                }
+                Err(ChannelError::BufferTooSmall { needed }) => {
+                    return Err(XprocError::Handshake(format!(
+                        "the server's first message has {needed} bytes, over the limit of \
+                         {HELLO_MAX} for an export table"
+                    )));
+                }
                 Err(ChannelError::TimedOut) => {
                     return Err(XprocError::HandshakeTimedOut(options.handshake_timeout));
                 }
@@ -404,6 +452,7 @@ impl Client {
                 server_pid: hello.pid,
                 call_timeout: options.call_timeout,
                 discarded: AtomicU64::new(0),
+                max_reply: AtomicUsize::new(reply_bound(DEFAULT_LIMIT)),
                 failure: OnceLock::new(),
             }),
         })
@@ -442,6 +491,9 @@ impl Client {
                 found: e.service.clone(),
             });
         }
+        self.link
+            .max_reply
+            .fetch_max(reply_bound(C::LIMIT), Ordering::Relaxed);
         let p = Proxy::over(self.transport(), e.object);
         Ok(match self.link.call_timeout {
             Some(t) => p.with_timeout(t),
@@ -450,6 +502,9 @@ impl Client {
     }
 
     /// The transport itself, for [`Proxy::over`] with an [`crate::ObjectId`] learned otherwise.
+    /// It accepts replies up to the default codec limit (plus the frame header), or the largest
+    /// limit of the codecs of the proxies made with [`Client::proxy_with`]; a longer reply is
+    /// dropped unread and the call fails with [`CallError::Frame`].
     #[must_use]
     pub fn transport(&self) -> Arc<dyn Transport> {
         Arc::clone(&self.link) as Arc<dyn Transport>
