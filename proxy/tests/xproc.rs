@@ -743,3 +743,62 @@ fn malformed_requests_get_error_frames_and_the_server_carries_on() {
         ));
     });
 }
+
+#[test]
+fn connecting_to_a_listener_that_does_not_accept_times_out() {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+
+    let dir = std::env::temp_dir().join(format!("ctx-xproc-stalled-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    let _ = std::fs::remove_file(&path);
+    // Alive but never accepting, with the smallest accept queue, filled by one connection.
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    // Fill the accept queue with non-blocking connects (how many fit is the kernel's business)
+    // until the next one would wait.
+    let mut queued = Vec::new();
+    loop {
+        let c = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match socket::connect(c.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
+            Ok(()) => queued.push(c),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("filling the accept queue: {e}"),
+        }
+        assert!(queued.len() < 1024, "the accept queue never filled");
+    }
+    let quick = ClientOptions {
+        handshake_timeout: Duration::from_millis(100),
+        ..options()
+    };
+    // On a thread, so that a connect that blocks fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let at = path.clone();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = Client::connect(&at, &quick).map(drop);
+        let _ = tx.send((r, t0.elapsed()));
+    });
+    let (r, took) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("connect to a stalled listener still blocked after 5 s");
+    assert!(matches!(r, Err(XprocError::HandshakeTimedOut(_))), "{r:?}");
+    assert!(took < Duration::from_secs(2), "the connect took {took:?}");
+    drop(fd);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -353,6 +353,44 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Connects a Unix stream socket to `path`, giving up after `timeout`: a listener that is alive
+/// but does not accept (stalled, stopped, overloaded) has a full accept queue, and a plain
+/// `connect` would then block for as long as that lasts. Linux applies the socket's send timeout
+/// (`SO_SNDTIMEO`) to a Unix-domain connect and fails it with `EAGAIN` when it expires.
+fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, XprocError> {
+    use std::os::fd::AsRawFd;
+
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+    use nix::sys::time::{TimeVal, TimeValLike};
+
+    let io = |source: Errno| XprocError::Io {
+        op: "connecting to the server socket",
+        source: source.into(),
+    };
+    let addr = UnixAddr::new(path).map_err(io)?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io)?;
+    // At least 1 ms: a zero send timeout would mean "no timeout".
+    let t = timeout.max(Duration::from_millis(1));
+    let micros = i64::try_from(t.as_micros()).unwrap_or(i64::MAX);
+    socket::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros)).map_err(io)?;
+    loop {
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(UnixStream::from(fd)),
+            // A Unix-domain connect either links the sockets or does not: retrying is safe.
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return Err(XprocError::HandshakeTimedOut(timeout)),
+            Err(e) => return Err(io(e)),
+        }
+    }
+}
+
 /// The longest first message (export table and sequence number) a client accepts.
 const HELLO_MAX: usize = TableCodec::LIMIT + SEQ_LEN;
 
@@ -373,13 +411,11 @@ impl Client {
     /// socket (SCM_RIGHTS), attaches to it and reads the export table.
     ///
     /// # Errors
-    /// [`XprocError::Io`] if nobody listens at `path`, and everything [`Client::handshake`]
-    /// returns.
+    /// [`XprocError::Io`] if nobody listens at `path`; [`XprocError::HandshakeTimedOut`] if the
+    /// listener does not take the connection within the handshake timeout (it is stalled and its
+    /// accept queue is full); and everything [`Client::handshake`] returns.
     pub fn connect(path: impl AsRef<Path>, options: &ClientOptions) -> Result<Self, XprocError> {
-        let stream = UnixStream::connect(path.as_ref()).map_err(|source| XprocError::Io {
-            op: "connecting to the server socket",
-            source,
-        })?;
+        let stream = connect_within(path.as_ref(), options.handshake_timeout)?;
         Self::handshake(&stream, options)
     }
 
