@@ -802,3 +802,48 @@ fn connecting_to_a_listener_that_does_not_accept_times_out() {
     drop(fd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn threads_sharing_a_listener_each_keep_their_timeout() {
+    let path = std::env::temp_dir().join(format!("ctx-xproc-shared-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = Arc::new(Listener::bind(&path).unwrap());
+    let host = {
+        let mut h = Host::new(Context::new("server"));
+        h.adopt::<WorkloadService, _>("c", Acc::default()).unwrap();
+        Arc::new(h)
+    };
+    let wait = Duration::from_millis(300);
+    // Four threads wait for clients on one listener; one client comes. The one that takes it
+    // serves it; every other returns `None` when its own timeout passes (before the fix, a thread
+    // woken for the client another one took blocked in `accept` for good). Detached threads and a
+    // channel, so that a stuck waiter fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (listener, host, tx) = (Arc::clone(&listener), Arc::clone(&host), tx.clone());
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let got = listener.accept_timeout(wait).unwrap();
+            let took = t0.elapsed();
+            let stop = AtomicBool::new(false);
+            let served = got.map(|server| host.serve(server, &stop).unwrap().calls);
+            let _ = tx.send((served, took));
+        });
+    }
+    let client = Client::connect(&path, &options()).unwrap();
+    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+    assert_eq!(p.add(3, "").unwrap(), 3);
+    drop((p, client));
+    let outcomes: Vec<_> = (0..4)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("a thread waiting on the shared listener is stuck")
+        })
+        .collect();
+    assert_eq!(outcomes.iter().filter(|(s, _)| *s == Some(1)).count(), 1);
+    for (served, took) in &outcomes {
+        if served.is_none() {
+            assert!(*took < wait * 5, "a waiter without a client took {took:?}");
+        }
+    }
+}

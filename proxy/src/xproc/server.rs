@@ -145,6 +145,14 @@ impl Listener {
             op: "binding the server socket",
             source,
         })?;
+        // Non-blocking, so that of several threads woken for one client only one gets it and the
+        // others go back to waiting (with their timeouts), instead of blocking in `accept`.
+        inner
+            .set_nonblocking(true)
+            .map_err(|source| XprocError::Io {
+                op: "setting up the server socket",
+                source,
+            })?;
         Ok(Self {
             inner,
             path,
@@ -158,11 +166,11 @@ impl Listener {
     /// [`XprocError::Io`] if accepting failed, and everything [`Server::accept_stream`] returns
     /// (a failed handshake concerns that one client: accepting again is fine).
     pub fn accept(&self) -> Result<Server, XprocError> {
-        let (stream, _) = self.inner.accept().map_err(|source| XprocError::Io {
-            op: "accepting a client",
-            source,
-        })?;
-        Server::accept_stream(&stream, &self.options)
+        loop {
+            if let Some(server) = self.accept_until(None)? {
+                return Ok(server);
+            }
+        }
     }
 
     /// Like [`Listener::accept`], but gives up after `timeout` without a client: `Ok(None)`. For
@@ -171,24 +179,33 @@ impl Listener {
     /// # Errors
     /// As for [`Listener::accept`], and [`XprocError::Io`] if waiting failed.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Server>, XprocError> {
+        self.accept_until(Instant::now().checked_add(timeout))
+    }
+
+    /// Takes the next client, waiting until `deadline` (`None`: no limit) for one: `Ok(None)` if
+    /// none came. Several threads may wait on one listener: the socket is non-blocking, so a
+    /// thread woken for a client another thread took goes back to waiting.
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<Option<Server>, XprocError> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        let deadline = Instant::now().checked_add(timeout);
+        let io = |op, source| XprocError::Io { op, source };
         loop {
+            match self.inner.accept() {
+                Ok((stream, _)) => return Server::accept_stream(&stream, &self.options).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io("accepting a client", e)),
+            }
             let left = deadline.map_or(Duration::MAX, |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            if left.is_zero() {
+                return Ok(None);
+            }
             let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
             let mut fds = [PollFd::new(self.inner.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, ms) {
-                Ok(0) => return Ok(None),
-                Ok(_) => return self.accept().map(Some),
-                Err(nix::errno::Errno::EINTR) if !left.is_zero() => {}
-                Err(e) => {
-                    return Err(XprocError::Io {
-                        op: "waiting for a client",
-                        source: e.into(),
-                    });
-                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io("waiting for a client", e.into())),
             }
         }
     }
