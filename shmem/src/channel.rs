@@ -694,7 +694,13 @@ impl Endpoint {
         // SAFETY: the frame [head, head + need) was committed by the header `next_frame` loaded
         // (SeqCst >= Acquire), the producer does not touch it until we advance `head`;
         // `(pos + HDR) & (cap - 1) < cap`, `len < cap` (validated by `frame_need`); `dst` is ours
-        // (caller).
+        // (caller). A misbehaving producer in another process could write those bytes during the
+        // copy all the same. That memory is outside what the compiler knows of (a mapping shared
+        // with another process), and the copy is one `memcpy` through raw pointers into our own
+        // buffer, from which nothing is assumed: the worst a racing writer gets is garbage bytes,
+        // and every frame is checked as untrusted input after the copy. Volatile loads, which
+        // `Segment`'s header checks use, would say the same more formally, at the price of the
+        // bulk path's memcpy speed (one load per byte); we keep the memcpy.
         unsafe { ring_read(data, cap, (pos + HDR) & (cap - 1), dst, len) };
     }
 
