@@ -15,15 +15,25 @@
 //! (the default is 16 MiB) the peak allocation of one decode stays within the limit;
 //! `tests/decode_fuzz.rs` checks exactly that (4 MiB limit, counting allocator, child process), and
 //! fails on a 4 MiB + 1 byte string bomb when the codec's limit is raised above the bound.
+//!
+//! # Time bound
+//! Both codecs decode through a wrapper (`bounded.rs`) that lets the length-prefixed sequences
+//! and maps of one value yield at most one element per input byte, plus 4096: otherwise a
+//! sequence of a zero-sized type (`Vec<()>`), whose elements read no bytes, would loop for as
+//! many elements as its prefix claims (2^64 from 8 bytes). Real input never comes near the
+//! bound; the wrapper costs about 1% of a small serialized call.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::{BoundedSeed, Budget};
+
 /// A serialization format for frame bodies.
 ///
 /// Implementations must never panic on any input, must not read past `bytes`, must reject trailing
-/// bytes, and must bound allocation by [`Codec::LIMIT`] as described in the [module docs](self).
+/// bytes, must bound allocation by [`Codec::LIMIT`] and decoding time by the input's length, as
+/// described in the [module docs](self).
 pub trait Codec: Send + Sync + 'static {
     /// Largest body, in bytes, this codec encodes or decodes. The frame layer enforces it too.
     const LIMIT: usize;
@@ -198,7 +208,9 @@ impl<const LIMIT: usize> Codec for Bincode<LIMIT> {
         let config = bincode::config::standard()
             .with_fixed_int_encoding()
             .with_limit::<LIMIT>();
-        match bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config) {
+        let budget = Budget::for_input(bytes.len());
+        let seed = BoundedSeed::<T>::new(&budget);
+        match bincode::serde::seed_decode_from_slice(seed, bytes, config) {
             Ok((value, read)) if read == bytes.len() => Ok(then(value)),
             Ok((_, read)) => Err(trailing(read, bytes.len())),
             Err(bincode::error::DecodeError::LimitExceeded) => Err(CodecError::new(
@@ -243,7 +255,12 @@ impl<const LIMIT: usize> Codec for Postcard<LIMIT> {
                 format_args!("{} bytes, limit {LIMIT}", bytes.len()),
             ));
         }
-        match postcard::take_from_bytes::<T>(bytes) {
+        let budget = Budget::for_input(bytes.len());
+        let mut de = postcard::Deserializer::from_bytes(bytes);
+        let decoded =
+            serde::de::DeserializeSeed::deserialize(BoundedSeed::<T>::new(&budget), &mut de)
+                .and_then(|value| de.finalize().map(|rest| (value, rest)));
+        match decoded {
             Ok((value, rest)) => {
                 check_consumed(bytes.len() - rest.len(), bytes.len()).map(|()| value)
             }
@@ -255,6 +272,7 @@ impl<const LIMIT: usize> Codec for Postcard<LIMIT> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bounded::SLACK;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Small<'a> {
@@ -310,6 +328,63 @@ mod tests {
     #[test]
     fn postcard_roundtrip_borrows_and_rejects_trailing() {
         roundtrip::<Postcard>();
+    }
+
+    /// Decodes on a thread and fails if that takes more than a few seconds: a regression of
+    /// the sequence budget would otherwise loop for 2^64 elements.
+    fn decode_within<C: Codec, T: for<'de> Deserialize<'de> + Send + 'static>(
+        bytes: Vec<u8>,
+    ) -> Result<T, CodecError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(C::decode::<T>(&bytes));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the decode did not finish within 5 s")
+    }
+
+    /// A length prefix of `u64::MAX` elements, then nothing: each element of a zero-sized type
+    /// reads no bytes.
+    fn zst_bomb<C: Codec>() {
+        let prefix_only = {
+            let mut out = Vec::new();
+            // The same value's prefix, as each format writes it: a one-element `Vec<()>`, whose
+            // encoding is exactly its length prefix, with the length patched to the maximum.
+            C::encode(&vec![(); 1], &mut out).unwrap();
+            if out.len() == 8 {
+                u64::MAX.to_le_bytes().to_vec() // bincode: fixed 8-byte lengths
+            } else {
+                vec![0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01] // postcard: varint
+            }
+        };
+        let e = decode_within::<C, Vec<()>>(prefix_only.clone()).unwrap_err();
+        assert_eq!(e.kind(), CodecErrorKind::Decode, "{e}");
+        // Nested inside another value, and as map keys, too.
+        let mut nested = Vec::new();
+        C::encode(&(7u8, vec![(); 1]), &mut nested).unwrap();
+        let mut bomb = nested[..1].to_vec();
+        bomb.extend_from_slice(&prefix_only);
+        assert!(decode_within::<C, (u8, Vec<()>)>(bomb).is_err());
+        assert!(decode_within::<C, std::collections::BTreeMap<(), ()>>(prefix_only).is_err());
+        // Real values are untouched by the budget: zero-sized elements up to the body's length
+        // plus the slack, and sequences of one-byte elements as long as the body.
+        let mut few = Vec::new();
+        C::encode(&vec![(); SLACK], &mut few).unwrap();
+        assert_eq!(C::decode::<Vec<()>>(&few).unwrap().len(), SLACK);
+        let mut many = Vec::new();
+        let long: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        C::encode(&long, &mut many).unwrap();
+        assert_eq!(C::decode::<Vec<u8>>(&many).unwrap(), long);
+    }
+
+    #[test]
+    fn bincode_zero_sized_sequence_bombs_are_refused() {
+        zst_bomb::<Bincode>();
+    }
+
+    #[test]
+    fn postcard_zero_sized_sequence_bombs_are_refused() {
+        zst_bomb::<Postcard>();
     }
 
     #[test]

@@ -174,6 +174,7 @@
 extern crate self as context_proxy;
 
 pub mod benchkit;
+mod bounded;
 mod buffer;
 pub mod codec;
 mod error;
