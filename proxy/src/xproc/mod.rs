@@ -35,6 +35,10 @@
 //! | a request larger than the ring | [`CallError::Frame`](crate::CallError::Frame) (`TooLarge`), nothing sent |
 //! | a reply larger than the ring | the server sends an error frame instead: `CallError::Frame` (`TooLarge`) |
 //! | a malformed reply | `CallError::Frame` from the frame checks, never a panic |
+//! | a reply over the codec limit (the largest of the client's proxies' codecs; the server chose the ring's size) | `CallError::Frame` (`TooLarge`); the reply is dropped unread, nothing is allocated for it |
+//! | a server that keeps sending late answers, or keeps moving the ring's positions without answering | `CallError::TimedOut` at the proxy's timeout: every retry checks it |
+//! | a listener that is alive but does not accept (its queue full) | [`Client::connect`] gives up after the handshake timeout: [`XprocError::HandshakeTimedOut`] |
+//! | an export table over 1 MiB | [`XprocError::Handshake`], refused before it is read |
 //! | a method that panics, a closed context, ... | the same typed errors as in-process |
 //!
 //! Once a channel is found dead, closed or corrupt, later calls fail at once with the same error.
