@@ -208,7 +208,10 @@ fn held_slot(s: u32) -> Option<usize> {
     if is_handoff(s) || is_free(s) {
         None
     } else {
-        Some((s & OWNER_MASK) as usize - 1)
+        // Owner 0 never comes from a holder; only a peer scribbling over the word writes it. It
+        // maps to no slot (`usize::MAX`), whose owner `lock` treats as dead, so the lock recovers
+        // (DIED) rather than this subtraction overflowing.
+        Some(((s & OWNER_MASK) as usize).wrapping_sub(1))
     }
 }
 
@@ -342,6 +345,13 @@ impl RawSharedLock {
                 continue;
             }
             let s = self.state.load(Ordering::SeqCst);
+            // The liveness check above is slow (it reads /proc): another registrant may have
+            // reused the slot meanwhile and taken the lock, and `s`, loaded after that, would then
+            // be the live holder's own value. A reuse swaps the slot's token before its new owner
+            // can lock (both SeqCst), so a slot still holding `old` now means `s` is not theirs.
+            if p.load(Ordering::SeqCst) != old {
+                continue;
+            }
             if held_slot(s) == Some(i) {
                 // The dead process still holds the lock: pass it on (marked DIED) first. If the
                 // slot changed hands since our loads (another registrant reused it and the new
@@ -1031,6 +1041,57 @@ mod tests {
         fn is_alive(&self, t: u64) -> bool {
             !self.0.contains(&t)
         }
+    }
+
+    /// Review of 2026-12-03: registrant R2 finds the slot of dead D, and while it checks D's
+    /// liveness (slow: /proc), R1 reuses that slot and takes the lock on the fast path. R2's fresh
+    /// load of the state is then R1's own value: R2 must not "recover" it.
+    #[test]
+    fn a_registrant_does_not_recover_the_hold_of_whoever_reused_the_slot_meanwhile() {
+        use std::cell::Cell;
+        const D: u64 = 1; // dead, in slot 0; every other slot is taken by a live process
+        struct Racing<'a> {
+            l: &'a RawSharedLock,
+            r1: Cell<Option<Slot>>,
+        }
+        impl Liveness for Racing<'_> {
+            fn is_alive(&self, t: u64) -> bool {
+                if t == D && self.r1.get().is_none() {
+                    let r1 = self.l.register(400, &DeadSet(vec![D])).unwrap();
+                    assert_eq!(r1.index(), 0);
+                    assert_eq!(self.l.try_lock(r1), Ok(Acquired::Fast));
+                    self.r1.set(Some(r1));
+                }
+                t != D
+            }
+        }
+        let l = RawSharedLock::new();
+        for p in 1..=MAX_PROCS as u64 {
+            l.register(p, &AllAlive).unwrap();
+        }
+        let racing = Racing {
+            l: &l,
+            r1: Cell::new(None),
+        };
+        // Every slot is live again once R1 has taken slot 0.
+        assert!(l.register(500, &racing).is_err());
+        assert!(racing.r1.get().is_some());
+        let other = l.register(2, &AllAlive).unwrap();
+        assert_eq!(l.try_lock(other), Err(LockError::WouldBlock), "two holders");
+        // SAFETY: R1 holds the lock (its fast path above) and nobody else does (asserted).
+        unsafe { l.unlock() };
+        assert_eq!(l.try_lock(other), Ok(Acquired::Fast));
+    }
+
+    /// A state word scribbled by a peer with no owner in it (only the QUEUED flag) is a dead
+    /// owner: the next entrant recovers the lock and is told, instead of an arithmetic overflow.
+    #[test]
+    fn a_held_state_without_an_owner_recovers_as_died() {
+        let l = RawSharedLock::new();
+        let me = l.register(7, &AllAlive).unwrap();
+        l.state.store(QUEUED, Ordering::SeqCst);
+        let soon = Some(Instant::now() + Duration::from_secs(5));
+        assert_eq!(l.lock(me, soon, &AllAlive), Ok(Acquired::OwnerDied));
     }
 
     /// Review F4, the reviewer's replay (`aba.rs`): inside waiter W's liveness check of the dead
