@@ -63,12 +63,8 @@ impl ProcessToken {
     #[must_use]
     pub fn of_pid(pid: u32) -> Option<Self> {
         match read_stat(pid) {
-            StatRead::Found(StatInfo {
-                state: b'Z' | b'X' | b'x',
-                ..
-            })
-            | StatRead::NoProcess
-            | StatRead::Unknown => None,
+            StatRead::Found(ref info) if exited(info) => None,
+            StatRead::NoProcess | StatRead::Unknown => None,
             StatRead::Found(StatInfo { start, .. }) => Some(Self::new(pid, start)),
         }
     }
@@ -129,14 +125,19 @@ pub(crate) fn stat_error_kind(errno: i32) -> StatRead {
     }
 }
 
+/// Whether a stat read shows a process that has exited: a zombie (or dead) entry whose threads
+/// are all gone. A zombie *main thread* with other threads still running (it called
+/// `pthread_exit`) is a live process: the kernel shows the group leader's state, `Z`, with a
+/// thread count above 1.
+fn exited(info: &StatInfo) -> bool {
+    matches!(info.state, b'Z' | b'X' | b'x') && info.threads <= 1
+}
+
 /// Decides liveness of `token` from one stat read (see [`ProcessToken::is_alive`]).
 pub(crate) fn liveness_from(token: ProcessToken, read: StatRead) -> bool {
     match read {
-        StatRead::Found(StatInfo {
-            state: b'Z' | b'X' | b'x',
-            ..
-        })
-        | StatRead::NoProcess => false,
+        StatRead::Found(ref info) if exited(info) => false,
+        StatRead::NoProcess => false,
         StatRead::Found(StatInfo { start, .. }) => ProcessToken::new(token.pid(), start) == token,
         StatRead::Unknown => true,
     }
@@ -220,6 +221,8 @@ pub fn fork_hook_installed() -> bool {
 pub(crate) struct StatInfo {
     /// The state letter (R, S, D, Z, ...).
     pub(crate) state: u8,
+    /// Field 20: the number of threads.
+    pub(crate) threads: u64,
     /// Field 22: start time in clock ticks after boot.
     pub(crate) start: u64,
 }
@@ -232,14 +235,15 @@ pub(crate) fn parse_stat(buf: &[u8]) -> Option<StatInfo> {
     let rest = buf.get(close + 1..)?;
     let mut fields = rest.split(|&b| b == b' ').filter(|f| !f.is_empty());
     let state = *fields.next()?.first()?;
-    // After the state (field 3), field 22 is the 19th next field.
-    let start = fields.nth(18)?;
-    let start = std::str::from_utf8(start)
-        .ok()?
-        .trim_end()
-        .parse::<u64>()
-        .ok()?;
-    Some(StatInfo { state, start })
+    let number = |f: &[u8]| std::str::from_utf8(f).ok()?.trim_end().parse::<u64>().ok();
+    // After the state (field 3), field 20 is the 17th next field and field 22 the 2nd after it.
+    let threads = number(fields.nth(16)?)?;
+    let start = number(fields.nth(1)?)?;
+    Some(StatInfo {
+        state,
+        threads,
+        start,
+    })
 }
 
 /// Reads and parses `/proc/<pid>/stat` without allocating.
@@ -321,6 +325,7 @@ mod tests {
             parse_stat(line),
             Some(StatInfo {
                 state: b'S',
+                threads: 1,
                 start: 987_654
             })
         );
@@ -355,12 +360,71 @@ mod tests {
             assert!(liveness_from(t, stat_error_kind(errno)), "errno {errno}");
         }
         assert!(!liveness_from(t, StatRead::NoProcess));
-        let found = |state, start| StatRead::Found(StatInfo { state, start });
-        assert!(liveness_from(t, found(b'S', 777)));
-        assert!(liveness_from(t, found(b'S', 777 + (1 << 32))));
-        assert!(!liveness_from(t, found(b'S', 778)));
-        assert!(!liveness_from(t, found(b'Z', 777)));
-        assert!(!liveness_from(t, found(b'X', 777)));
+        let found = |state, threads, start| {
+            StatRead::Found(StatInfo {
+                state,
+                threads,
+                start,
+            })
+        };
+        assert!(liveness_from(t, found(b'S', 1, 777)));
+        assert!(liveness_from(t, found(b'S', 1, 777 + (1 << 32))));
+        assert!(!liveness_from(t, found(b'S', 1, 778)));
+        assert!(!liveness_from(t, found(b'Z', 1, 777)));
+        assert!(!liveness_from(t, found(b'X', 1, 777)));
+        // A zombie main thread whose other threads still run: the process lives.
+        assert!(liveness_from(t, found(b'Z', 3, 777)));
+        assert!(!liveness_from(t, found(b'Z', 3, 778)));
+    }
+
+    /// Review of 2026-12-03: a process whose main thread has exited while another thread runs
+    /// shows state `Z` in `/proc/<pid>/stat`; it is alive all the same.
+    #[test]
+    fn a_process_whose_main_thread_exited_is_alive_while_a_thread_runs() {
+        extern "C" fn worker(_: *mut libc::c_void) -> *mut libc::c_void {
+            // SAFETY: a plain sleep.
+            unsafe { libc::usleep(1_500_000) };
+            // SAFETY: `_exit` ends the whole process, skipping the parent's atexit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        // SAFETY: the child creates one thread (glibc's fork handlers make that safe after fork)
+        // and makes raw syscalls only; it never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut t: libc::pthread_t = 0;
+            // SAFETY: `t` lives across the call; the thread takes no argument.
+            let made = unsafe {
+                libc::pthread_create(&mut t, std::ptr::null(), worker, std::ptr::null_mut())
+            };
+            if made != 0 {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(2) };
+            }
+            // The main thread alone exits (SYS_exit, not exit_group).
+            // SAFETY: ends this thread only; the worker thread ends the process.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+        }
+        let pid = u32::try_from(pid).unwrap();
+        let token = ProcessToken::of_pid(pid);
+        // Wait until the kernel shows the exited main thread.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let zombie_leader = loop {
+            match read_stat(pid) {
+                StatRead::Found(info) if info.state == b'Z' => break Some(info),
+                _ if std::time::Instant::now() > until => break None,
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
+        let alive = token.map(ProcessToken::is_alive);
+        let again = ProcessToken::of_pid(pid);
+        let mut status = 0;
+        // SAFETY: reaps our own child; `status` lives across the call.
+        unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        let info = zombie_leader.expect("the main thread's exit never showed as Z");
+        assert!(info.threads >= 2, "{info:?}");
+        assert_eq!(alive, Some(true));
+        assert_eq!(again, token);
     }
 
     /// The reviewer's reproduction: with every descriptor in use, `open` fails with `EMFILE` and a
@@ -421,7 +485,10 @@ mod tests {
         #[test]
         fn parse_stat_finds_start_after_any_comm(comm in "[ -~]{0,20}", start: u64) {
             let line = format!("77 ({comm}) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 {start} 99 100\n");
-            proptest::prop_assert_eq!(parse_stat(line.as_bytes()), Some(StatInfo { state: b'R', start }));
+            proptest::prop_assert_eq!(
+                parse_stat(line.as_bytes()),
+                Some(StatInfo { state: b'R', threads: 17, start })
+            );
         }
     }
 }
