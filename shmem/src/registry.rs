@@ -161,6 +161,8 @@ pub(crate) fn read_record(path: &Path, name: &str) -> Result<NameRecord, Error> 
     let bytes = crate::segment::read_small(path, RECORD_SIZE as u64 + 1).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::NotFound(name.to_owned())
+        } else if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::BadHeader("the name record is not a regular file")
         } else {
             Error::Io {
                 op: "read name record",
@@ -278,6 +280,8 @@ pub fn gc_in(dir: &Path) -> Result<Vec<String>, Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt;
+
     use super::*;
 
     #[test]
@@ -291,6 +295,41 @@ mod tests {
         assert!(check_name("ctxshm-t-xyz").is_err());
         assert!(check_name("other-t-0123456789abcdef0123456789abcdef").is_err());
         assert!(check_name(&format!("{PREFIX}t/../x-{}", "0".repeat(32))).is_err());
+    }
+
+    /// Review of 2026-12-03: anyone may create files in `/dev/shm`; a FIFO under a record's
+    /// name must be an undecodable entry, not a `list`, `inspect` or `gc` that never returns.
+    #[test]
+    #[cfg_attr(miri, ignore = "mkfifo and file I/O are foreign calls Miri does not run")]
+    fn a_fifo_named_like_a_record_is_a_bad_entry_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("{PREFIX}evil-{}", "0".repeat(32));
+        let path = dir.path().join(&name);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let d = dir.path().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listed =
+                list_in(&d).map(|v| v.into_iter().map(|i| i.record.is_err()).collect::<Vec<_>>());
+            let inspected = inspect_in(&d, &name).map(|_| ());
+            let collected = gc_in(&d);
+            let _ = tx.send((listed, inspected, collected));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        // Unblock an opener, so that a regression's thread ends.
+        let _w = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        let (listed, inspected, collected) = got.expect("a FIFO record blocked the registry");
+        assert_eq!(listed.unwrap(), vec![true]);
+        assert!(
+            matches!(inspected, Err(Error::BadHeader(_))),
+            "{inspected:?}"
+        );
+        assert!(collected.unwrap().is_empty());
     }
 
     #[test]

@@ -738,12 +738,25 @@ impl Drop for Segment {
     }
 }
 
-/// Reads at most `limit` bytes of a small file (name records).
+/// Reads at most `limit` bytes of a small regular file (name records).
+///
+/// Opened non-blocking and checked to be a regular file before anything is read: the directory
+/// (`/dev/shm`) is writable by every user, and a FIFO planted under a record's name would
+/// otherwise block `open` until someone writes to it (a `list` or `gc` that never returns).
+///
+/// # Errors
+/// `InvalidData` for anything but a regular file; the OS's errors otherwise.
 pub(crate) fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
     let mut v = Vec::new();
     f.take(limit).read_to_end(&mut v)?;
     Ok(v)
