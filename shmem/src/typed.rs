@@ -415,6 +415,12 @@ impl<T: ShmSafe> BufGuard<'_, T> {
 
     /// Sets every element to `v`.
     pub fn fill(&mut self, v: T) {
+        // Elements of a zero-sized type occupy no bytes, so any stored count "fits" the segment,
+        // however large a peer made it: writing them is nothing, and looping over 2^64 of them
+        // would be a hang.
+        if std::mem::size_of::<T>() == 0 {
+            return;
+        }
         for i in 0..self.buf.len {
             // SAFETY: `i < len`; otherwise as for `set`.
             unsafe { self.buf.data.as_ptr().wrapping_add(i).write(v) };
@@ -515,5 +521,25 @@ impl AtomicArray {
     #[must_use]
     pub fn segment(&self) -> &Arc<Segment> {
         &self.seg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review of 2026-12-03: elements of a zero-sized type take no bytes, so any stored count
+    /// fits the segment; one a peer set to `u64::MAX` must not turn `fill` into a 2^64 loop.
+    #[test]
+    fn a_huge_count_of_zero_sized_elements_is_not_a_hang() {
+        let buf = SharedBuf::<()>::create(3).unwrap();
+        SharedBuf::<()>::len_word(buf.segment())
+            .unwrap()
+            .store(u64::MAX, std::sync::atomic::Ordering::Release);
+        let other = SharedBuf::<()>::from_segment(Arc::clone(buf.segment())).unwrap();
+        assert_eq!(other.len() as u64, u64::MAX);
+        let mut g = other.lock(None).unwrap();
+        g.fill(());
+        assert_eq!(g.get(usize::MAX - 1), Some(()));
     }
 }
