@@ -512,9 +512,16 @@ impl Segment {
         seal(&file)?;
         let mut seg = Self::finish_create(file, SegmentKind::Named, total, type_id)?;
         let me = ProcessToken::current().map_err(io("/proc/self/stat"))?;
+        // The record names its creator by pid and start time; a record with a made-up start
+        // time (0) would read as a dead creator at once, and `gc` would delete the name of a
+        // live segment. So a failed read (descriptors exhausted, say) fails the creation.
         let start = match crate::process::read_stat(me.pid()) {
             crate::process::StatRead::Found(s) => s.start,
-            crate::process::StatRead::NoProcess | crate::process::StatRead::Unknown => 0,
+            crate::process::StatRead::NoProcess | crate::process::StatRead::Unknown => {
+                return Err(io("/proc/self/stat")(std::io::Error::other(
+                    "cannot read this process's start time for the name record",
+                )));
+            }
         };
         let hex: String = random_nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         let name = format!("{}{tag}-{hex}", crate::registry::PREFIX);
