@@ -300,7 +300,10 @@ mod tests {
     /// Review of 2026-12-03: anyone may create files in `/dev/shm`; a FIFO under a record's
     /// name must be an undecodable entry, not a `list`, `inspect` or `gc` that never returns.
     #[test]
-    #[cfg_attr(miri, ignore = "mkfifo and file I/O are foreign calls Miri does not run")]
+    #[cfg_attr(
+        miri,
+        ignore = "mkfifo and file I/O are foreign calls Miri does not run"
+    )]
     fn a_fifo_named_like_a_record_is_a_bad_entry_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("{PREFIX}evil-{}", "0".repeat(32));
