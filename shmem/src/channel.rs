@@ -501,12 +501,6 @@ impl Endpoint {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 return Err(ChannelError::Closed);
             }
-            // A wait ends as soon as `head` moves, which need not free enough room; the deadline
-            // is checked before every retry, so a consumer that keeps moving `head` a little
-            // cannot keep us here past it.
-            if waited && deadline_passed(deadline) {
-                return Err(ChannelError::TimedOut);
-            }
             // The consumer's `head` only grows, so a cached (older) value underestimates the free
             // space: reload it (one cache-line transfer) only when the cached value says full.
             let mut head = *head_cache;
@@ -573,6 +567,13 @@ impl Endpoint {
                     sync::futex_wake(&hdr.data_seq, 1);
                 }
                 return Ok(());
+            }
+            // A wait ends as soon as `head` moves, which need not free enough room: before waiting
+            // again, check the deadline, so that a consumer that keeps moving `head` a little
+            // cannot keep us here past it. (Only here: a clock read costs a good part of a whole
+            // round trip, and the common send finds room at once or after one wait.)
+            if waited && deadline_passed(deadline) {
+                return Err(ChannelError::TimedOut);
             }
             let changed = |o| hdr.head.load(o) != head;
             wait(ch, peer, spin, Wait::Space, changed, hdr, deadline)?;
@@ -656,11 +657,6 @@ impl Endpoint {
         let word = ch.header(data, head);
         let mut waited = false;
         loop {
-            // As in `send_parts`: a wait ends when the header word changes, and a producer that
-            // keeps flipping it between 0 and a value cannot keep us here past the deadline.
-            if waited && deadline_passed(deadline) {
-                return Err(ChannelError::TimedOut);
-            }
             let h = word.load(Ordering::SeqCst);
             if h != 0 {
                 let len = u64::from(h - 1);
@@ -675,6 +671,13 @@ impl Endpoint {
                     return Err(ChannelError::Closed);
                 }
                 continue;
+            }
+            // As in `send_parts`: a wait ends when the header word changes, so before waiting
+            // again check the deadline (a producer that keeps flipping the word between 0 and a
+            // value cannot keep us here past it); the common receive, which finds its frame after
+            // one wait, reads no clock.
+            if waited && deadline_passed(deadline) {
+                return Err(ChannelError::TimedOut);
             }
             let changed = |o| word.load(o) != 0;
             wait(ch, peer, spin, Wait::Data, changed, hdr, deadline)?;
