@@ -51,9 +51,10 @@
 //! validated once, at attach); header lengths and the peer's `head` read from the segment are
 //! checked against the ring capacity this process computed from its own view of the segment size,
 //! and `head` must never move backwards; a violation is [`ChannelError::Corrupt`], never an
-//! out-of-bounds access. A wait ends as soon as the word it watches changes, so each retry after a
-//! wait checks the deadline: a peer that keeps changing that word without making room (or without
-//! committing a frame) cannot hold a send or a receive past its deadline.
+//! out-of-bounds access. A wait ends as soon as the word it watches changes, so a side that must
+//! wait again checks the deadline first: a peer that keeps changing that word without making room
+//! (or without committing a frame) cannot hold a send or a receive past its deadline, and the
+//! common case, one wait, reads no clock.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
