@@ -4,6 +4,8 @@
 
 mod bench;
 mod doctor;
+#[macro_use]
+mod out;
 mod shm;
 mod suites;
 
@@ -109,15 +111,19 @@ fn main() -> ExitCode {
         }
         Command::Doctor => {
             let checks = doctor::run_checks();
-            print!("{}", doctor::render(&checks));
-            Ok(if checks.iter().any(|c| c.status == doctor::Status::Fail) {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            out!("{}", doctor::render(&checks))
+                .map_err(anyhow::Error::from)
+                .map(|()| {
+                    if checks.iter().any(|c| c.status == doctor::Status::Fail) {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                })
         }
     };
     match result {
+        Err(e) if out::is_broken_pipe(&e) => ExitCode::from(out::BROKEN_PIPE_STATUS),
         Ok(code) => code,
         Err(e) => {
             eprintln!("ctx: error: {e:#}");
@@ -129,7 +135,7 @@ fn main() -> ExitCode {
 fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.list {
         for s in suites::ALL {
-            println!("{:<10} {}", s.name, s.about);
+            outln!("{:<10} {}", s.name, s.about)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -193,7 +199,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if json_to_stdout {
         eprint!("{table}");
     } else {
-        print!("{table}");
+        out!("{table}")?;
     }
     if let Some(path) = &args.json {
         let doc = report::Document {

@@ -77,11 +77,11 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
     let list = registry::list().context("listing named segments")?;
     let entries: Vec<Entry> = list.iter().map(entry).collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        outln!("{}", serde_json::to_string_pretty(&entries)?)?;
         return Ok(());
     }
     if entries.is_empty() {
-        println!("no named segments (looked in {})", registry::SHM_DIR);
+        outln!("no named segments (looked in {})", registry::SHM_DIR)?;
         return Ok(());
     }
     let w = entries
@@ -90,21 +90,25 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!(
+    outln!(
         "{:<w$}  {:>10}  {:>8}  {:<6}  {:>5}",
-        "NAME", "SIZE", "PID", "STATE", "AGE"
-    );
+        "NAME",
+        "SIZE",
+        "PID",
+        "STATE",
+        "AGE"
+    )?;
     for e in &entries {
         match &e.error {
-            None => println!(
+            None => outln!(
                 "{:<w$}  {:>10}  {:>8}  {:<6}  {:>5}",
                 e.name,
                 e.size.map(human_size).unwrap_or_default(),
                 e.creator_pid.map(|p| p.to_string()).unwrap_or_default(),
                 if e.creator_alive { "alive" } else { "dead" },
                 e.age_seconds.map(human_age).unwrap_or_default(),
-            ),
-            Some(err) => println!("{:<w$}  unreadable record: {err}", e.name),
+            )?,
+            Some(err) => outln!("{:<w$}  unreadable record: {err}", e.name)?,
         }
     }
     let dead = entries
@@ -112,7 +116,7 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
         .filter(|e| e.error.is_none() && !e.creator_alive)
         .count();
     if dead > 0 {
-        println!("\n{dead} segment(s) whose creator is dead: `ctx shm gc` removes them");
+        outln!("\n{dead} segment(s) whose creator is dead: `ctx shm gc` removes them")?;
     }
     Ok(())
 }
@@ -126,19 +130,19 @@ pub fn gc(dry_run: bool) -> anyhow::Result<()> {
             .filter(|i| i.record.is_ok() && !i.creator_alive)
             .collect();
         for o in &orphans {
-            println!("would remove {}", o.name);
+            outln!("would remove {}", o.name)?;
         }
-        println!("{} orphan(s); nothing removed (--dry-run)", orphans.len());
+        outln!("{} orphan(s); nothing removed (--dry-run)", orphans.len())?;
         return Ok(());
     }
     let removed = registry::gc().context("removing orphaned segments")?;
     for name in &removed {
-        println!("removed {name}");
+        outln!("removed {name}")?;
     }
-    println!(
+    outln!(
         "{} orphan(s) removed; segments of live processes are never touched",
         removed.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -147,37 +151,37 @@ pub fn inspect(name: &str) -> anyhow::Result<()> {
     let info =
         registry::inspect(name).with_context(|| format!("no readable segment named {name:?}"))?;
     let e = entry(&info);
-    println!("name          {}", e.name);
-    println!("record        {}", info.path.display());
+    outln!("name          {}", e.name)?;
+    outln!("record        {}", info.path.display())?;
     if let Ok(r) = &info.record {
-        println!(
+        outln!(
             "size          {} ({} bytes, header included)",
             human_size(r.total_size),
             r.total_size
-        );
-        println!("type id       {:#018x}", r.type_id.0);
-        println!(
+        )?;
+        outln!("type id       {:#018x}", r.type_id.0)?;
+        outln!(
             "creator       pid {} ({})",
             r.creator_pid,
             if info.creator_alive { "alive" } else { "dead" }
-        );
+        )?;
         if let Some(a) = e.age_seconds {
-            println!("age           {}", human_age(a));
+            outln!("age           {}", human_age(a))?;
         }
         if info.creator_alive {
             // Opening validates the header inside the segment (magic, layout version, size, type id).
             match Segment::open_named(name, TypeId(r.type_id.0)) {
-                Ok(seg) => println!(
+                Ok(seg) => outln!(
                     "header        valid: {:?} segment, payload {} bytes",
                     seg.kind(),
                     seg.payload_len()
-                ),
-                Err(err) => println!("header        cannot be opened: {err}"),
+                )?,
+                Err(err) => outln!("header        cannot be opened: {err}")?,
             }
         } else {
-            println!(
+            outln!(
                 "header        gone with its creator (named segments live in the creator's memfd)"
-            );
+            )?;
         }
     }
     Ok(())

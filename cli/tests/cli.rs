@@ -127,3 +127,49 @@ fn svg_and_markdown_outputs() {
     assert!(md_text.contains("| handoff | enter_exit_idle |"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `ctx args` with stdout a pipe whose read end is already closed, as in `ctx shm ls | head -0`.
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("ctx"));
+    cmd.args(args)
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("ctx runs");
+    // The closed pipe must not leave the child waiting; the deadline turns a hang into a failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("ctx {args:?} did not exit within 60 s with stdout a closed pipe");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("ctx output")
+}
+
+#[test]
+fn closed_stdout_pipe_ends_quietly_like_sigpipe() {
+    for args in [
+        &["bench", "--list"][..],
+        &["shm", "ls"],
+        &["shm", "ls", "--json"],
+        &["shm", "gc", "--dry-run"],
+        &["doctor"],
+    ] {
+        let out = run_into_closed_pipe(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "ctx {args:?} into a closed pipe: {:?}, stderr: {stderr}",
+            out.status
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "ctx {args:?} panicked: {stderr}"
+        );
+        assert!(stderr.is_empty(), "ctx {args:?} wrote to stderr: {stderr}");
+    }
+}

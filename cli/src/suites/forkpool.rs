@@ -106,9 +106,17 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set when a row could not be written to stdout: the child then fails, so the parent does not
+/// report a partial suite as complete.
+static EMIT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn emit(row: &ChildRow) {
-    if let Ok(s) = serde_json::to_string(row) {
-        println!("{ROW_PREFIX}{s}");
+    let written = serde_json::to_string(row)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| outln!("{ROW_PREFIX}{s}").map_err(anyhow::Error::from));
+    if let Err(e) = written {
+        eprintln!("forkpool suite: row {:?} not written: {e:#}", row.case);
+        EMIT_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -136,7 +144,8 @@ fn row(
 /// The child's entry: runs single-threaded before `main` (see the module docs).
 fn child_entry() -> i32 {
     match measure() {
-        Ok(()) => 0,
+        Ok(()) if !EMIT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => 0,
+        Ok(()) => 1,
         Err(e) => {
             eprintln!("forkpool suite: {e:#}");
             1

@@ -117,10 +117,13 @@ pub(crate) fn run(r: &mut Runner) -> anyhow::Result<f64> {
 /// The child's entry: runs single-threaded before `main`.
 fn child_entry() -> i32 {
     match measure() {
-        Ok([enter, get, base]) => {
-            println!("{RESULT_PREFIX}{enter} {get} {base}");
-            0
-        }
+        Ok([enter, get, base]) => match outln!("{RESULT_PREFIX}{enter} {get} {base}") {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("shared-context measurement: result not written: {e}");
+                1
+            }
+        },
         Err(e) => {
             eprintln!("shared-context measurement: {e:#}");
             1
