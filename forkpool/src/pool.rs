@@ -190,7 +190,16 @@ struct Worker {
     pid: libc::pid_t,
     sock: Option<OwnedFd>,
     seq: u32,
-    pending: Option<u32>,
+    pending: Option<Pending>,
+}
+
+/// The request a worker has not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    seq: u32,
+    /// A job (`OP_RUN`), as opposed to the hello or a control operation (ping, map, unmap). Only a
+    /// death during a job can have left shared data half-changed.
+    job: bool,
 }
 
 /// A pool of forked workers over fixed-address shared regions. See the crate docs.
@@ -203,6 +212,9 @@ pub struct Pool {
     master: libc::pid_t,
     poisoned: Option<String>,
     deaths: Vec<DeathReport>,
+    /// How many resets have begun. A barrier (grow, release) that sees it change stops: the reset
+    /// re-created every region (new descriptors) and re-forked every worker from the master.
+    resets: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -405,6 +417,7 @@ impl Pool {
             workers: Vec::new(),
             master: sys::getpid(),
             poisoned: None,
+            resets: 0,
             deaths: Vec::new(),
         };
         pool.spawn_all()?;
@@ -423,7 +436,7 @@ impl Pool {
         }
         // Every worker says hello (sequence 0) as soon as it runs; wait for all of them.
         for w in &mut self.workers {
-            w.pending = Some(0);
+            w.pending = Some(Pending { seq: 0, job: false });
         }
         let t = self.cfg.control_timeout;
         let deadline = Instant::now() + t;
@@ -563,7 +576,10 @@ impl Pool {
         if sys::send_msg(fd, &msg, pass).is_err() {
             return Err(self.on_death(w, None));
         }
-        self.workers[w].pending = Some(seq);
+        self.workers[w].pending = Some(Pending {
+            seq,
+            job: op == OP_RUN,
+        });
         Ok(seq)
     }
 
@@ -599,7 +615,7 @@ impl Pool {
             Ok(_) => return Err(self.kill_protocol(w, "reply of the wrong length")),
         }
         let (status, seq, value) = (u32_at(&buf, 0), u32_at(&buf, 4), u64_at(&buf, 8));
-        if Some(seq) != self.workers[w].pending {
+        if Some(seq) != self.workers[w].pending.map(|p| p.seq) {
             return Err(self.kill_protocol(w, "reply to a request that was not sent"));
         }
         self.workers[w].pending = None;
@@ -652,7 +668,7 @@ impl Pool {
 
     fn on_death_inner(&mut self, w: usize, forced: Option<DeathCause>, reaped: bool) -> PoolError {
         let pid = self.workers[w].pid;
-        let during_job = self.workers[w].pending.take().is_some();
+        let during_job = self.workers[w].pending.take().is_some_and(|p| p.job);
         self.workers[w].sock = None;
         let status = if reaped {
             None
@@ -775,6 +791,7 @@ impl Pool {
             return Err(PoolError::HandlesAlive(handles - 1));
         }
         self.poisoned = Some("reset in progress".into());
+        self.resets += 1;
         self.kill_all();
         // SAFETY: every worker is dead and reaped, and no handle into the heap exists in the master
         // (count checked above), so nothing uses the regions.
@@ -1085,7 +1102,14 @@ impl Pool {
             .as_ref()
             .map(AsRawFd::as_raw_fd)
             .ok_or(RegionError::NoSuchRegion(idx))?;
+        let resets = self.resets;
         for w in 0..self.workers.len() {
+            if self.resets != resets {
+                // A death below led to a reset: `fd` is closed (its number may name another file
+                // by now), and every worker was forked afresh from this process, which has the
+                // region mapped. The reset's new allocator already covers the region.
+                break;
+            }
             if self.workers[w].sock.is_none() {
                 continue;
             }
@@ -1093,6 +1117,11 @@ impl Pool {
             // forked from this process, which has the region mapped already. Both show up in
             // `take_deaths`; the barrier holds either way.
             let _ = self.control(w, OP_MAP, off as u64, len as u64, Some(fd));
+        }
+        if let Some(p) = &self.poisoned {
+            // Workers after the one whose death poisoned the pool were skipped: the region must
+            // not be handed out. `reset` re-forks them all and covers it.
+            return Err(PoolError::Poisoned(p.clone()));
         }
         // Every live worker has it mapped, so the allocator may hand it out.
         // SAFETY: chunks up to the new end are mapped in this process and every live worker.
@@ -1130,12 +1159,22 @@ impl Pool {
         // SAFETY: the allocator holds no live block in the region and every chunk is marked released,
         // so nothing of ours lives there and no process can allocate there any more.
         unsafe { self.regions.release(idx) }?;
+        let resets = self.resets;
         for w in 0..self.workers.len() {
+            if self.resets != resets {
+                // Every worker was re-forked by a reset from this process, which no longer maps it.
+                break;
+            }
             if self.workers[w].sock.is_none() {
                 continue;
             }
             // A worker that fails is killed (its mapping goes with it) and replaced; see grow().
             let _ = self.control(w, OP_UNMAP, off as u64, len as u64, None);
+        }
+        if let Some(p) = &self.poisoned {
+            // The workers after the death still map the region, so its pages stay allocated until
+            // `reset` (nothing can allocate there: its chunks are released).
+            return Err(PoolError::Poisoned(p.clone()));
         }
         Ok(())
     }
@@ -1200,9 +1239,19 @@ impl Pool {
     /// by the next operation on that worker.
     ///
     /// # Errors
-    /// [`PoolError::NoSuchWorker`]; OS errors.
+    /// [`PoolError::NoSuchWorker`]; [`PoolError::WorkerDied`] if the slot holds no live worker (it
+    /// died and was reaped, and no replacement could be started: its old pid may belong to an
+    /// unrelated process by now, so it is never signalled); OS errors.
     pub fn kill_worker(&mut self, w: usize) -> Result<(), PoolError> {
         let wk = self.workers.get(w).ok_or(PoolError::NoSuchWorker(w))?;
+        if wk.sock.is_none() {
+            return Err(PoolError::WorkerDied {
+                worker: w,
+                pid: wk.pid,
+                cause: DeathCause::ChannelLost,
+            });
+        }
+        // A worker with a socket has not been reaped, so its pid is still its own (at worst a zombie).
         sys::kill(wk.pid, libc::SIGKILL).map_err(PoolError::os("kill"))
     }
 

@@ -455,6 +455,73 @@ fn reset_policy() -> anyhow::Result<()> {
 }
 isolated_test!(death_policy_reset, reset_policy, 60);
 
+/// A worker that stops answering a control operation (here a ping) between jobs cannot have left
+/// shared data half-changed: under `DeathPolicy::Reset` it is replaced, not counted as a death
+/// during a job (which would poison the pool while an owner is alive, or wipe the heap).
+fn control_death_is_not_a_job_death() -> anyhow::Result<()> {
+    let mut pool = small_pool(1)
+        .death_policy(DeathPolicy::Reset)
+        .control_timeout(Duration::from_millis(300))
+        .build()?;
+    let keep = SharedBox::new(pool.heap(), 5u64)?;
+    let pid = pool.worker_pids()[0];
+    // SAFETY: plain syscall on our own idle child.
+    ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0);
+    let r = pool.ping(0);
+    ensure!(
+        matches!(r, Err(PoolError::Timeout { worker: 0, .. })),
+        "{r:?}"
+    );
+    let d = pool.take_deaths();
+    ensure!(
+        d.len() == 1
+            && d[0].pid == pid
+            && !d[0].during_job
+            && d[0].outcome == DeathOutcome::Replaced,
+        "{d:?}"
+    );
+    ensure!(pool.poisoned().is_none(), "{:?}", pool.poisoned());
+    ensure!(*keep == 5, "the heap was not wiped");
+    ensure!(pool.run_fn(0, |_| 7, T)? == 7, "the replacement runs jobs");
+
+    // A death during a job poisons the pool (an owner is alive) and leaves the slot without a
+    // worker. Its old pid is reaped and may be reused: kill_worker must refuse, not signal it.
+    let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    });
+    ensure!(
+        matches!(res[0], Err(PoolError::WorkerDied { .. })),
+        "{:?}",
+        res[0]
+    );
+    let d = pool.take_deaths();
+    ensure!(d.len() == 1 && d[0].during_job, "{d:?}");
+    ensure!(pool.poisoned().is_some());
+    let k = pool.kill_worker(0);
+    ensure!(
+        matches!(
+            k,
+            Err(PoolError::WorkerDied {
+                worker: 0,
+                cause: DeathCause::ChannelLost,
+                ..
+            })
+        ),
+        "{k:?}"
+    );
+    drop(keep);
+    pool.reset()?;
+    ensure!(pool.run_fn(0, |_| 8, T)? == 8);
+    Ok(())
+}
+isolated_test!(
+    control_death_is_not_a_job_death_and_kill_spares_reaped_pids,
+    control_death_is_not_a_job_death,
+    60
+);
+
 // ---------------------------------------------------------------------------------------------
 // Jobs: panics, timeouts, dead workers.
 
@@ -673,6 +740,45 @@ isolated_test!(
     growth_with_a_dead_worker,
     60
 );
+
+/// A death found by the growth barrier, with the allocator found inconsistent, resets the pool in
+/// the middle of the barrier. The reset re-creates every region (new descriptors) and re-forks every
+/// worker from the master, which has the new region: the barrier stops there and the region is
+/// usable everywhere.
+fn growth_across_a_reset() -> anyhow::Result<()> {
+    const MIB: usize = 1 << 20;
+    let mut pool = Pool::builder()
+        .workers(3)
+        .reserve(1 << 30)
+        .initial_region(16 * MIB)
+        .control_timeout(T)
+        .build()?;
+    let _ = pool.kill_worker(0);
+    // Scribble the allocator's magic (fault injection) so the death's consistency check fails.
+    // SAFETY: the allocator header (an AtomicU64 first) is at the base of the first region, mapped
+    // in this process; no worker is running a job.
+    let magic = unsafe { &*(pool.base_address() as *const std::sync::atomic::AtomicU64) };
+    magic.fetch_xor(1, std::sync::atomic::Ordering::SeqCst);
+    let idx = pool.grow(32 * MIB)?;
+    let d = pool.take_deaths();
+    ensure!(
+        d.len() == 1 && d[0].worker == 0 && d[0].outcome == DeathOutcome::Reset,
+        "only the killed worker died, and it reset the pool: {d:?}"
+    );
+    ensure!(pool.heap().check().is_consistent());
+    let v = SharedVec::from_elem(pool.heap(), 1u64, 3 * MIB)?;
+    for r in pool.broadcast(sum_worker_alloc, &v, T) {
+        ensure!(
+            r? == (3 * MIB / 512) as u64 + 5,
+            "the new region works everywhere"
+        );
+    }
+    drop(v);
+    pool.release_region(idx)?;
+    ensure!(pool.take_deaths().is_empty());
+    Ok(())
+}
+isolated_test!(growth_barrier_across_a_reset, growth_across_a_reset, 60);
 
 fn temp_file_backing_punch() -> anyhow::Result<()> {
     const MIB: usize = 1 << 20;
