@@ -149,27 +149,18 @@ pub fn run(entry: fn() -> i32, timeout: Duration) -> Result<Output, IsolatedErro
 
 /// Spawns a prepared [`command`] with piped output and waits for it with a watchdog.
 ///
+/// Output is read until the pipes close. A process the child started may keep them open after the
+/// child has ended (a daemon, a stray grandchild): the output is then taken as it is
+/// [`OUTPUT_GRACE`] after the child's end (or the timeout), marked as cut, and the readers are left
+/// to finish on their own. So the call never waits past `timeout` plus that grace.
+///
 /// # Errors
 /// [`IsolatedError::Spawn`], [`IsolatedError::Timeout`].
 pub fn run_command(mut c: Command, timeout: Duration) -> Result<Output, IsolatedError> {
     use std::os::unix::process::ExitStatusExt;
     let mut child = c.spawn().map_err(IsolatedError::Spawn)?;
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_string(&mut s);
-        }
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    let out = Capture::start(child.stdout.take());
+    let err = Capture::start(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait().map_err(IsolatedError::Spawn)? {
@@ -182,8 +173,9 @@ pub fn run_command(mut c: Command, timeout: Duration) -> Result<Output, Isolated
             None => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let stdout = t_out.join().unwrap_or_default();
-    let stderr = t_err.join().unwrap_or_default();
+    let until = Instant::now() + OUTPUT_GRACE;
+    let stdout = out.finish(until);
+    let stderr = err.finish(until);
     match status {
         Some(s) => Ok(Output {
             code: s.code(),
@@ -196,6 +188,66 @@ pub fn run_command(mut c: Command, timeout: Duration) -> Result<Output, Isolated
             stdout,
             stderr,
         }),
+    }
+}
+
+/// How long [`run_command`] keeps reading output after the child has ended (or was killed) while
+/// another process still holds its pipes.
+pub const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Appended to output that was cut because the pipe stayed open after the child ended.
+pub const OUTPUT_CUT: &str =
+    "\n[context-forkpool: output cut: the pipe stayed open after the child ended]\n";
+
+/// The buffer, also after a reader panicked (the bytes read so far are still worth showing).
+fn lock(m: &std::sync::Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A thread reading one pipe to its end into a shared buffer.
+struct Capture {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(pipe: Option<impl Read + Send + 'static>) -> Self {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = pipe.map(|mut p| {
+            let buf = std::sync::Arc::clone(&buf);
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                loop {
+                    match p.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => lock(&buf).extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        });
+        Self { buf, reader }
+    }
+
+    /// The output, once the pipe has closed or `until` has passed (then marked [`OUTPUT_CUT`]).
+    fn finish(self, until: Instant) -> String {
+        let mut cut = false;
+        if let Some(r) = self.reader {
+            while !r.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            } else {
+                cut = true; // detached: it ends when the last holder of the pipe closes it
+            }
+        }
+        let mut s = String::from_utf8_lossy(&lock(&self.buf)).into_owned();
+        if cut {
+            s.push_str(OUTPUT_CUT);
+        }
+        s
     }
 }
 

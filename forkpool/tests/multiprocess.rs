@@ -879,6 +879,38 @@ fn master_dies() -> anyhow::Result<()> {
     bail!("still alive")
 }
 
+/// A grandchild that keeps the output pipes open after the isolated child has ended does not hold
+/// `isolated::run` until it ends: the output is taken after the grace period, marked as cut.
+#[test]
+fn output_pipes_held_by_a_grandchild_do_not_hold_the_run() {
+    fn entry() -> i32 {
+        // The grandchild inherits stdout and stderr and outlives this process.
+        let Ok(sleeper) = std::process::Command::new("sleep").arg("30").spawn() else {
+            return 3;
+        };
+        println!("grandchild {}", sleeper.id());
+        0
+    }
+    let t0 = std::time::Instant::now();
+    let out = isolated::run(entry, Duration::from_secs(60)).expect("run");
+    let took = t0.elapsed();
+    let pid: Option<i32> = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("grandchild ")?.trim().parse().ok());
+    if let Some(pid) = pid {
+        // SAFETY: plain syscall; the sleeper is still running (it sleeps 30 s), so the pid is its.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(pid.is_some(), "{out:?}");
+    assert!(out.stdout.ends_with(isolated::OUTPUT_CUT), "{out:?}");
+    assert!(
+        took < isolated::OUTPUT_GRACE + Duration::from_secs(8),
+        "took {took:?}"
+    );
+}
+
 #[test]
 fn workers_die_with_the_master() {
     fn entry() -> i32 {
