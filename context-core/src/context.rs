@@ -137,7 +137,30 @@ impl<L: RawContextLock> Inner<L> {
         let table = unsafe { &mut *self.meta.table.get() };
         table.check_no_borrows()?;
         self.closed.store(true, Ordering::Relaxed);
-        table.clear();
+        // The destructors are user code: one may re-enter this context (still held by this thread,
+        // so re-entry succeeds) and use the table, even add objects. So the objects are taken out
+        // first and dropped with no reference into the table live, until a round finds it empty.
+        let mut panic = None;
+        loop {
+            // SAFETY: as above; the `&mut` ends within this statement, before any destructor runs.
+            let objects = unsafe { &mut *self.meta.table.get() }.take_all();
+            if objects.is_empty() {
+                break;
+            }
+            // Every object is dropped here even if one destructor panics (on a pinned context's
+            // home thread, where objects that are not `Send` must be dropped); the first panic
+            // goes on after the last.
+            if let Some(p) = crate::table::drop_all(objects) {
+                if panic.is_none() {
+                    panic = Some(p);
+                } else {
+                    std::mem::forget(p);
+                }
+            }
+        }
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
+        }
         Ok(())
     }
 }
@@ -410,7 +433,8 @@ impl<L: RawContextLock> Context<L> {
     ///
     /// # Errors
     /// [`EnterError::WouldBlock`] if busy (for a pinned context: if its home thread is running or has
-    /// queued work), and everything [`Context::enter`] returns.
+    /// queued work, or does not start the job within 5 ms, as when a job there has suspended the
+    /// context and the thread is still inside it), and everything [`Context::enter`] returns.
     pub fn try_enter<R, F>(&self, f: F) -> Result<R, EnterError>
     where
         F: FnOnce(&mut Cx<'_>) -> R + Send,

@@ -317,14 +317,21 @@ impl Drop for Restore {
     }
 }
 
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let message = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    };
+    // The payload is any type the user panicked with (`panic_any`): its destructor may panic too,
+    // which must not unwind out of the entry (on a pinned context's home thread it would end the
+    // thread). Such a second payload is forgotten, not dropped.
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
     }
+    message
 }
 
 /// Runs `f` holding no context: releases what the thread holds, runs `f`, re-acquires. Used by
@@ -436,7 +443,7 @@ fn panicked_held<'e, T: Lockable>(
     release_held(entries, &|_| target);
     EnterError::Panicked {
         context: target.id(),
-        message: panic_message(&*payload),
+        message: panic_message(payload),
     }
 }
 
@@ -475,7 +482,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
                 first.record_panic();
                 EnterError::Panicked {
                     context: first.id(),
-                    message: panic_message(&*p),
+                    message: panic_message(p),
                 }
             });
         }
@@ -528,7 +535,7 @@ fn run_frame<'e, T: Lockable + ?Sized + 'e, R>(
     }
     outcome.map_err(|p| EnterError::Panicked {
         context: first.id(),
-        message: panic_message(&*p),
+        message: panic_message(p),
     })
 }
 

@@ -208,23 +208,56 @@ impl Table {
         }
     }
 
-    /// Drops every object (closing a context). Borrowed objects are dropped too: closing happens only
-    /// from a scope that holds no borrow.
-    pub(crate) fn clear(&mut self) {
-        for slot in &mut self.slots {
+    /// Takes every object out of the table, which is then empty (closing a context). Generations
+    /// move on as for `remove`, so a handle from before can never name an object added later.
+    /// Borrowed objects are taken too: closing happens only from a scope that holds no borrow.
+    ///
+    /// The objects are returned rather than dropped: their destructors are user code, which may
+    /// re-enter the context and use the table, so they must run with no `&mut Table` live.
+    pub(crate) fn take_all(&mut self) -> Vec<Box<dyn Any>> {
+        let mut out = Vec::with_capacity(self.live);
+        self.free.clear();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(entry) = slot.entry.take() {
-                drop(Self::take_box(entry));
+                out.push(Self::take_box(entry));
+                slot.generation = slot.generation.saturating_add(1);
+            }
+            if slot.generation != u32::MAX {
+                // `slots.len()` fits in u32 (checked by `insert`).
+                self.free.push(i as u32);
             }
         }
-        self.slots.clear();
-        self.free.clear();
+        // Reused lowest index first, as before.
+        self.free.reverse();
         self.live = 0;
+        out
     }
+}
+
+/// Drops `objects` one by one, going on past a destructor that panics (so every object is
+/// dropped here, on this thread, even then), and returns the first panic's payload.
+pub(crate) fn drop_all(objects: Vec<Box<dyn Any>>) -> Option<Box<dyn Any + Send>> {
+    let mut first = None;
+    for o in objects {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(o))) {
+            if first.is_none() {
+                first = Some(p);
+            } else {
+                // A payload whose own destructor panics would abort here; keep it instead.
+                std::mem::forget(p);
+            }
+        }
+    }
+    first
 }
 
 impl Drop for Table {
     fn drop(&mut self) {
-        self.clear();
+        // Normally empty by now (closing empties it, on the home thread for a pinned context).
+        // A panic here would abort if we are already unwinding; the payload is forgotten.
+        if let Some(p) = drop_all(self.take_all()) {
+            std::mem::forget(p);
+        }
     }
 }
 
@@ -336,7 +369,41 @@ mod tests {
             t.insert(Rc::clone(&marker)).unwrap();
         }
         assert_eq!(Rc::strong_count(&marker), 11);
-        t.clear();
+        let h = t.insert(Rc::clone(&marker)).unwrap();
+        assert!(drop_all(t.take_all()).is_none());
         assert_eq!(Rc::strong_count(&marker), 1);
+        assert_eq!(t.len(), 0);
+        // The generation moved on: the old handle is stale, also for the object that reuses its slot.
+        let again = t.insert(Rc::clone(&marker)).unwrap();
+        assert_eq!(again.slot, 0);
+        assert_eq!(t.remove(h), Err(AccessError::Stale(t.context)));
+        assert!(t.remove(again).is_ok());
+    }
+
+    #[test]
+    fn drop_all_goes_on_past_a_panicking_destructor() {
+        use std::rc::Rc;
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("destructor panics on purpose");
+            }
+        }
+        let marker = Rc::new(());
+        let mut t = table();
+        t.insert(Bomb).unwrap();
+        t.insert(Rc::clone(&marker)).unwrap();
+        t.insert(Bomb).unwrap();
+        t.insert(Rc::clone(&marker)).unwrap();
+        let p = drop_all(t.take_all()).expect("the first panic is returned");
+        assert_eq!(
+            p.downcast_ref::<&str>(),
+            Some(&"destructor panics on purpose")
+        );
+        assert_eq!(
+            Rc::strong_count(&marker),
+            1,
+            "the objects after each bomb were dropped"
+        );
     }
 }

@@ -499,3 +499,45 @@ fn suspended_refuses_a_captured_cx_and_survives_panics_and_closes() {
         assert!(matches!(a.enter(|_| ()), Err(EnterError::Closed(_))));
     });
 }
+
+/// An object whose destructor re-enters its own context and adopts more objects there (a cleanup
+/// record, say). Closing runs destructors with no reference into the table live (Miri checks the
+/// aliasing), and the objects adopted meanwhile are dropped by the same close.
+#[test]
+fn close_with_a_destructor_that_reenters_and_adopts() {
+    struct AdoptOnDrop(Context, Arc<AtomicUsize>);
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    impl Drop for AdoptOnDrop {
+        fn drop(&mut self) {
+            let dropped = Arc::clone(&self.1);
+            let r = self.0.enter(move |cx| {
+                for _ in 0..64 {
+                    cx.adopt(Counted(Arc::clone(&dropped))).unwrap();
+                }
+            });
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+    watchdog(60, || {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let a = Context::new("a");
+        a.enter(|cx| {
+            cx.adopt(AdoptOnDrop(a.clone(), Arc::clone(&dropped)))
+                .unwrap();
+            cx.adopt(Counted(Arc::clone(&dropped))).unwrap();
+        })
+        .unwrap();
+        a.close().unwrap();
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            65,
+            "adopted during close, dropped by it"
+        );
+        assert_eq!(a.enter(|cx| cx.len()), Err(EnterError::Closed(a.id())));
+    });
+}
