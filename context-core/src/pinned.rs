@@ -15,8 +15,8 @@
 //! |                            | may remove it there (timeout), the home thread may take it there    |
 //! |                            | (to run or reject it); whoever wins the removal owns the next step  |
 //! | popped, not finished       | the home thread only (work, result); the caller only reads `state` |
-//! | finished (DONE / REJECTED) | the caller only: the home thread's last access is the `swap` that   |
-//! |                            | published the state                                                 |
+//! | finished (DONE / REJECTED) | the caller only: the home thread's last access is the atomic write  |
+//! |                            | that published the state                                            |
 //!
 //! The caller does not return while its cell is queued or popped-not-finished (its wait loop ends
 //! only on a finished state or after it removed the cell from the queue itself), so the pointer the
@@ -26,6 +26,8 @@
 //! before it sleeps, and the finisher wakes it only if it saw SLEEPING. A caller that is itself a
 //! home thread sleeps on its own home's `sleep` word instead (so that new work for its own context
 //! wakes it too) and keeps serving its own queue meanwhile, so a chain P -> Q -> P cannot deadlock.
+//! Its finisher passes through FINISHING (not finished: the caller keeps waiting) while it clears
+//! and wakes that word, so the word outlives the wake-up.
 //! The home thread sleeps on `sleep` when its queue stays empty; a caller that queues work wakes it
 //! only if it is asleep.
 
@@ -48,8 +50,10 @@ use crate::sync::{Backoff, futex};
 
 const PENDING: u32 = 0;
 const SLEEPING: u32 = 1;
-const DONE: u32 = 2;
-const REJECTED: u32 = 3;
+/// The home thread is waking a caller that is itself a home thread; not finished yet (see `finish`).
+const FINISHING: u32 = 2;
+const DONE: u32 = 3;
+const REJECTED: u32 = 4;
 
 /// A queued job: a pointer to a cell on a waiting caller's stack, and the monomorphized functions
 /// that run or reject it. Raw pointers rather than `&dyn Trait` methods on purpose (rayon-core's
@@ -181,24 +185,44 @@ where
         unsafe { Self::finish(cell.cast::<Self>().as_ptr(), REJECTED) };
     }
 
-    /// Publishes a final state and wakes the caller. The `swap` is the last access to the cell: the
-    /// wake-up uses only values copied before it.
+    /// Publishes a final state and wakes the caller. The final store is the last access to the
+    /// cell: the wake-up uses only values copied before it.
     ///
     /// # Safety
     /// `cell` is live, popped and not finished.
     unsafe fn finish(cell: *const Self, state: u32) {
-        // SAFETY: the cell is live until the swap below publishes the final state (contract).
+        // SAFETY: the cell is live until the final state is published below (contract).
         let wake = unsafe { (*cell).input.wake };
         // SAFETY: as above; a raw place projection, no reference to the cell.
         let word = unsafe { &raw const (*cell).state };
-        // SAFETY: as above. The `&AtomicU32` made for the call covers only the atomic (interior
-        // mutability), which the caller may free once it sees the new state; as in rayon-core's
-        // `CoreLatch::set`, nothing is read or written through it after the swap itself.
-        let previous = unsafe { (*word).swap(state, Ordering::AcqRel) };
         match wake {
-            Wake::Own if previous == SLEEPING => futex::wake_addr(word),
-            Wake::Own => {}
-            Wake::Home(home_word) => futex::wake_addr(home_word),
+            Wake::Own => {
+                // SAFETY: as above. The `&AtomicU32` made for the call covers only the atomic
+                // (interior mutability), which the caller may free once it sees the new state; as
+                // in rayon-core's `CoreLatch::set`, nothing is read or written through it after the
+                // swap itself (a futex wake uses only the address).
+                if unsafe { (*word).swap(state, Ordering::AcqRel) } == SLEEPING {
+                    futex::wake_addr(word);
+                }
+            }
+            Wake::Home(home_word) => {
+                // The caller is a home thread waiting in `wait_for`, which sleeps on its own home's
+                // `sleep` word. That word lives as long as the caller's home, which the caller
+                // holds while it waits, and it waits until the final state: so FINISHING first,
+                // then the word, then the final state. The wake clears the word before waking, as
+                // `wake_if_sleeping` does: a caller between its check and its `futex_wait` then
+                // returns at once instead of missing the wake. Dekker with the caller (it stores
+                // `sleep = 1`, SeqCst fence, reads the state): either it sees FINISHING and stays
+                // awake, or the swap on its word reads 1 and wakes it.
+                // SAFETY: the cell is live (above).
+                unsafe { (*word).swap(FINISHING, Ordering::SeqCst) };
+                // SAFETY: `home_word` is live until the caller sees the final state (above).
+                if unsafe { (*home_word).swap(0, Ordering::SeqCst) } == 1 {
+                    futex::wake_addr(home_word);
+                }
+                // SAFETY: the cell is live until this store; nothing touches it afterwards.
+                unsafe { (*word).store(state, Ordering::Release) };
+            }
         }
     }
 }
@@ -558,15 +582,28 @@ where
                 inner.record_gave_up();
                 return Err(EnterError::WouldBlock(inner.id()));
             }
-            None
+            // Idle by these signs, but the home thread may be inside a job that has suspended
+            // the context (its lock is free, yet the thread is not serving), or take another
+            // caller's job first: if it has not started this one within the grace, give up.
+            Some(Instant::now() + TRY_GRACE)
         }
         Wait::Until(d) => d,
     };
-    ship_work(inner, home, deadline, move || {
+    let r = ship_work(inner, home, deadline, move || {
         inner.count_shipped_on_home();
         enter_inner(inner, Wait::Until(None), false, f)
-    })
+    });
+    match r {
+        Err(EnterError::TimedOut(id)) if matches!(wait, Wait::Try) => {
+            Err(EnterError::WouldBlock(id))
+        }
+        r => r,
+    }
 }
+
+/// How long `try_enter` on a pinned context waits for an idle-looking home thread to start its job
+/// (a sleeping home thread wakes in tens of microseconds; a busy one does not start it at all).
+pub(crate) const TRY_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Closes the pinned context `inner` from another thread: its objects are dropped on the home
 /// thread, which then exits.
@@ -579,7 +616,11 @@ pub(crate) fn ship_close<L: RawContextLock>(
             inner.close_held()
         })
     });
-    home.request_exit();
+    // Refused (an object is borrowed): the context stays open and its home thread serves on.
+    // Anything else closed it (a destructor's panic comes after every object was dropped).
+    if !matches!(closed, Ok(Err(_))) {
+        home.request_exit();
+    }
     match closed {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(crate::CloseError::InUse(inner.id())),
@@ -676,7 +717,8 @@ fn wait_for<G, R>(
             Some(own) => {
                 own.sleep.store(1, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
-                if !cell.is_finished() && !own.has_work() {
+                // FINISHING: the finisher is waking us right now; stay awake (see `finish`).
+                if cell.state.load(Ordering::Acquire) == PENDING && !own.has_work() {
                     futex::wait(&own.sleep, 1, timeout);
                 }
                 own.sleep.store(0, Ordering::Relaxed);

@@ -346,3 +346,137 @@ fn many_callers_through_the_mailbox_and_the_queue_all_run_once() {
         assert_eq!(count.load(Ordering::Relaxed), 8_000);
     });
 }
+
+/// `try_enter` gives up promptly while the home thread is inside a job that has suspended the
+/// context (the lock is free, the thread is not serving).
+#[test]
+fn try_enter_gives_up_while_the_home_thread_is_inside_a_suspended_job() {
+    watchdog(60, || {
+        let p = Context::pinned("p").unwrap();
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let release = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (p, release) = (p.clone(), Arc::clone(&release));
+            std::thread::spawn(move || {
+                p.enter(move |_| {
+                    context_core::suspended(|| {
+                        inside_tx.send(()).unwrap();
+                        while !release.load(Ordering::Acquire) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    })
+                })
+                .unwrap()
+                .unwrap();
+            })
+        };
+        inside_rx.recv().unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(p.try_enter(|_| 1), Err(EnterError::WouldBlock(p.id())));
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        release.store(true, Ordering::Release);
+        t.join().unwrap();
+        assert_eq!(p.try_enter(|_| 2), Ok(2), "idle again");
+    });
+}
+
+/// A panic whose payload panics again when dropped is still a typed error, and the home thread
+/// lives on.
+#[test]
+fn a_panic_payload_that_panics_on_drop_does_not_end_the_home_thread() {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("payload drop panics on purpose");
+        }
+    }
+    watchdog(60, || {
+        let p = Context::pinned("p").unwrap();
+        let r = p.enter(|_| std::panic::panic_any(PanicOnDrop));
+        assert!(matches!(r, Err(EnterError::Panicked { .. })), "{r:?}");
+        assert_eq!(p.enter_timeout(Duration::from_secs(20), |_| 3), Ok(3));
+    });
+}
+
+/// Every object of a pinned context is dropped on its home thread, also the ones after an object
+/// whose destructor panics (they may not be `Send`).
+#[test]
+fn objects_after_a_panicking_destructor_are_still_dropped_on_the_home_thread() {
+    static DROPPED_ON: std::sync::Mutex<Vec<Option<String>>> = std::sync::Mutex::new(Vec::new());
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("destructor panics on purpose");
+        }
+    }
+    /// Not `Send`.
+    struct Witness(std::marker::PhantomData<*const ()>);
+    impl Drop for Witness {
+        fn drop(&mut self) {
+            let name = std::thread::current().name().map(str::to_owned);
+            DROPPED_ON.lock().unwrap().push(name);
+        }
+    }
+    watchdog(60, || {
+        let p = Context::pinned("bombs").unwrap();
+        p.enter(|cx| {
+            cx.adopt_local(Bomb).unwrap();
+            cx.adopt_local(Witness(std::marker::PhantomData)).unwrap();
+            cx.adopt_local(Bomb).unwrap();
+            cx.adopt_local(Witness(std::marker::PhantomData)).unwrap();
+        })
+        .unwrap();
+        let r = p.close();
+        assert!(r.is_err(), "the destructor's panic is reported: {r:?}");
+        assert!(p.is_closed());
+        let seen = DROPPED_ON.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for name in seen {
+            let name = name.unwrap_or_default();
+            assert!(name.starts_with("ctx-bombs-"), "dropped on {name:?}");
+        }
+        drop(p);
+    });
+}
+
+/// A close refused because an object is borrowed leaves the pinned context open and serving.
+#[test]
+fn a_refused_close_leaves_a_pinned_context_open() {
+    watchdog(60, || {
+        let p = Context::pinned("p").unwrap();
+        let q = Context::pinned("q").unwrap();
+        let h = p.enter(|cx| cx.adopt(5u32).unwrap()).unwrap();
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let release = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (p, release) = (p.clone(), Arc::clone(&release));
+            std::thread::spawn(move || {
+                // Borrows the object, then calls out (into q), which suspends p meanwhile.
+                p.enter(move |cx| {
+                    cx.with(h, |v| {
+                        q.enter(|_| {
+                            inside_tx.send(()).unwrap();
+                            while !release.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                        })
+                        .unwrap();
+                        *v
+                    })
+                    .unwrap()
+                })
+                .unwrap()
+            })
+        };
+        inside_rx.recv().unwrap();
+        let r = p.close();
+        assert!(
+            r.is_err(),
+            "closing while an object is borrowed is refused: {r:?}"
+        );
+        release.store(true, Ordering::Release);
+        assert_eq!(t.join().unwrap(), 5);
+        assert!(!p.is_closed());
+        assert_eq!(p.enter(move |cx| cx.with(h, |v| *v)), Ok(Ok(5)));
+    });
+}
