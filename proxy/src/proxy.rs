@@ -246,6 +246,10 @@ fn serve_moved<S: Serve<T>, T: 'static>(
 
 /// Waits between retries of a call refused with `InUse`: a few yields, then sleeps doubling from
 /// 10 us to 1 ms. Returns `false` once `deadline` has passed.
+///
+/// The wait runs with the caller's contexts released (`suspended`), as the design says of `InUse`
+/// (leave, wait, retry): the call chain that has the object borrowed may need one of them to
+/// finish, for example the caller's own context when the object lives there.
 struct Retry {
     attempt: u32,
     deadline: Option<Instant>,
@@ -259,18 +263,21 @@ impl Retry {
         }
     }
 
-    fn wait(&mut self) -> bool {
+    fn wait(&mut self) -> Result<bool, CallError> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            return false;
+            return Ok(false);
         }
-        self.attempt += 1;
-        if self.attempt <= 8 {
-            std::thread::yield_now();
-        } else {
-            let shift = (self.attempt - 8).min(7);
-            std::thread::sleep(Duration::from_micros(10 << shift));
-        }
-        true
+        self.attempt = self.attempt.saturating_add(1);
+        let attempt = self.attempt;
+        context_core::suspended(|| {
+            if attempt <= 8 {
+                std::thread::yield_now();
+            } else {
+                let shift = (attempt - 8).min(7);
+                std::thread::sleep(Duration::from_micros(10 << shift));
+            }
+        })?;
+        Ok(true)
     }
 
     /// The time left for one attempt, for `enter_timeout`.
@@ -697,7 +704,10 @@ impl<S: Service, C: Codec> Proxy<S, C> {
                 None => return Err(CallError::UnexpectedResponse),
             };
             // Refused: another call chain has the object borrowed. Wait and retry.
-            if !retry.get_or_insert_with(|| Retry::new(self.timeout)).wait() {
+            if !retry
+                .get_or_insert_with(|| Retry::new(self.timeout))
+                .wait()?
+            {
                 return Err(CallError::InUse(id));
             }
         }
@@ -744,7 +754,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         let mut retry = Retry::new(self.timeout);
         // A first attempt was refused: wait before the next.
         if let Some(id) = refused {
-            if !retry.wait() {
+            if !retry.wait()? {
                 return Err(CallError::InUse(id));
             }
         }
@@ -752,7 +762,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
             transport.round_trip(req, rep, retry.left().or(self.timeout))?;
             match decode_reply::<C, S::Response>(rep, S::ID, &self.object) {
                 Err(CallError::InUse(id)) => {
-                    if !retry.wait() {
+                    if !retry.wait()? {
                         return Err(CallError::InUse(id));
                     }
                 }

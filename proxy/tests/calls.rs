@@ -523,3 +523,65 @@ fn object_in_use_on_another_thread_is_retried_until_the_timeout() -> anyhow::Res
     opener.join().expect("opener");
     Ok(())
 }
+
+#[service]
+pub trait Sibling {
+    /// Calls `ping` on the other object (in the same context) and adds 10.
+    fn via(&mut self) -> u64;
+}
+
+struct RelayObj {
+    other: Proxy<OuterService>,
+}
+
+impl Sibling for RelayObj {
+    fn via(&mut self) -> u64 {
+        self.other.ping().expect("ping through the relay") + 10
+    }
+}
+
+/// A caller inside the object's own context that meets `InUse` waits with that context released:
+/// the borrower (which has called out and must come back into the context) can then finish.
+/// Holding the context through the retries deadlocked both.
+#[test]
+fn in_use_retries_release_the_callers_own_context() -> anyhow::Result<()> {
+    let (entered, open) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let h = Context::new("h");
+    let gate: Proxy<HoldService> = Proxy::adopt(
+        &h,
+        Gate {
+            entered: Arc::clone(&entered),
+            open: Arc::clone(&open),
+        },
+    )?;
+    let b = Context::new("b");
+    let outer: Proxy<OuterService> = Proxy::adopt(&b, OuterObj { gate, pings: 0 })?;
+    let relay: Proxy<SiblingService> = Proxy::adopt(
+        &b,
+        RelayObj {
+            other: outer.clone(),
+        },
+    )?;
+    let o = outer.clone();
+    let first = std::thread::spawn(move || o.call_out());
+    while !entered.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    // Inside b (in the relay's method), the outer object is borrowed by the first call: InUse.
+    let second = std::thread::spawn(move || relay.via());
+    std::thread::sleep(Duration::from_millis(30));
+    open.store(true, Ordering::Release);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send((first.join().ok(), second.join().ok()));
+    });
+    let (first, second) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| anyhow::anyhow!("deadlock: neither call returned within 20 s"))?;
+    assert_eq!(first.expect("first")?, 1);
+    assert_eq!(second.expect("second")?, 11);
+    Ok(())
+}
