@@ -297,6 +297,15 @@ impl<E: Pod, C: Codec> Proxy<BufferService<E>, C> {
             end: range.end as u64,
         })? {
             BufferResponse::Read(bytes) => {
+                if std::mem::size_of::<E>() == 0 {
+                    // No bytes travel for zero-sized elements; the target checked the range.
+                    let n = range.end.saturating_sub(range.start);
+                    return if bytes.is_empty() {
+                        Ok(vec![E::zeroed(); n])
+                    } else {
+                        Err(CallError::UnexpectedResponse)
+                    };
+                }
                 // Same layout (e.g. `E = u8`): reuse the decoded allocation.
                 let bytes = match bytemuck::allocation::try_cast_vec::<u8, E>(bytes) {
                     Ok(v) => return Ok(v),

@@ -99,6 +99,10 @@ pub enum CallError {
     /// Any other failure to enter the target context.
     #[error(transparent)]
     Enter(EnterError),
+    /// Any other failure to reach or place the object, such as [`AccessError::NotPinned`] from
+    /// [`crate::Proxy::adopt_local`] on a context that is not pinned, or [`AccessError::Full`].
+    #[error(transparent)]
+    Access(AccessError),
 }
 
 impl From<EnterError> for CallError {
@@ -147,9 +151,7 @@ impl CallError {
             AccessError::Busy(id) => Self::Busy(id),
             AccessError::InUse(id) => Self::InUse(id),
             AccessError::Poisoned(id) => Self::Poisoned(id),
-            // Not reachable through a proxy (the serve function always runs holding the context and
-            // never adopts); kept as a readable error rather than a panic.
-            other => Self::Transport(format!("unexpected object access error: {other}")),
+            other => Self::Access(other),
         }
     }
 }

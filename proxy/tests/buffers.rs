@@ -126,3 +126,18 @@ fn serialized_copy_of_a_large_buffer_needs_a_large_limit() -> anyhow::Result<()>
     ));
     Ok(())
 }
+
+/// Zero-sized elements: no bytes travel, the lengths still come out right.
+#[test]
+fn zero_sized_elements_read_as_many_as_asked() -> anyhow::Result<()> {
+    let a = Context::new("a");
+    let z: Proxy<BufferService<()>> = Proxy::adopt(&a, Buffer::<()>::zeroed(4))?;
+    assert_eq!(z.len()?, 4);
+    assert_eq!(z.read(0..2)?, vec![(); 2]);
+    assert_eq!(z.read(1..4)?.len(), 3);
+    assert!(matches!(
+        z.read(2..9),
+        Err(CallError::OutOfRange { len: 4, .. })
+    ));
+    Ok(())
+}

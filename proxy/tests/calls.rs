@@ -126,6 +126,16 @@ fn calls_pinned_context_and_non_send_objects() -> anyhow::Result<()> {
             self.0.set(to);
         }
     }
+    // Only a pinned context takes objects that are not `Send`: a typed error elsewhere.
+    let free = Context::new("free");
+    let refused: Result<Proxy<CounterService>, _> =
+        Proxy::adopt_local(&free, || RcTally(Default::default()));
+    assert_eq!(
+        refused.err(),
+        Some(CallError::Access(context_core::AccessError::NotPinned(
+            free.id()
+        )))
+    );
     let p = Context::pinned("home")?;
     let counter: Proxy<CounterService> = Proxy::adopt_local(&p, || RcTally(Default::default()))?;
     assert_eq!(counter.add(2, "x")?, 2);
