@@ -12,7 +12,11 @@
 //!   `counter.add(5)?`.
 //!
 //! Methods take `&self` or `&mut self` and owned, serde-serializable arguments (or `&str` /
-//! `&[u8]`); generics, `async` and `self` by value are refused with a compile error.
+//! `&[u8]`), and return owned values; argument and return types must also implement `Debug` (the
+//! request and response enums derive it, for error messages and logs). Generics, `async`, `self`
+//! by value, `#[cfg]` on a method, names of `Proxy`'s own methods (`context`, `object`, `handle`,
+//! `call`, `mode`, ...) and two names with the same variant (`set_a`, `set__a`) are refused with a
+//! compile error that says so.
 #![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
@@ -97,8 +101,28 @@ fn borrow_kind(ty: &Type) -> syn::Result<Borrow> {
     }
 }
 
+/// Methods of `Proxy` itself. A client method of the same name would be shadowed at every call
+/// site (`proxy.context()` calls the inherent method), silently or with a confusing error.
+const PROXY_METHODS: &[&str] = &[
+    "new",
+    "adopt",
+    "adopt_local",
+    "over",
+    "with_timeout",
+    "with_mode",
+    "mode",
+    "context",
+    "object",
+    "handle",
+    "call",
+    "call_split",
+    "call_pick",
+    "clone",
+    "fmt",
+];
+
 fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
-    let mut methods = Vec::new();
+    let mut methods: Vec<Method> = Vec::new();
     for it in &item.items {
         let TraitItem::Fn(f) = it else {
             return Err(syn::Error::new(
@@ -107,6 +131,27 @@ fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
             ));
         };
         let sig = &f.sig;
+        if PROXY_METHODS.iter().any(|m| sig.ident == m) {
+            return Err(syn::Error::new(
+                sig.ident.span(),
+                format!(
+                    "#[service] method `{}` has the name of a method of `Proxy` itself, which \
+                     would be called instead of it on a proxy: rename it",
+                    sig.ident
+                ),
+            ));
+        }
+        if let Some(a) = f
+            .attrs
+            .iter()
+            .find(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"))
+        {
+            return Err(syn::Error::new(
+                a.span(),
+                "#[service] methods cannot be conditional (`cfg`): the request and response \
+                 enums and the client would differ from the trait; put the whole trait under it",
+            ));
+        }
         if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
             return Err(syn::Error::new(
                 sig.generics.span(),
@@ -155,6 +200,24 @@ fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
             ReturnType::Default => syn::parse_quote!(()),
             ReturnType::Type(_, t) => (**t).clone(),
         };
+        if let Type::Reference(r) = &ret {
+            return Err(syn::Error::new(
+                r.span(),
+                "#[service] methods return owned values (`String`, not `&str`; `Vec<u8>`, not \
+                 `&[u8]`): the answer is decoded into the caller's own value",
+            ));
+        }
+        let variant = camel(&sig.ident);
+        if let Some(other) = methods.iter().find(|m| m.variant == variant) {
+            return Err(syn::Error::new(
+                sig.ident.span(),
+                format!(
+                    "#[service] methods `{}` and `{}` both map to the variant `{variant}`: \
+                     rename one",
+                    other.name, sig.ident
+                ),
+            ));
+        }
         let docs = f
             .attrs
             .iter()
@@ -163,7 +226,7 @@ fn parse_methods(item: &ItemTrait) -> syn::Result<Vec<Method>> {
             .collect();
         methods.push(Method {
             name: sig.ident.clone(),
-            variant: camel(&sig.ident),
+            variant,
             args,
             ret,
             docs,
@@ -220,7 +283,7 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
         let v = &m.variant;
         let name = &m.name;
         let names: Vec<_> = m.args.iter().map(|a| &a.name).collect();
-        quote!(#req::#v { #(#names),* } => #resp::#v(#tr::#name(object, #(#names),*)))
+        quote!(#req::#v { #(#names),* } => #resp::#v(#tr::#name(__context_proxy_object, #(#names),*)))
     });
     let client_sigs: Vec<_> = methods
         .iter()
@@ -295,7 +358,10 @@ fn expand(item: &ItemTrait) -> syn::Result<TokenStream2> {
 
         impl<T: #tr + 'static> #cp::Serve<T> for #svc {
             #[allow(unused_variables)]
-            fn serve(object: &mut T, request: <Self as #cp::Service>::Request<'_>) -> #resp {
+            fn serve(
+                __context_proxy_object: &mut T,
+                request: <Self as #cp::Service>::Request<'_>,
+            ) -> #resp {
                 match request { #(#serve_arms),* }
             }
         }
@@ -376,5 +442,51 @@ mod tests {
             out.contains("arg0") && out.contains("TRequest < 'a >"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn names_that_would_clash_are_refused() {
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn context(&self) -> String;
+            }
+        );
+        assert!(
+            expand(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("`Proxy` itself")
+        );
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn set_a(&mut self);
+                fn set__a(&mut self);
+            }
+        );
+        let e = expand(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("`set_a` and `set__a`") && e.contains("SetA"),
+            "{e}"
+        );
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn name(&self) -> &str;
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("owned values"));
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                #[cfg(feature = "x")]
+                fn f(&self);
+            }
+        );
+        assert!(expand(&t).unwrap_err().to_string().contains("conditional"));
+        // An argument may be called `object` (the generated code's own names cannot clash).
+        let t: ItemTrait = syn::parse_quote!(
+            trait T {
+                fn put(&mut self, object: u32, request: u32);
+            }
+        );
+        assert!(expand(&t).is_ok());
     }
 }
