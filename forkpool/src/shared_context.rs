@@ -1198,10 +1198,18 @@ impl Drop for SharedCx<'_, '_> {
     }
 }
 
+/// Whether a slot's state word carries the last generation: such a slot is never reused.
+fn generation_spent(state: u64) -> bool {
+    (state >> 32) as u32 == u32::MAX
+}
+
 /// Ends a borrow started by [`SharedCx::with`] (also when the closure panics: then it poisons).
 struct EndBorrow<'s, 'a, 'c> {
     s: &'s SharedCx<'a, 'c>,
     rec: &'s SlotRec,
+    /// A panic was already unwinding when the borrow began (`with` called from a destructor): only
+    /// a panic that starts inside the borrow poisons, as for `std::sync::Mutex`.
+    was_panicking: bool,
 }
 
 impl Drop for EndBorrow<'_, '_, '_> {
@@ -1212,7 +1220,7 @@ impl Drop for EndBorrow<'_, '_, '_> {
             return;
         }
         self.s.sync();
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.was_panicking {
             self.rec.state.fetch_or(POISONED, Ordering::Relaxed);
         }
         self.rec.chain.store(0, Ordering::Relaxed);
@@ -1358,6 +1366,9 @@ impl<'a, 'c> SharedCx<'a, 'c> {
                     continue;
                 }
             }
+            if generation_spent(rec.state.load(Ordering::Relaxed)) {
+                continue; // retired (see `free_slot`)
+            }
             rec.next_free.store(free_head, Ordering::Relaxed);
             free_head = u64::from(i) + 1;
         }
@@ -1482,8 +1493,13 @@ impl<'a, 'c> SharedCx<'a, 'c> {
                 pid: ProcessToken::from_bits(b).map_or(0, ProcessToken::pid),
             });
         }
-        // The borrower died suspended (or its death was not repaired yet): its `&mut` may have left
-        // the object half-updated. Poison it and clear the borrow, as the repair does.
+        self.reclaim(rec, id);
+        Ok(true)
+    }
+
+    /// The borrower died suspended (or its death was not repaired yet): its `&mut` may have left
+    /// the object half-updated. Poison it and clear the borrow, as the repair does.
+    fn reclaim(&self, rec: &SlotRec, id: ObjectId) {
         rec.state.fetch_or(POISONED, Ordering::Relaxed);
         rec.chain.store(0, Ordering::Relaxed);
         rec.borrower.store(0, Ordering::Relaxed);
@@ -1493,7 +1509,16 @@ impl<'a, 'c> SharedCx<'a, 'c> {
             .get_or_insert_with(Recovery::default)
             .poisoned
             .push(id);
-        Ok(true)
+    }
+
+    /// For the queries (which do not borrow): reclaims the object if its borrower has died, so that
+    /// they report what the next `with` will find. Returns the state word after.
+    fn state_after_reclaiming(&self, rec: &SlotRec, id: ObjectId) -> u64 {
+        let b = rec.borrower.load(Ordering::Relaxed);
+        if b != 0 && !ProcLiveness.is_alive(b) {
+            self.reclaim(rec, id);
+        }
+        rec.state.load(Ordering::Relaxed)
     }
 
     /// Moves `value` into the shared heap, owned by the context, and returns its handle.
@@ -1606,7 +1631,11 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         let ptr = self.object_ptr::<T>(rec)?;
         rec.chain.store(chain, Ordering::Relaxed);
         rec.borrower.store(me, Ordering::Relaxed);
-        let end = EndBorrow { s: self, rec };
+        let end = EndBorrow {
+            s: self,
+            rec,
+            was_panicking: std::thread::panicking(),
+        };
         // SAFETY: the slot is live with T's type tag, so `ptr` is the block `alloc` wrote a T into
         // (sized and aligned for T, in the heap this process maps; blocks are freed only after their
         // slot stops being live, and never while borrowed). The borrow just recorded makes this the
@@ -1741,9 +1770,13 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         rec.state.store(s & !(LIVE | POISONED), Ordering::Relaxed);
         let live = h.live.load(Ordering::Relaxed);
         h.live.store(live.saturating_sub(1), Ordering::Relaxed);
-        rec.next_free
-            .store(h.free_head.load(Ordering::Relaxed), Ordering::Relaxed);
-        h.free_head.store(u64::from(index) + 1, Ordering::Relaxed);
+        // A slot whose generation is spent is retired, not reused: the next `alloc` would wrap it
+        // to a generation an old handle may still carry (one slot lost per 2^32 reuses).
+        if !generation_spent(s) {
+            rec.next_free
+                .store(h.free_head.load(Ordering::Relaxed), Ordering::Relaxed);
+            h.free_head.store(u64::from(index) + 1, Ordering::Relaxed);
+        }
         if let Some(p) = NonNull::new(rec.ptr.load(Ordering::Relaxed) as *mut u8) {
             // SAFETY: the slot was live, so `p` is the object's block; it is no longer reachable
             // (the slot is not live, and it was not borrowed), so nobody uses it after this.
@@ -1761,7 +1794,8 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     pub fn clear_poison(&mut self, h: impl Into<ObjectId>) -> Result<bool, ObjectError> {
         let id = h.into();
         self.check()?;
-        let (rec, s) = self.lookup(id)?;
+        let (rec, _) = self.lookup(id)?;
+        let s = self.state_after_reclaiming(rec, id);
         rec.state.store(s & !POISONED, Ordering::Relaxed);
         Ok(s & POISONED != 0)
     }
@@ -1772,8 +1806,9 @@ impl<'a, 'c> SharedCx<'a, 'c> {
     /// As [`SharedCx::clear_poison`].
     pub fn is_poisoned(&self, h: impl Into<ObjectId>) -> Result<bool, ObjectError> {
         self.check()?;
-        let (_, s) = self.lookup(h.into())?;
-        Ok(s & POISONED != 0)
+        let id = h.into();
+        let (rec, _) = self.lookup(id)?;
+        Ok(self.state_after_reclaiming(rec, id) & POISONED != 0)
     }
 
     /// Whether `h` names a live object of type `T` in this context.
@@ -1809,13 +1844,17 @@ impl<'a, 'c> SharedCx<'a, 'c> {
         let mut out = Vec::new();
         for i in 0..len {
             let Some(rec) = self.local.slot(i) else { break };
-            let s = rec.state.load(Ordering::Relaxed);
+            let mut s = rec.state.load(Ordering::Relaxed);
+            let id = ObjectId {
+                context: self.local.uid,
+                slot: i,
+                generation: (s >> 32) as u32,
+            };
+            if s & LIVE != 0 {
+                s = self.state_after_reclaiming(rec, id);
+            }
             if s & (LIVE | POISONED) == LIVE | POISONED {
-                out.push(ObjectId {
-                    context: self.local.uid,
-                    slot: i,
-                    generation: (s >> 32) as u32,
-                });
+                out.push(id);
             }
         }
         Ok(out)

@@ -482,6 +482,88 @@ fn close_refuses_while_borrowed() {
     });
 }
 
+/// `with` called from a destructor while an unrelated panic unwinds: the update completed, so the
+/// object is not poisoned (only a panic that starts inside the borrow poisons).
+#[test]
+fn with_during_an_unrelated_unwind_does_not_poison() {
+    watchdog(60, || {
+        let pool = heap_only();
+        let scx = SharedContext::create(pool.heap(), "unwind").unwrap();
+        let h = scx.enter(|s| s.alloc(0u64)).unwrap().unwrap();
+        struct Update<'a>(&'a SharedContext, SharedHandle<u64>);
+        impl Drop for Update<'_> {
+            fn drop(&mut self) {
+                let r = self.0.enter(|s| s.with(self.1, |n| *n += 1));
+                assert_eq!(r, Ok(Ok(())));
+            }
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _u = Update(&scx, h);
+            panic!("unrelated panic, on purpose");
+        }));
+        assert!(r.is_err());
+        let after = scx.enter(|s| (s.is_poisoned(h), s.get(h))).unwrap();
+        assert_eq!(after, (Ok(false), Ok(1)));
+        // A panic inside the borrow still poisons.
+        let r = scx.enter(|s| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.with(h, |_| panic!("inside the borrow, on purpose"))
+            }))
+            .is_err()
+        });
+        assert_eq!(r, Ok(true));
+        assert_eq!(scx.enter(|s| s.is_poisoned(h)).unwrap(), Ok(true));
+    });
+}
+
+/// A slot whose generation is spent (2^32 reuses) is retired, never handed out again: a handle
+/// from its first use could otherwise name the new object. The 2^32 cycles are simulated by
+/// writing the slot's state word (fault injection into the table).
+#[test]
+fn a_slot_whose_generation_is_spent_is_retired() {
+    watchdog(60, || {
+        let pool = heap_only();
+        let heap = pool.heap().clone();
+        let scx = SharedContext::create(&heap, "generations").unwrap();
+        let (hdr, _) = scx.share().to_raw();
+        let first = scx.enter(|s| s.alloc(111u64).unwrap()).unwrap();
+        let (ctx, slot, generation) = first.id().to_raw();
+        assert_eq!((slot, generation), (0, 1));
+        // Slot 0's record: the table header points at a 64-aligned block of the heap whose first
+        // word is slot 0's state (generation 1 << 32 | LIVE).
+        let rec = (0..512usize)
+            .find_map(|i| {
+                // SAFETY: reads of the context's header block (at least 4 KiB), in the heap.
+                let v = unsafe { *((hdr as usize + i * 8) as *const u64) } as usize;
+                let is_rec = v != 0
+                    && v % 64 == 0
+                    && heap.contains(v as *const u8)
+                    // SAFETY: an address inside the heap, mapped in this process.
+                    && unsafe { *(v as *const u64) } == (1u64 << 32) | 1;
+                is_rec.then_some(v)
+            })
+            .expect("slot 0's record");
+        // SAFETY: the state word is an AtomicU64 in the shared table; written under the lock.
+        let state = unsafe { &*(rec as *const AtomicU64) };
+        scx.enter(|_| state.store((u64::from(u32::MAX) << 32) | 1, Ordering::Relaxed))
+            .unwrap();
+        let last = ObjectId::from_raw(ctx, 0, u32::MAX).typed::<u64>();
+        assert_eq!(scx.enter(|s| s.get(last)).unwrap(), Ok(111));
+        scx.enter(|s| s.free(last)).unwrap().unwrap();
+        let next = scx.enter(|s| s.alloc(222u64).unwrap()).unwrap();
+        assert_ne!(
+            next.id().to_raw().1,
+            0,
+            "the spent slot was reused: {next:?}"
+        );
+        assert_eq!(
+            scx.enter(|s| s.get(first)).unwrap(),
+            Err(ObjectError::Stale)
+        );
+        assert_eq!(scx.enter(|s| s.get(next)).unwrap(), Ok(222));
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Several processes.
 
@@ -814,6 +896,43 @@ fn killed_suspended() -> anyhow::Result<()> {
 isolated_test!(
     a_process_killed_while_suspended_releases_its_borrow,
     killed_suspended,
+    60
+);
+
+/// The queries (`is_poisoned`, `poisoned`, `clear_poison`) see a borrower that died suspended as
+/// `with` does: the object is reclaimed and reported poisoned, not called healthy.
+fn killed_suspended_queries() -> anyhow::Result<()> {
+    let mut pool = small_pool(1).build()?;
+    let scx = SharedContext::create(pool.heap(), "suspended-queries")?;
+    let obj = scx.enter(|s| s.alloc([0u64, 0]))??;
+    let a = args(&pool, &scx, obj, 0);
+    let (_res, seen) = pool.broadcast_during(die_suspended, &a, T, |_, pids| {
+        ensure!(await_flag(&a.flags[0], 1), "the worker never got suspended");
+        // SAFETY: a plain syscall on our own child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+        // Until the kernel reports the death, the borrower is alive and the object merely in use.
+        let mut last = None;
+        let seen = wait_for(T, || {
+            let r = scx.enter(|s| s.is_poisoned(obj));
+            let done = matches!(r, Ok(Ok(true)));
+            last = Some(r);
+            done
+        });
+        ensure!(
+            seen,
+            "is_poisoned never reported the dead borrower: {last:?}"
+        );
+        let r = scx.enter(|s| (s.poisoned(), s.clear_poison(obj), s.with(obj, |c| *c)))?;
+        anyhow::Ok(r)
+    });
+    let r = seen?;
+    ensure!(r == (Ok(vec![obj.id()]), Ok(true), Ok([5, 0])), "{r:?}");
+    ensure!(scx.recoveries() == 1);
+    Ok(())
+}
+isolated_test!(
+    queries_report_a_borrower_that_died_suspended,
+    killed_suspended_queries,
     60
 );
 
