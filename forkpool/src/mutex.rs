@@ -2,7 +2,8 @@
 //! heap like any other [`ShareSafe`] value, so it sits at the same address in every process of the
 //! pool. The lock detects a holder that died (PID plus start time, so PID reuse cannot fool it) and
 //! hands the lock to the next taker with [`SharedMutexGuard::owner_died`] set: the data is the
-//! caller's to repair, then [`SharedMutexGuard::mark_consistent`].
+//! caller's to repair, then [`SharedMutexGuard::mark_consistent`]. A holder that *panics* (a job's
+//! panic is caught and its worker lives on) leaves the same mark, as `std::sync::Mutex` poisons.
 //!
 //! Regions holding a live lock are never unmapped: a `SharedMutex` lives in a block, and
 //! [`crate::Pool::release_region`] refuses regions with live blocks.
@@ -34,6 +35,9 @@ pub enum MutexError {
 #[repr(C)]
 pub struct SharedMutex<T> {
     lock: RawSharedLock,
+    /// 1 after a holder's guard was dropped by a panic that began while it held the lock; cleared by
+    /// [`SharedMutexGuard::mark_consistent`]. Written and read only under the lock.
+    panicked: std::sync::atomic::AtomicU32,
     value: UnsafeCell<T>,
 }
 
@@ -51,6 +55,7 @@ impl<T: ShareSafe> SharedMutex<T> {
     pub fn new(value: T) -> Self {
         Self {
             lock: RawSharedLock::new(),
+            panicked: std::sync::atomic::AtomicU32::new(0),
             value: UnsafeCell::new(value),
         }
     }
@@ -70,9 +75,11 @@ impl<T: ShareSafe> SharedMutex<T> {
     pub fn lock(&self, deadline: Option<Instant>) -> Result<SharedMutexGuard<'_, T>, MutexError> {
         let me = self.slot()?;
         let how = self.lock.lock(me, deadline, &ProcLiveness)?;
+        let panicked = self.panicked.load(std::sync::atomic::Ordering::Relaxed) != 0;
         Ok(SharedMutexGuard {
             m: self,
-            owner_died: how == Acquired::OwnerDied,
+            owner_died: how == Acquired::OwnerDied || panicked,
+            was_panicking: std::thread::panicking(),
             _not_send: std::marker::PhantomData,
         })
     }
@@ -96,11 +103,14 @@ impl<T: ShareSafe> SharedMutex<T> {
 pub struct SharedMutexGuard<'a, T: ShareSafe> {
     m: &'a SharedMutex<T>,
     owner_died: bool,
+    /// A panic was already unwinding when the lock was taken: only a later one marks the value.
+    was_panicking: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl<T: ShareSafe> SharedMutexGuard<'_, T> {
-    /// Whether the previous holder died holding the lock: the value may be half-updated.
+    /// Whether a previous holder died or panicked holding the lock (and nobody has called
+    /// [`Self::mark_consistent`] since): the value may be half-updated.
     #[must_use]
     pub fn owner_died(&self) -> bool {
         self.owner_died
@@ -111,6 +121,9 @@ impl<T: ShareSafe> SharedMutexGuard<'_, T> {
     pub fn mark_consistent(&mut self) {
         // SAFETY: this guard holds the lock.
         unsafe { self.m.lock.mark_consistent() };
+        self.m
+            .panicked
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.owner_died = false;
     }
 }
@@ -132,7 +145,13 @@ impl<T: ShareSafe> std::ops::DerefMut for SharedMutexGuard<'_, T> {
 
 impl<T: ShareSafe> Drop for SharedMutexGuard<'_, T> {
     fn drop(&mut self) {
-        // SAFETY: this guard holds the lock and releases it once.
+        if std::thread::panicking() && !self.was_panicking {
+            self.m
+                .panicked
+                .store(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: this guard holds the lock and releases it once. (The lock's release orders the
+        // store above before the next holder's load.)
         unsafe { self.m.lock.unlock() };
     }
 }

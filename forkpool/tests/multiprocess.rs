@@ -1121,3 +1121,45 @@ fn bad_configurations_are_clear_errors() {
     drop(v);
     pool.release_region(idx).expect("release");
 }
+
+/// A holder that panics (a job's panic is caught and the process lives on) marks the value for the
+/// next holder as a death does; a panic already unwinding when the lock was taken does not.
+#[test]
+fn shared_mutex_reports_a_holder_that_panicked() {
+    let pool = Pool::builder()
+        .workers(0)
+        .reserve(1 << 30)
+        .initial_region(64 << 20)
+        .build()
+        .expect("pool without workers");
+    let m = SharedBox::new(pool.heap(), SharedMutex::new([0u64; 2])).expect("mutex");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut g = m.lock(None).expect("lock");
+        g[0] = 1;
+        panic!("half-way through an update, on purpose");
+    }));
+    assert!(r.is_err());
+    {
+        let mut g = m.lock(None).expect("lock");
+        assert!(g.owner_died(), "the next holder is told");
+        assert_eq!(*g, [1, 0]);
+        g[1] = 1;
+        g.mark_consistent();
+    }
+    assert!(!m.lock(None).expect("lock").owner_died(), "repaired");
+    // Taken and released inside a destructor while another panic unwinds: no mark.
+    struct Touch<'a>(&'a SharedMutex<[u64; 2]>);
+    impl Drop for Touch<'_> {
+        fn drop(&mut self) {
+            self.0.lock(None).expect("lock")[0] += 1;
+        }
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _t = Touch(&m);
+        panic!("unrelated, on purpose");
+    }));
+    assert!(r.is_err());
+    let g = m.lock(None).expect("lock");
+    assert!(!g.owner_died());
+    assert_eq!(*g, [2, 1]);
+}
