@@ -73,6 +73,7 @@ pub mod os;
 mod pinned;
 mod sync;
 mod table;
+pub mod waits;
 
 pub use context::{
     CloseError, Context, ContextStats, Cx, call_chain, enter_all, held_contexts, suspended,

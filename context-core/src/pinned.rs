@@ -166,10 +166,19 @@ where
         let work_slot = unsafe { (*cell).input.work.get() };
         // SAFETY: `work_slot` is valid and nobody else touches it now (INVARIANT).
         let work = unsafe { (*work_slot).take() };
+        // Served on top of a waiting job of another chain (see `wait_for`): that chain cannot go
+        // on before this job returns, which deadlock detection must know (`waits`).
+        let below = SERVING_ABOVE.with(|c| c.replace(0));
+        let edge = if below == 0 {
+            None
+        } else {
+            crate::waits::StackEdge::new(below, chain)
+        };
         let result = match work {
             Some(g) => handoff::with_chain(chain, g),
             None => Err(EnterError::Closed(id)),
         };
+        drop(edge);
         // SAFETY: as above; a raw pointer to the `result` slot, which this thread owns.
         let result_slot = unsafe { (*cell).result.get() };
         // SAFETY: `result_slot` is valid and nobody else touches it until the state is published.
@@ -464,6 +473,9 @@ impl Drop for Owner {
 }
 
 thread_local! {
+    /// Set by a waiting home thread (`wait_for`) to its waiting chain just before it serves one job
+    /// of its own queue; taken (reset to 0) by that job as it starts.
+    static SERVING_ABOVE: Cell<u64> = const { Cell::new(0) };
     /// INVARIANT: null, or the `Home` of the context whose home thread this is; valid while
     /// `home_main` runs (which holds the context alive) and reset before it returns.
     static HOME: Cell<*const Home> = const { Cell::new(std::ptr::null()) };
@@ -703,7 +715,10 @@ fn wait_for<G, R>(
             }
         }
         if let Some(own) = caller_home {
-            if own.serve_one() {
+            SERVING_ABOVE.with(|c| c.set(handoff::current_chain()));
+            let served = own.serve_one();
+            SERVING_ABOVE.with(|c| c.set(0));
+            if served {
                 backoff.reset();
                 continue;
             }

@@ -132,6 +132,7 @@ impl Table {
             return Err(if e.borrower == me {
                 AccessError::Busy(context)
             } else if e.borrower != 0 {
+                crate::waits::note_in_use(me, e.borrower);
                 AccessError::InUse(context)
             } else {
                 AccessError::Poisoned(context)

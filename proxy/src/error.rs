@@ -43,6 +43,11 @@ pub enum CallError {
     /// it only when a timeout was set and passed without the object becoming free.
     #[error("the object in context {0} is in use by a call on another thread")]
     InUse(ContextId),
+    /// The object is in use by another call chain that waits, directly or through others, for this
+    /// one (crossed calls between two borrowed objects, say): waiting could never end, so the call
+    /// fails at once.
+    #[error("the object in context {0} is borrowed by a call that waits for this one (deadlock)")]
+    Deadlock(ContextId),
     /// An earlier method panicked while holding the object; its state may be half-updated. Clear it
     /// with [`context_core::Cx::clear_poison`] or remove the object.
     #[error("the object in context {0} is poisoned by an earlier panic")]

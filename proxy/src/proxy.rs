@@ -253,6 +253,24 @@ fn serve_moved<S: Serve<T>, T: 'static>(
 struct Retry {
     attempt: u32,
     deadline: Option<Instant>,
+    /// A wait is declared to the deadlock detection (`context_core::waits`); ended on drop.
+    waiting: bool,
+    /// Since when every wait has found a cycle. A cycle can be a moment old (its other side has
+    /// just got its object and will retry within a sleep), so only one that lasts
+    /// [`DEADLOCK_CONFIRM`] is reported.
+    cycle_since: Option<Instant>,
+}
+
+/// How long a wait must keep closing a cycle before the call fails with `Deadlock`: far more than a
+/// retry's longest sleep (about 1 ms) plus a scheduling delay on a loaded machine.
+const DEADLOCK_CONFIRM: Duration = Duration::from_millis(50);
+
+impl Drop for Retry {
+    fn drop(&mut self) {
+        if self.waiting {
+            context_core::waits::end_wait();
+        }
+    }
 }
 
 impl Retry {
@@ -260,12 +278,24 @@ impl Retry {
         Self {
             attempt: 0,
             deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+            waiting: false,
+            cycle_since: None,
         }
     }
 
-    fn wait(&mut self) -> Result<bool, CallError> {
+    fn wait(&mut self, id: context_core::ContextId) -> Result<bool, CallError> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(false);
+        }
+        // A cycle: the object's borrower waits, through any chain of waits, for this caller.
+        self.waiting = true;
+        if context_core::waits::begin_wait().is_err() {
+            let since = *self.cycle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= DEADLOCK_CONFIRM {
+                return Err(CallError::Deadlock(id));
+            }
+        } else {
+            self.cycle_since = None;
         }
         self.attempt = self.attempt.saturating_add(1);
         let attempt = self.attempt;
@@ -706,7 +736,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
             // Refused: another call chain has the object borrowed. Wait and retry.
             if !retry
                 .get_or_insert_with(|| Retry::new(self.timeout))
-                .wait()?
+                .wait(id)?
             {
                 return Err(CallError::InUse(id));
             }
@@ -754,7 +784,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         let mut retry = Retry::new(self.timeout);
         // A first attempt was refused: wait before the next.
         if let Some(id) = refused {
-            if !retry.wait()? {
+            if !retry.wait(id)? {
                 return Err(CallError::InUse(id));
             }
         }
@@ -762,7 +792,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
             transport.round_trip(req, rep, retry.left().or(self.timeout))?;
             match decode_reply::<C, S::Response>(rep, S::ID, &self.object) {
                 Err(CallError::InUse(id)) => {
-                    if !retry.wait()? {
+                    if !retry.wait(id)? {
                         return Err(CallError::InUse(id));
                     }
                 }

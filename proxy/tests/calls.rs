@@ -595,3 +595,172 @@ fn in_use_retries_release_the_callers_own_context() -> anyhow::Result<()> {
     assert_eq!(second.expect("second")?, 11);
     Ok(())
 }
+
+#[service]
+pub trait Hop {
+    /// With `depth > 0`: meets the other thread at the barrier, then calls the peer with `depth - 1`.
+    fn hop(&mut self, depth: u32) -> u32;
+}
+
+struct Node {
+    peer: Arc<std::sync::OnceLock<Proxy<HopService>>>,
+    barrier: Arc<std::sync::Barrier>,
+}
+
+/// What `hop` answers when its call to the peer was refused as a deadlock.
+const REFUSED: u32 = 1000;
+
+impl Hop for Node {
+    fn hop(&mut self, depth: u32) -> u32 {
+        if depth == 0 {
+            return 0;
+        }
+        self.barrier.wait();
+        match self.peer.get().expect("peer").hop(depth - 1) {
+            Ok(v) => v + 1,
+            Err(CallError::Deadlock(_)) => REFUSED,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+}
+
+/// Crossed calls between two borrowed objects (oa.hop -> ob.hop while ob.hop -> oa.hop) would
+/// wait on each other for ever: one of them is refused with `Deadlock`, the other then completes.
+#[test]
+fn crossed_calls_between_borrowed_objects_are_a_deadlock_error() -> anyhow::Result<()> {
+    let (a, b) = (Context::new("a"), Context::new("b"));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let (peer_a, peer_b) = (
+        Arc::new(std::sync::OnceLock::new()),
+        Arc::new(std::sync::OnceLock::new()),
+    );
+    let pa: Proxy<HopService> = Proxy::adopt(
+        &a,
+        Node {
+            peer: Arc::clone(&peer_a),
+            barrier: Arc::clone(&barrier),
+        },
+    )?;
+    let pb: Proxy<HopService> = Proxy::adopt(
+        &b,
+        Node {
+            peer: Arc::clone(&peer_b),
+            barrier,
+        },
+    )?;
+    let _ = peer_a.set(pb.clone());
+    let _ = peer_b.set(pa.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for p in [pa, pb] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(p.hop(1));
+        });
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let r = rx
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| anyhow::anyhow!("deadlock: the crossed calls did not return in 20 s"))?;
+        got.push(r?);
+    }
+    got.sort_unstable();
+    assert_eq!(got, [1, REFUSED]);
+    Ok(())
+}
+
+#[service]
+pub trait Nest {
+    /// Calls `nap` on the object in the other pinned context (which holds this one borrowed).
+    fn slow(&mut self) -> u32;
+    /// Sleeps 300 ms if this object naps, and answers 1.
+    fn ping(&mut self) -> u32;
+    /// Calls `ping` on the linked object; answers 10 + its answer, or `REFUSED` on `Deadlock`.
+    fn via(&mut self) -> u32;
+}
+
+struct NestObj {
+    nap: bool,
+    /// Set when a nap begins.
+    napping: Arc<AtomicBool>,
+    far: Option<Proxy<NestService>>,
+    link: Option<Proxy<NestService>>,
+}
+
+impl Nest for NestObj {
+    fn slow(&mut self) -> u32 {
+        self.far.as_ref().expect("far").ping().expect("far ping") + 1
+    }
+    fn ping(&mut self) -> u32 {
+        if self.nap {
+            self.napping.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        1
+    }
+    fn via(&mut self) -> u32 {
+        match self.link.as_ref().expect("link").ping() {
+            Ok(v) => v + 10,
+            Err(CallError::Deadlock(_)) => REFUSED,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+}
+
+/// A pinned home thread waiting for a call of chain X (which has o1 borrowed) serves chain Y's job,
+/// which wants o1: Y's job sits above X's on the same stack, so X cannot resume before Y returns,
+/// and Y would wait for X for ever. Y is refused with `Deadlock`, then X completes.
+#[test]
+fn a_job_served_above_the_borrower_on_a_home_thread_is_a_deadlock_error() -> anyhow::Result<()> {
+    let (p, q) = (Context::pinned("p")?, Context::pinned("q")?);
+    let napping = Arc::new(AtomicBool::new(false));
+    let napper: Proxy<NestService> = Proxy::adopt(
+        &q,
+        NestObj {
+            nap: true,
+            napping: Arc::clone(&napping),
+            far: None,
+            link: None,
+        },
+    )?;
+    let o1: Proxy<NestService> = Proxy::adopt(
+        &p,
+        NestObj {
+            nap: false,
+            napping: Arc::clone(&napping),
+            far: Some(napper),
+            link: None,
+        },
+    )?;
+    let o2: Proxy<NestService> = Proxy::adopt(
+        &p,
+        NestObj {
+            nap: false,
+            napping: Arc::clone(&napping),
+            far: None,
+            link: Some(o1.clone()),
+        },
+    )?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(("x", o1.slow()));
+    });
+    // X is inside o1.slow, waiting for the nap in q: o1 is borrowed, p's home thread waits.
+    while !napping.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    std::thread::spawn(move || {
+        let _ = tx2.send(("y", o2.via()));
+    });
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (who, r) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| anyhow::anyhow!("deadlock: no answer within 20 s"))?;
+        got.push((who, r?));
+    }
+    got.sort_unstable();
+    assert_eq!(got, [("x", 2), ("y", REFUSED)]);
+    Ok(())
+}
