@@ -411,10 +411,8 @@ fn spin_alloc(cx: &JobContext) -> u64 {
     churn(cx.heap(), 1, u64::MAX, 42)
 }
 
-fn reset_policy() -> anyhow::Result<()> {
-    let mut pool = small_pool(1).death_policy(DeathPolicy::Reset).build()?;
-    // With an owner alive, the death poisons the pool.
-    let keep = SharedBox::new(pool.heap(), 5u64)?;
+/// SIGKILLs worker 0 in the middle of an allocating job; the job reports the death.
+fn kill_worker_0_mid_job(pool: &mut Pool) -> anyhow::Result<()> {
     let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
         std::thread::sleep(Duration::from_millis(20));
         // SAFETY: plain syscall on our own child.
@@ -425,6 +423,14 @@ fn reset_policy() -> anyhow::Result<()> {
         "{:?}",
         res[0]
     );
+    Ok(())
+}
+
+fn reset_policy() -> anyhow::Result<()> {
+    let mut pool = small_pool(1).death_policy(DeathPolicy::Reset).build()?;
+    // With an owner alive, the death poisons the pool.
+    let keep = SharedBox::new(pool.heap(), 5u64)?;
+    kill_worker_0_mid_job(&mut pool)?;
     ensure!(
         pool.poisoned().is_some(),
         "poisoned while an owner is alive"
@@ -438,12 +444,7 @@ fn reset_policy() -> anyhow::Result<()> {
     pool.reset()?;
     ensure!(pool.run_fn(0, |_| 41, T)? == 41);
     // Without owners, a death during a job resets at once.
-    let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
-        std::thread::sleep(Duration::from_millis(20));
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(pids[0], libc::SIGKILL) };
-    });
-    ensure!(res[0].is_err());
+    kill_worker_0_mid_job(&mut pool)?;
     let d = pool.take_deaths();
     ensure!(
         d.last().map(|d| d.outcome.clone()) == Some(DeathOutcome::Reset),
@@ -486,16 +487,7 @@ fn control_death_is_not_a_job_death() -> anyhow::Result<()> {
 
     // A death during a job poisons the pool (an owner is alive) and leaves the slot without a
     // worker. Its old pid is reaped and may be reused: kill_worker must refuse, not signal it.
-    let (res, ()) = pool.broadcast_fn_during(spin_alloc, T, |_, pids| {
-        std::thread::sleep(Duration::from_millis(20));
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(pids[0], libc::SIGKILL) };
-    });
-    ensure!(
-        matches!(res[0], Err(PoolError::WorkerDied { .. })),
-        "{:?}",
-        res[0]
-    );
+    kill_worker_0_mid_job(&mut pool)?;
     let d = pool.take_deaths();
     ensure!(d.len() == 1 && d[0].during_job, "{d:?}");
     ensure!(pool.poisoned().is_some());

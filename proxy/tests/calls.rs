@@ -485,8 +485,16 @@ impl Outer for OuterObj {
     }
 }
 
-#[test]
-fn object_in_use_on_another_thread_is_retried_until_the_timeout() -> anyhow::Result<()> {
+/// An `OuterObj` in context `b` whose `call_out` blocks in a gate in context `h` until `open`.
+struct GatedOuter {
+    entered: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
+    b: Context,
+    outer: Proxy<OuterService>,
+    _h: Context,
+}
+
+fn gated_outer() -> anyhow::Result<GatedOuter> {
     let (entered, open) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
@@ -501,6 +509,24 @@ fn object_in_use_on_another_thread_is_retried_until_the_timeout() -> anyhow::Res
     )?;
     let b = Context::new("b");
     let outer: Proxy<OuterService> = Proxy::adopt(&b, OuterObj { gate, pings: 0 })?;
+    Ok(GatedOuter {
+        entered,
+        open,
+        b,
+        outer,
+        _h: h,
+    })
+}
+
+#[test]
+fn object_in_use_on_another_thread_is_retried_until_the_timeout() -> anyhow::Result<()> {
+    let GatedOuter {
+        entered,
+        open,
+        b,
+        outer,
+        _h,
+    } = gated_outer()?;
 
     let o = outer.clone();
     let first = std::thread::spawn(move || o.call_out());
@@ -555,20 +581,13 @@ impl Sibling for RelayObj {
 /// Holding the context through the retries deadlocked both.
 #[test]
 fn in_use_retries_release_the_callers_own_context() -> anyhow::Result<()> {
-    let (entered, open) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let h = Context::new("h");
-    let gate: Proxy<HoldService> = Proxy::adopt(
-        &h,
-        Gate {
-            entered: Arc::clone(&entered),
-            open: Arc::clone(&open),
-        },
-    )?;
-    let b = Context::new("b");
-    let outer: Proxy<OuterService> = Proxy::adopt(&b, OuterObj { gate, pings: 0 })?;
+    let GatedOuter {
+        entered,
+        open,
+        b,
+        outer,
+        _h,
+    } = gated_outer()?;
     let relay: Proxy<SiblingService> = Proxy::adopt(
         &b,
         RelayObj {
