@@ -732,9 +732,13 @@ fn wait_for<G, R>(
             Some(own) => {
                 own.sleep.store(1, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
-                // FINISHING: the finisher is waking us right now; stay awake (see `finish`).
-                if cell.state.load(Ordering::Acquire) == PENDING && !own.has_work() {
+                // FINISHING: the finisher is waking us right now; stay awake (see `finish`), but
+                // give it the CPU in case it was preempted between its two steps.
+                let state = cell.state.load(Ordering::Acquire);
+                if state == PENDING && !own.has_work() {
                     futex::wait(&own.sleep, 1, timeout);
+                } else if state == FINISHING {
+                    thread::yield_now();
                 }
                 own.sleep.store(0, Ordering::Relaxed);
             }

@@ -12,9 +12,10 @@
 //!   serves a job of chain Y (which sits above X's frames on the same stack) makes X -> Y for the
 //!   duration: X cannot resume before Y's job returns.
 //!
-//! A retry edge can be a moment stale (the borrower has just let go, and the waiter will see so at
-//! its next attempt), so a caller should report a deadlock only when its waits keep closing a cycle
-//! for a while; proxies wait 50 ms, far more than a retry's sleep.
+//! A retry edge lasts only while its chain sleeps between attempts. It can still be a moment stale
+//! (the borrower has just let go, and the waiter will find so at its next attempt), so a caller
+//! should report a deadlock only when its waits keep closing a cycle for a while; proxies wait
+//! 50 ms, far more than a retry's sleep.
 //!
 //! The table records, at each `InUse`, which chain the refused chain met ([`note_in_use`]); that
 //! record becomes an edge only in `begin_wait`, so callers that do not wait leave no edge. Checks
@@ -85,20 +86,31 @@ impl Graph {
 /// Records that chain `waiter` was refused with `InUse` by an object that chain `borrower` has
 /// borrowed (called by the table, under the context's lock, on the cold path).
 pub(crate) fn note_in_use(waiter: u64, borrower: u64) {
-    graph()
-        .get_or_insert_with(Graph::default)
-        .met
-        .insert(waiter, borrower);
+    let mut g = graph();
+    let g = g.get_or_insert_with(Graph::default);
+    // A record is consumed by the waiter's next `begin_wait` or `end_wait`, which proxies always
+    // make; callers of the core API that meet `InUse` and do not wait leave theirs (one per chain).
+    // Bounded: past the cap the records are dropped, and a wait that finds none is simply not
+    // checked for a cycle (it then lasts until its timeout, as without detection).
+    if g.met.len() >= MAX_MET && !g.met.contains_key(&waiter) {
+        g.met.clear();
+    }
+    g.met.insert(waiter, borrower);
 }
+
+/// At most this many `InUse` records are kept (see `note_in_use`).
+const MAX_MET: usize = 4096;
 
 /// A wait that would never end: the chain that has the object borrowed waits, directly or through
 /// others, for the calling chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WouldDeadlock;
 
-/// Declares that the calling chain will wait for the borrower it last met with `InUse`, and retry.
-/// Refused if that borrower waits (through any chain of waits) for the calling chain: the wait could
-/// never end. Pair every `Ok` with [`end_wait`]. Without a recorded `InUse` it does nothing.
+/// Declares that the calling chain is about to wait (sleep) for the borrower it last met with
+/// `InUse`, before it retries. Refused if that borrower waits (through any chain of waits) for the
+/// calling chain: the wait could never end. Call [`end_wait`] when the sleep is over, before the
+/// next attempt (a chain that has its object and runs must not look like it still waits). The
+/// `InUse` record is consumed; without one this does nothing.
 ///
 /// # Errors
 /// [`WouldDeadlock`] when the wait would close a cycle (nothing is recorded then).
@@ -108,7 +120,7 @@ pub fn begin_wait() -> Result<(), WouldDeadlock> {
     let g = g.get_or_insert_with(Graph::default);
     // The edge of an earlier wait of this chain is replaced.
     g.retry.remove(&me);
-    let Some(&borrower) = g.met.get(&me) else {
+    let Some(borrower) = g.met.remove(&me) else {
         return Ok(());
     };
     if borrower == me || g.reaches(borrower, me) {
@@ -118,8 +130,8 @@ pub fn begin_wait() -> Result<(), WouldDeadlock> {
     Ok(())
 }
 
-/// Ends the calling chain's wait (after [`begin_wait`]): its retry edge and its last `InUse` record
-/// go.
+/// Ends the calling chain's wait (after [`begin_wait`], or instead of it for a chain that gives
+/// up): its retry edge and any `InUse` record go.
 pub fn end_wait() {
     let me = crate::handoff::current_chain();
     if let Some(g) = graph().as_mut() {
@@ -172,5 +184,17 @@ mod tests {
         assert_eq!(g.edges.get(&1), Some(&vec![2]));
         g.retry.insert(2, 3);
         assert!(g.reaches(1, 3), "through a retry edge");
+    }
+
+    #[test]
+    fn in_use_records_are_consumed_and_bounded() {
+        // Chains far above any real thread tag, so that other tests' records do not interfere.
+        let base = u64::MAX / 2;
+        note_in_use(base, base + 1);
+        assert_eq!(graph().as_ref().unwrap().met.get(&base), Some(&(base + 1)));
+        for i in 0..(MAX_MET as u64 + 10) {
+            note_in_use(base + 2 + i, base);
+        }
+        assert!(graph().as_ref().unwrap().met.len() <= MAX_MET);
     }
 }

@@ -253,60 +253,64 @@ fn serve_moved<S: Serve<T>, T: 'static>(
 struct Retry {
     attempt: u32,
     deadline: Option<Instant>,
-    /// A wait is declared to the deadlock detection (`context_core::waits`); ended on drop.
-    waiting: bool,
-    /// Since when every wait has found a cycle. A cycle can be a moment old (its other side has
-    /// just got its object and will retry within a sleep), so only one that lasts
-    /// [`DEADLOCK_CONFIRM`] is reported.
-    cycle_since: Option<Instant>,
+    /// When the waits began to close a cycle (`context_core::waits`), and when one last did. A
+    /// cycle can be a moment old (its other side has just got its object and will find so at its
+    /// next attempt), so only cycles seen for [`DEADLOCK_CONFIRM`] are reported, and a stretch of
+    /// [`CYCLE_GONE`] without one starts the count again.
+    cycle: Option<(Instant, Instant)>,
 }
 
-/// How long a wait must keep closing a cycle before the call fails with `Deadlock`: far more than a
+/// How long waits must keep closing a cycle before the call fails with `Deadlock`: far more than a
 /// retry's longest sleep (about 1 ms) plus a scheduling delay on a loaded machine.
 const DEADLOCK_CONFIRM: Duration = Duration::from_millis(50);
 
-impl Drop for Retry {
-    fn drop(&mut self) {
-        if self.waiting {
-            context_core::waits::end_wait();
-        }
-    }
-}
+/// A wait that finds no cycle this long after the last one that did forgets the earlier ones.
+/// (The other side's edge is absent while it makes an attempt, so one miss proves nothing.)
+const CYCLE_GONE: Duration = Duration::from_millis(10);
 
 impl Retry {
     fn new(timeout: Option<Duration>) -> Self {
         Self {
             attempt: 0,
             deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
-            waiting: false,
-            cycle_since: None,
+            cycle: None,
         }
     }
 
     fn wait(&mut self, id: context_core::ContextId) -> Result<bool, CallError> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            context_core::waits::end_wait();
             return Ok(false);
         }
         // A cycle: the object's borrower waits, through any chain of waits, for this caller.
-        self.waiting = true;
+        let now = Instant::now();
         if context_core::waits::begin_wait().is_err() {
-            let since = *self.cycle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= DEADLOCK_CONFIRM {
+            let (first, last) = self.cycle.get_or_insert((now, now));
+            *last = now;
+            if now.duration_since(*first) >= DEADLOCK_CONFIRM {
+                self.cycle = None;
                 return Err(CallError::Deadlock(id));
             }
-        } else {
-            self.cycle_since = None;
+        } else if self
+            .cycle
+            .is_some_and(|(_, last)| now.duration_since(last) > CYCLE_GONE)
+        {
+            self.cycle = None;
         }
         self.attempt = self.attempt.saturating_add(1);
         let attempt = self.attempt;
-        context_core::suspended(|| {
+        let slept = context_core::suspended(|| {
             if attempt <= 8 {
                 std::thread::yield_now();
             } else {
                 let shift = (attempt - 8).min(7);
                 std::thread::sleep(Duration::from_micros(10 << shift));
             }
-        })?;
+        });
+        // The wait is over: while the next attempt runs (and, if it gets the object, the method),
+        // this chain waits for nobody.
+        context_core::waits::end_wait();
+        slept?;
         Ok(true)
     }
 

@@ -783,3 +783,88 @@ fn a_job_served_above_the_borrower_on_a_home_thread_is_a_deadlock_error() -> any
     assert_eq!(got, [("x", 2), ("y", REFUSED)]);
     Ok(())
 }
+
+#[service]
+pub trait Nap {
+    /// Sleeps `ms` milliseconds.
+    fn nap(&mut self, ms: u64) -> u32;
+}
+
+struct Napper;
+
+impl Nap for Napper {
+    fn nap(&mut self, ms: u64) -> u32 {
+        std::thread::sleep(Duration::from_millis(ms));
+        0
+    }
+}
+
+#[service]
+pub trait Keep {
+    /// Keeps this object borrowed for `ms` (calling out to a napper meanwhile).
+    fn keep(&mut self, ms: u64) -> u32;
+}
+
+struct Kept {
+    started: Arc<AtomicBool>,
+    napper: Proxy<NapService>,
+}
+
+impl Keep for Kept {
+    fn keep(&mut self, ms: u64) -> u32 {
+        self.started.store(true, Ordering::Release);
+        self.napper.nap(ms).expect("nap") + 1
+    }
+}
+
+#[service]
+pub trait Front {
+    /// Borrowing this object, keeps the other one for `ms`.
+    fn front(&mut self, ms: u64) -> u32;
+    /// Answers 7.
+    fn seven(&mut self) -> u32;
+}
+
+struct FrontObj {
+    kept: Proxy<KeepService>,
+}
+
+impl Front for FrontObj {
+    fn front(&mut self, ms: u64) -> u32 {
+        self.kept.keep(ms).expect("keep") + 1
+    }
+    fn seven(&mut self) -> u32 {
+        7
+    }
+}
+
+/// A chain that waited and then got its object is running, not waiting: another chain that now
+/// waits for it is not in a cycle, however long the first one keeps the object.
+#[test]
+fn a_wait_that_ended_is_no_cycle() -> anyhow::Result<()> {
+    let (a, b, h) = (Context::new("a"), Context::new("b"), Context::new("h"));
+    let started = Arc::new(AtomicBool::new(false));
+    let napper: Proxy<NapService> = Proxy::adopt(&h, Napper)?;
+    let kept: Proxy<KeepService> = Proxy::adopt(
+        &b,
+        Kept {
+            started: Arc::clone(&started),
+            napper,
+        },
+    )?;
+    let front: Proxy<FrontService> = Proxy::adopt(&a, FrontObj { kept: kept.clone() })?;
+    // Thread B keeps `kept` 30 ms, then calls `front.seven()`.
+    let (kept2, front2) = (kept.clone(), front.clone());
+    let second = std::thread::spawn(move || {
+        kept2.keep(30)?;
+        front2.seven()
+    });
+    while !started.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    // This thread borrows `front`, waits for `kept` (B has it), then keeps it 400 ms, while B waits
+    // for `front`.
+    assert_eq!(front.front(400)?, 2);
+    assert_eq!(second.join().expect("second")?, 7);
+    Ok(())
+}
