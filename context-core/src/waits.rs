@@ -85,6 +85,8 @@ impl Graph {
 
 /// Records that chain `waiter` was refused with `InUse` by an object that chain `borrower` has
 /// borrowed (called by the table, under the context's lock, on the cold path).
+#[cold]
+#[inline(never)]
 pub(crate) fn note_in_use(waiter: u64, borrower: u64) {
     let mut g = graph();
     let g = g.get_or_insert_with(Graph::default);
