@@ -17,7 +17,7 @@
 //! should report a deadlock only when its waits keep closing a cycle for a while; proxies wait
 //! 50 ms, far more than a retry's sleep.
 //!
-//! The table records, at each `InUse`, which chain the refused chain met ([`note_in_use`]); that
+//! The table records, at each `InUse`, which chain the refused chain met (`note_in_use`); that
 //! record becomes an edge only in `begin_wait`, so callers that do not wait leave no edge. Checks
 //! and insertions happen under one mutex, so of two chains closing a cycle at the same time the
 //! second sees it. Everything here is off the fast path: it runs only after an `InUse` or while a
