@@ -154,7 +154,7 @@ impl<L: RawContextLock> Inner<L> {
                 if panic.is_none() {
                     panic = Some(p);
                 } else {
-                    std::mem::forget(p);
+                    crate::handoff::discard_payload(p);
                 }
             }
         }

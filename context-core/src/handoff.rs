@@ -325,13 +325,18 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     } else {
         "non-string panic payload".to_owned()
     };
-    // The payload is any type the user panicked with (`panic_any`): its destructor may panic too,
-    // which must not unwind out of the entry (on a pinned context's home thread it would end the
-    // thread). Such a second payload is forgotten, not dropped.
+    discard_payload(payload);
+    message
+}
+
+/// Drops a panic payload without letting a panic of its own destructor unwind. The payload is any
+/// type the user panicked with (`panic_any`), whose destructor may panic too; that must not unwind
+/// out of an entry (on a pinned context's home thread it would end the thread). Such a second
+/// payload is forgotten (leaked), not dropped.
+pub(crate) fn discard_payload(payload: Box<dyn std::any::Any + Send>) {
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
     }
-    message
 }
 
 /// Runs `f` holding no context: releases what the thread holds, runs `f`, re-acquires. Used by

@@ -244,8 +244,7 @@ pub(crate) fn drop_all(objects: Vec<Box<dyn Any>>) -> Option<Box<dyn Any + Send>
             if first.is_none() {
                 first = Some(p);
             } else {
-                // A payload whose own destructor panics would abort here; keep it instead.
-                std::mem::forget(p);
+                crate::handoff::discard_payload(p);
             }
         }
     }
@@ -255,9 +254,9 @@ pub(crate) fn drop_all(objects: Vec<Box<dyn Any>>) -> Option<Box<dyn Any + Send>
 impl Drop for Table {
     fn drop(&mut self) {
         // Normally empty by now (closing empties it, on the home thread for a pinned context).
-        // A panic here would abort if we are already unwinding; the payload is forgotten.
+        // A panic here would abort if we are already unwinding, so a destructor's panic ends here.
         if let Some(p) = drop_all(self.take_all()) {
-            std::mem::forget(p);
+            crate::handoff::discard_payload(p);
         }
     }
 }
