@@ -152,7 +152,8 @@ pub fn run(entry: fn() -> i32, timeout: Duration) -> Result<Output, IsolatedErro
 /// Output is read until the pipes close. A process the child started may keep them open after the
 /// child has ended (a daemon, a stray grandchild): the output is then taken as it is
 /// [`OUTPUT_GRACE`] after the child's end (or the timeout), marked as cut, and the readers are left
-/// to finish on their own. So the call never waits past `timeout` plus that grace.
+/// to finish on their own. So the call never waits past `timeout` plus that grace (plus up to 2 s for
+/// a child killed at the timeout to end).
 ///
 /// # Errors
 /// [`IsolatedError::Spawn`], [`IsolatedError::Timeout`].
@@ -167,7 +168,12 @@ pub fn run_command(mut c: Command, timeout: Duration) -> Result<Output, Isolated
             Some(s) => break Some(s),
             None if Instant::now() >= deadline => {
                 let _ = child.kill();
-                let _ = child.wait();
+                // Reaped if it ends within the grace; one stuck in the kernel (`D` state) is left
+                // unreaped rather than waited for without a bound.
+                let grace = Instant::now() + KILL_GRACE;
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 break None;
             }
             None => std::thread::sleep(Duration::from_millis(5)),
@@ -190,6 +196,10 @@ pub fn run_command(mut c: Command, timeout: Duration) -> Result<Output, Isolated
         }),
     }
 }
+
+/// How long [`run_command`] waits for a child it killed at the timeout to end (see
+/// `sys::KILL_GRACE_MS`).
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long [`run_command`] keeps reading output after the child has ended (or was killed) while
 /// another process still holds its pipes.

@@ -215,6 +215,10 @@ pub struct Pool {
     /// How many resets have begun. A barrier (grow, release) that sees it change stops: the reset
     /// re-created every region (new descriptors) and re-forked every worker from the master.
     resets: u64,
+    /// Children sent `SIGKILL` that had not ended within [`sys::KILL_GRACE_MS`] (a process in
+    /// uninterruptible sleep): not reaped yet, so their pids stay theirs; [`Pool::supervise`] and
+    /// the pool's drop reap them without blocking once they end.
+    stuck: Vec<libc::pid_t>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -419,6 +423,7 @@ impl Pool {
             poisoned: None,
             resets: 0,
             deaths: Vec::new(),
+            stuck: Vec::new(),
         };
         pool.spawn_all()?;
         Ok(pool)
@@ -673,10 +678,8 @@ impl Pool {
         let status = if reaped {
             None
         } else {
-            // SIGKILL is harmless on a zombie (not yet reaped, so the pid cannot have been reused) and
-            // ends a live worker (forced, or one that closed its socket).
-            let _ = sys::kill(pid, libc::SIGKILL);
-            sys::reap(pid, true).ok().flatten()
+            // Ends a live worker (forced, or one that closed its socket); harmless on a zombie.
+            self.kill_and_reap(pid)
         };
         let cause = match (forced, status) {
             (Some(c), _) => c,
@@ -734,8 +737,7 @@ impl Pool {
             Ok(())
         } else {
             drop(nw);
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let status = sys::reap(pid, true).ok().flatten();
+            let status = self.kill_and_reap(pid);
             Err(format!(
                 "the replacement (pid {pid}) did not start: {status:?}"
             ))
@@ -769,13 +771,33 @@ impl Pool {
     }
 
     fn kill_all(&mut self) {
-        for w in &mut self.workers {
-            if w.sock.take().is_some() {
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-                let _ = sys::reap(w.pid, true);
+        for w in 0..self.workers.len() {
+            if self.workers[w].sock.take().is_some() {
+                self.kill_and_reap(self.workers[w].pid);
             }
-            w.pending = None;
+            self.workers[w].pending = None;
         }
+    }
+
+    /// Sends `SIGKILL` to child `pid` and reaps it, waiting at most [`sys::KILL_GRACE_MS`]; a
+    /// child that has not ended by then is kept in `stuck` and reaped later. Returns how it ended
+    /// (`None` if unknown or not yet).
+    fn kill_and_reap(&mut self, pid: libc::pid_t) -> Option<sys::ExitKind> {
+        match sys::kill_and_reap(pid, sys::KILL_GRACE_MS) {
+            sys::Killed::Reaped(k) => k,
+            sys::Killed::Stuck => {
+                self.stuck.push(pid);
+                None
+            }
+        }
+    }
+
+    /// Reaps, without blocking, the killed children that have ended since. Returns how many are
+    /// still waited for.
+    fn reap_stuck(&mut self) -> usize {
+        self.stuck
+            .retain(|&pid| matches!(sys::reap(pid, false), Ok(None)));
+        self.stuck.len()
     }
 
     /// Resets the pool the way PostgreSQL resets shared memory after a backend crash: kills every
@@ -1207,10 +1229,12 @@ impl Drop for Pool {
         for pid in live {
             // Exiting on EOF takes microseconds; a worker stuck in a job gets half a second.
             if !matches!(sys::wait_exit(pid, 500), Ok(Some(_))) {
-                let _ = sys::kill(pid, libc::SIGKILL);
-                let _ = sys::reap(pid, true);
+                self.kill_and_reap(pid);
             }
         }
+        // Killed children still in the kernel are left unreaped (zombies until this process ends,
+        // when init reaps them) rather than waited for without a bound.
+        self.reap_stuck();
         if self.heap.handle_count() > 1 {
             // Typed owners outlive the pool: keep the memory mapped (leaked) so they stay valid. The
             // descriptors are closed; the mappings keep the files alive.
@@ -1261,6 +1285,7 @@ impl Pool {
     /// Workers that died earlier and could not be replaced then (for example because the master had
     /// become multi-threaded) are forked again here when possible.
     pub fn supervise(&mut self) -> usize {
+        self.reap_stuck();
         let mut n = 0;
         for w in 0..self.workers.len() {
             if self.workers[w].sock.is_none() {

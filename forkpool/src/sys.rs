@@ -446,6 +446,36 @@ pub(crate) fn wait_exit(pid: libc::pid_t, timeout_ms: i32) -> io::Result<Option<
     }
 }
 
+/// How long [`kill_and_reap`] waits, by default, for a child it sent `SIGKILL` to end. A killed
+/// process ends as soon as it leaves the kernel; one in uninterruptible sleep (`D` state: a page
+/// fault on a hung NFS or FUSE file, a device that does not answer) leaves only when that kernel call
+/// returns, which may be never. Nobody waits for such a process without a bound.
+pub(crate) const KILL_GRACE_MS: i32 = 2_000;
+
+/// What became of a child after [`kill_and_reap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Killed {
+    /// It ended and was reaped (`None`: the status was not an exit or a signal, or it had been
+    /// reaped already).
+    Reaped(Option<ExitKind>),
+    /// It did not end within the grace: still our unreaped child, so its pid cannot be reused;
+    /// reap it later ([`reap`] with `block = false`). It never runs user code again: `SIGKILL` is
+    /// pending, and the kernel acts on it before any return to user space.
+    Stuck,
+}
+
+/// Sends `SIGKILL` to child `pid` and reaps it, waiting at most `grace_ms` for it to end.
+pub(crate) fn kill_and_reap(pid: libc::pid_t, grace_ms: i32) -> Killed {
+    // SIGKILL is harmless on a zombie (not yet reaped, so the pid cannot have been reused).
+    let _ = kill(pid, libc::SIGKILL);
+    match wait_exit(pid, grace_ms) {
+        Ok(None) => Killed::Stuck,
+        Ok(Some(k)) => Killed::Reaped(Some(k)),
+        // ECHILD: reaped already (or never ours); nothing is left to wait for.
+        Err(_) => Killed::Reaped(None),
+    }
+}
+
 /// Forks `pairs` times a child that exits at once, and reaps it: the bare cost of fork + waitpid,
 /// the baseline of the pool's start-up. Returns the total time.
 ///
@@ -550,4 +580,68 @@ pub(crate) fn exit_now(code: i32) -> ! {
 pub(crate) fn ignore_sigpipe() {
     // SAFETY: setting a signal disposition to SIG_IGN installs no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forks a child that maps and touches `touch` bytes, then sleeps until killed. Only
+    /// async-signal-safe calls in the child (the test harness has other threads).
+    fn sleeping_child(touch: usize) -> libc::pid_t {
+        // SAFETY: the child calls only mmap, plain stores, pause and _exit, all async-signal-safe.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            if touch > 0 {
+                // SAFETY: a fresh private anonymous mapping at an address of the kernel's choosing.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        touch,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    // SAFETY: the mapping is `touch` bytes, readable and writable, and ours alone.
+                    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 1, touch) };
+                }
+            }
+            loop {
+                // SAFETY: pause has no preconditions; SIGKILL ends the child.
+                unsafe { libc::pause() };
+            }
+        }
+        pid
+    }
+
+    #[test]
+    fn kill_and_reap_reaps_a_child_that_ends_within_the_grace() {
+        let pid = sleeping_child(0);
+        assert_eq!(
+            kill_and_reap(pid, KILL_GRACE_MS),
+            Killed::Reaped(Some(ExitKind::Signaled(libc::SIGKILL)))
+        );
+        // Reaped: waiting again is an error (ECHILD), not a hang.
+        assert!(reap(pid, false).is_err());
+    }
+
+    #[test]
+    fn kill_and_reap_does_not_wait_past_its_grace_for_a_child_still_ending() {
+        // Tearing down 256 MiB of touched memory takes the kernel milliseconds: with no grace the
+        // child is still there, unreaped (its pid stays its own), and is reaped later.
+        let pid = sleeping_child(256 << 20);
+        // Let it touch its memory first (about 0.1 s), so the kill meets a large address space.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        assert_eq!(kill_and_reap(pid, 0), Killed::Stuck);
+        assert!(t0.elapsed() < std::time::Duration::from_millis(100));
+        assert_eq!(
+            wait_exit(pid, 10_000).expect("wait"),
+            Some(ExitKind::Signaled(libc::SIGKILL))
+        );
+    }
 }
