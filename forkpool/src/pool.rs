@@ -817,7 +817,13 @@ impl Pool {
         self.kill_all();
         // SAFETY: every worker is dead and reaped, and no handle into the heap exists in the master
         // (count checked above), so nothing uses the regions.
-        unsafe { self.regions.recreate() }?;
+        if let Err(e) = unsafe { self.regions.recreate() } {
+            // Nothing was replaced: the heap is as it was, still mapped, without workers.
+            self.poisoned = Some(format!(
+                "reset failed ({e}); the heap is unchanged and has no workers: reset again"
+            ));
+            return Err(e.into());
+        }
         let geo = self.raw.geometry();
         let limit = (self.regions.next_off() / geo.chunk_size()) as u64;
         // SAFETY: same base and geometry as before; every region is a fresh zero-filled file mapped at

@@ -192,34 +192,45 @@ impl Regions {
         }
     }
 
-    /// Releases every region and maps fresh blank files at the same addresses with the same sizes
-    /// (the pool's reset).
+    /// Replaces every live region by a fresh blank file mapped at the same address with the same
+    /// size (the pool's reset).
+    ///
+    /// All new files are made first; each is then mapped straight over its old mapping
+    /// (`MAP_FIXED` replaces it in one step). So a failure (no space for the files, a deleted
+    /// directory, too many descriptors) leaves every region as it was, mapped and readable, and the
+    /// reset can be tried again.
+    ///
+    /// # Errors
+    /// [`RegionError::Os`] from creating a file (nothing changed) or from a mapping. A mapping
+    /// that fails is put back over the old file, so every region stays mapped; only if that fails
+    /// too (the kernel refusing to map a range it mapped a moment ago) can a region be left
+    /// unmapped, which the error then says.
     ///
     /// # Safety
     /// No process may use any region during the call, and no live object may be in them.
     pub(crate) unsafe fn recreate(&mut self) -> Result<(), RegionError> {
-        let sizes: Vec<(usize, usize)> = self
-            .regions
-            .iter()
-            .filter(|r| r.fd.is_some())
-            .map(|r| (r.off, r.len))
-            .collect();
-        for r in &mut self.regions {
-            if r.fd.take().is_some() {
-                // SAFETY: our region inside our reservation; nothing lives there (contract).
-                unsafe { sys::map_over_reserved(self.base + r.off, r.len) }
-                    .map_err(RegionError::os("mmap(PROT_NONE | MAP_FIXED)"))?;
+        let mut fresh = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.fd.is_some() {
+                fresh.push((i, self.new_file(r.len)?));
             }
         }
-        for (off, len) in sizes {
-            let fd = self.new_file(len)?;
-            // SAFETY: the range was one of our regions, now back to PROT_NONE reservation; the file is
-            // `len` bytes long.
-            unsafe { sys::map_shared_fixed(self.base + off, len, fd.as_raw_fd()) }
-                .map_err(RegionError::os("mmap(MAP_SHARED | MAP_FIXED)"))?;
-            if let Some(r) = self.regions.iter_mut().find(|r| r.off == off) {
-                r.fd = Some(fd);
+        for (i, fd) in fresh {
+            let r = &mut self.regions[i];
+            let addr = self.base + r.off;
+            // SAFETY: the range is one of our regions inside our reservation; nothing lives there
+            // (contract); the file is `r.len` bytes long.
+            if let Err(e) = unsafe { sys::map_shared_fixed(addr, r.len, fd.as_raw_fd()) } {
+                let old = r.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+                // SAFETY: as above; `old` is the region's own file, still open and `r.len` long.
+                return Err(match unsafe { sys::map_shared_fixed(addr, r.len, old) } {
+                    Ok(()) => RegionError::os("mmap(MAP_SHARED | MAP_FIXED)")(e),
+                    Err(_) => RegionError::os(
+                        "mmap(MAP_SHARED | MAP_FIXED): the region could not be mapped again",
+                    )(e),
+                });
             }
+            r.fd = Some(fd);
         }
         Ok(())
     }

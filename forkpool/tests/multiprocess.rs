@@ -456,6 +456,53 @@ fn reset_policy() -> anyhow::Result<()> {
 }
 isolated_test!(death_policy_reset, reset_policy, 60);
 
+/// A reset that cannot make its new files (here: the pool's directory was deleted) changes nothing:
+/// the heap stays mapped with its data, the pool says why it is poisoned, and a later reset, once
+/// the cause is gone, works. (It used to unmap the heap first: the next heap call crashed.)
+fn failed_reset_keeps_the_heap() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ctx-failed-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut pool = small_pool(1)
+        .backing(Backing::TempDir(dir.clone()))
+        .build()?;
+    // A raw block, not a typed owner (owners hold the heap, and a reset refuses while they live).
+    let at = pool
+        .heap()
+        .alloc(std::alloc::Layout::new::<u64>())?
+        .cast::<u64>();
+    // SAFETY: a fresh block, 8 bytes and 8-aligned, in the master's mapping of the heap.
+    unsafe { at.write(77) };
+    std::fs::remove_dir(&dir)?;
+    let r = pool.reset();
+    ensure!(matches!(r, Err(PoolError::Region(_))), "{r:?}");
+    let why = pool.poisoned().context("poisoned after a failed reset")?;
+    ensure!(why.contains("reset failed"), "{why}");
+    // The heap is mapped and unchanged: reading it, and the allocator's own state, are fine.
+    // SAFETY: the block is still allocated and was written above.
+    ensure!(unsafe { at.read() } == 77);
+    ensure!(pool.heap().stats().live_bytes > 0);
+    ensure!(matches!(
+        pool.run_fn(0, |_| 1, T),
+        Err(PoolError::Poisoned(_))
+    ));
+    std::fs::create_dir_all(&dir)?;
+    pool.reset()?;
+    ensure!(pool.poisoned().is_none());
+    ensure!(
+        pool.heap().stats().live_bytes == 0,
+        "the second reset wiped the heap"
+    );
+    ensure!(pool.run_fn(0, |_| 9, T)? == 9);
+    drop(pool);
+    std::fs::remove_dir(&dir)?;
+    Ok(())
+}
+isolated_test!(
+    a_failed_reset_leaves_the_heap_mapped_and_can_be_retried,
+    failed_reset_keeps_the_heap,
+    60
+);
+
 /// A worker that stops answering a control operation (here a ping) between jobs cannot have left
 /// shared data half-changed: under `DeathPolicy::Reset` it is replaced, not counted as a death
 /// during a job (which would poison the pool while an owner is alive, or wipe the heap).
