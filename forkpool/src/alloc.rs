@@ -811,7 +811,10 @@ impl RawHeap {
     /// review F8).
     fn reclaim_slot_stepwise(&self, slot: u16, step: &mut dyn FnMut()) -> u64 {
         let mut n = 0;
-        for i in self.geo.mgmt_chunks..self.geo.max_chunks {
+        // Only below the limit: claims never reach past it, and reading the bookkeeping of the
+        // whole reservation would commit its pages (shared memory allocates on a read fault too).
+        let limit = self.limit();
+        for i in self.geo.mgmt_chunks..limit {
             let m = self.meta(i);
             let s = m.state.load(Ordering::Acquire);
             let k = kind(s);
@@ -827,8 +830,8 @@ impl RawHeap {
             // the claim's length is not recorded, so up to the first chunk without the marker) or
             // freeing (at most its recorded length).
             let bound = match k {
-                K_FREEING => i + hi(s).min(self.geo.max_chunks - i),
-                K_CLAIMING => self.geo.max_chunks,
+                K_FREEING => i + hi(s).min(limit - i),
+                K_CLAIMING => limit,
                 _ => i + 1,
             };
             let mut end = i + 1;
@@ -864,7 +867,13 @@ impl RawHeap {
 
     /// Verifies every invariant of the bookkeeping, reading shared memory as untrusted data (all
     /// indices come from this process's geometry). Exact when no other process is allocating; while
-    /// others run, an operation in flight shows up as transitional, never as a problem.
+    /// others run, an operation in flight shows up as transitional: a tail seen without its head, or
+    /// a head without its tails, is a problem only if the head is still what it was when the scan
+    /// re-reads it.
+    ///
+    /// Reads the bookkeeping of the chunks below the limit only: that of the whole reservation
+    /// would commit its pages (a read fault on shared memory allocates a page too), and claims never
+    /// reach past the limit.
     #[must_use]
     pub fn check(&self) -> CheckReport {
         let mut r = CheckReport::default();
@@ -887,7 +896,7 @@ impl RawHeap {
         st_.live_blocks = vec![0; NCLASS];
         let words = Geometry::words_per_chunk_for(self.geo.chunk_shift);
         let mut i = 0;
-        while i < self.geo.max_chunks {
+        while i < limit {
             let s = self.meta(i).state.load(Ordering::Acquire);
             let k = kind(s);
             if i < self.geo.mgmt_chunks {
@@ -898,14 +907,8 @@ impl RawHeap {
                 i += 1;
                 continue;
             }
-            if i >= limit && k != K_FREE {
-                r.problems.push(format!(
-                    "chunk {i}: beyond the mapped limit but in state {s:#x}"
-                ));
-            }
             match k {
-                K_FREE if i < limit => st_.free_chunks += 1,
-                K_FREE => {}
+                K_FREE => st_.free_chunks += 1,
                 K_SMALL | K_RETIRING => {
                     let c = class_of(s);
                     if c >= NCLASS || (k == K_SMALL && (s >> 16) != 0) {
@@ -952,12 +955,8 @@ impl RawHeap {
                     // Tails must follow at their distances (a FREEING run may already be partly free,
                     // a CLAIMING run partly written).
                     let mut j = i + 1;
-                    let end = if k == K_HEAD {
-                        i + n
-                    } else {
-                        self.geo.max_chunks
-                    };
-                    while j < end.min(self.geo.max_chunks) {
+                    let end = if k == K_HEAD { i + n } else { limit };
+                    while j < end.min(limit) {
                         let ts = self.meta(j).state.load(Ordering::Acquire);
                         if kind(ts) == K_TAIL && hi(ts) == j - i {
                             if k != K_HEAD {
@@ -965,10 +964,16 @@ impl RawHeap {
                             }
                             j += 1;
                         } else if k == K_HEAD {
-                            r.problems.push(format!(
-                                "chunk {j}: expected tail {} of block at {i}, found {ts:#x}",
-                                j - i
-                            ));
+                            // Freed meanwhile: a free turns the head into FREEING before it
+                            // frees any tail, so a head that still reads the same is a problem.
+                            if self.meta(i).state.load(Ordering::Acquire) == s {
+                                r.problems.push(format!(
+                                    "chunk {j}: expected tail {} of block at {i}, found {ts:#x}",
+                                    j - i
+                                ));
+                            } else {
+                                st_.transitional_chunks += 1;
+                            }
                             break;
                         } else {
                             break;
@@ -977,9 +982,26 @@ impl RawHeap {
                     i = j;
                     continue;
                 }
-                K_TAIL => r
-                    .problems
-                    .push(format!("chunk {i}: tail {} without its head", hi(s))),
+                K_TAIL => {
+                    // Claimed meanwhile: the scan read the head (FREE) before the claim, the
+                    // tail after it. A head that now stands, or a tail that changed, is a run in
+                    // flight; heads are freed last, so a tail never outlives its head.
+                    let head = i.checked_sub(hi(s)).filter(|&h| h >= self.geo.mgmt_chunks);
+                    let standing = head.is_some_and(|h| {
+                        let hs = self.meta(h).state.load(Ordering::Acquire);
+                        match kind(hs) {
+                            K_CLAIMING => true,
+                            K_HEAD | K_FREEING => hi(hs) > hi(s),
+                            _ => false,
+                        }
+                    });
+                    if standing || self.meta(i).state.load(Ordering::Acquire) != s {
+                        st_.transitional_chunks += 1;
+                    } else {
+                        r.problems
+                            .push(format!("chunk {i}: tail {} without its head", hi(s)));
+                    }
+                }
                 K_PUNCHING => st_.transitional_chunks += 1,
                 K_RELEASED => st_.released_chunks += 1,
                 _ => r.problems.push(format!("chunk {i}: unknown state {s:#x}")),
@@ -1218,6 +1240,59 @@ mod tests {
         assert!(!h.check().is_consistent());
         h.meta(m + 1).state.store(0xfe, Ordering::Release);
         assert!(!h.check().is_consistent());
+    }
+
+    #[test]
+    fn check_reports_a_tail_its_head_does_not_cover() {
+        let (_buf, h) = small_heap(8);
+        let m = h.geometry().mgmt_chunks();
+        // A one-chunk block at m, and a tail at distance 2 from it: no run covers that tail.
+        h.meta(m)
+            .state
+            .store(st(K_HEAD, 1, 0, 0), Ordering::Release);
+        h.meta(m + 2)
+            .state
+            .store(st(K_TAIL, 2, 0, 0), Ordering::Release);
+        let r = h.check();
+        assert!(
+            r.problems.iter().any(|p| p.contains("without its head")),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    /// While another thread allocates and frees multi-chunk blocks, the scan meets runs being
+    /// claimed and freed: they are transitional, never problems.
+    #[test]
+    fn check_sees_runs_in_flight_as_transitional() {
+        let (_buf, h) = small_heap(64);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let scans = if cfg!(miri) { 20 } else { 20_000 };
+        std::thread::scope(|s| {
+            let w = h.with_slot(1);
+            let stop = &stop;
+            s.spawn(move || {
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(p) = w.alloc([3 << 16, 20 << 16, 1 << 17][k % 3], 8) {
+                        w.free(p).expect("free");
+                    }
+                    k += 1;
+                }
+            });
+            for _ in 0..scans {
+                let r = h.check();
+                if !r.is_consistent() {
+                    stop.store(true, Ordering::Relaxed);
+                    panic!(
+                        "problems reported for operations in flight: {:?}",
+                        r.problems
+                    );
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(h.check().is_consistent());
     }
 
     #[test]

@@ -456,6 +456,30 @@ fn reset_policy() -> anyhow::Result<()> {
 }
 isolated_test!(death_policy_reset, reset_policy, 60);
 
+/// The allocator's scans (`stats`, `check`, the repair after a death) read the bookkeeping of the
+/// chunks in use only. Reading that of the whole reservation (here 1 Mi chunks, 16 MiB of
+/// bookkeeping) committed all of it: shared memory allocates a page on a read fault too.
+fn scans_stay_sparse() -> anyhow::Result<()> {
+    let pool = Pool::builder()
+        .workers(0)
+        .reserve(64 << 30)
+        .chunk_shift(16)
+        .initial_region(1 << 30)
+        .build()?;
+    let before = resident_bytes()?;
+    for _ in 0..3 {
+        ensure!(pool.heap().check().is_consistent());
+    }
+    let grown = resident_bytes()?.saturating_sub(before);
+    ensure!(grown < 1 << 20, "the scans committed {} KiB", grown >> 10);
+    Ok(())
+}
+isolated_test!(
+    allocator_scans_do_not_commit_the_whole_reservation,
+    scans_stay_sparse,
+    60
+);
+
 /// A reset that cannot make its new files (here: the pool's directory was deleted) changes nothing:
 /// the heap stays mapped with its data, the pool says why it is poisoned, and a later reset, once
 /// the cause is gone, works. (It used to unmap the heap first: the next heap call crashed.)
