@@ -640,6 +640,9 @@ impl RawHeap {
     /// # Errors
     /// [`AllocError::ForeignPointer`] if `ptr` is not the start of a block of this heap;
     /// [`AllocError::DoubleFree`] if the block is not live. The heap is unchanged in both cases.
+    /// A second free is caught while the block's address has not been handed out again; once a
+    /// later allocation got the same address, a stale pointer names that block (as with any
+    /// allocator: the usual ABA limit), and freeing it frees the new owner's block.
     pub fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
         let (i, in_chunk) = self.locate(ptr)?;
         let m = self.meta(i);
@@ -691,9 +694,11 @@ impl RawHeap {
     }
 
     /// Returns chunks that hold no live block to the free state, calling `punch(addr, len)` on each
-    /// (while no other process can claim it) if given. Returns how many chunks were punched or
-    /// retired.
-    pub fn trim(&self, mut punch: Option<&mut dyn FnMut(usize, usize)>) -> u64 {
+    /// free chunk (while no other process can claim it) if given; `punch` says whether it returned
+    /// the pages. Returns how many small chunks were retired plus how many free chunks `punch`
+    /// returned. (A free chunk is punched again on every call: the state does not record a punch,
+    /// and punching a hole is cheap.)
+    pub fn trim(&self, mut punch: Option<&mut dyn FnMut(usize, usize) -> bool>) -> u64 {
         let mut done = 0;
         let slot = u64::from(self.slot);
         for i in self.geo.mgmt_chunks..self.limit() {
@@ -705,7 +710,8 @@ impl RawHeap {
                     let words = Geometry::words_per_chunk_for(self.geo.chunk_shift);
                     let on_empty = || {
                         if let Some(p) = punch.as_mut() {
-                            p(self.chunk_addr(i), self.geo.chunk_size());
+                            // Retired either way; a failed punch only keeps the pages.
+                            let _ = p(self.chunk_addr(i), self.geo.chunk_size());
                         }
                     };
                     let r = protocol::retire(
@@ -727,9 +733,9 @@ impl RawHeap {
                             .compare_exchange(K_FREE, punching, Ordering::AcqRel, Ordering::Relaxed)
                             .is_ok()
                         {
-                            p(self.chunk_addr(i), self.geo.chunk_size());
+                            let punched = p(self.chunk_addr(i), self.geo.chunk_size());
                             m.state.store(K_FREE, Ordering::Release);
-                            done += 1;
+                            done += u64::from(punched);
                         }
                     }
                 }
@@ -740,7 +746,8 @@ impl RawHeap {
     }
 
     /// Marks chunks `[from, to)` released if every one is free (retiring empty small chunks first).
-    /// On failure nothing changes.
+    /// On failure no chunk is left released; empty small chunks it retired on the way stay free
+    /// (as after [`RawHeap::trim`]).
     ///
     /// # Errors
     /// [`AllocError::InUse`] if a chunk in the range holds a live block or an operation in flight.
@@ -1292,6 +1299,27 @@ mod tests {
             }
             stop.store(true, Ordering::Relaxed);
         });
+        assert!(h.check().is_consistent());
+    }
+
+    /// `trim` counts a free chunk only if its punch returned the pages, and a retired small chunk
+    /// either way.
+    #[test]
+    fn trim_counts_only_the_punches_that_worked() {
+        let (_buf, h) = small_heap(8);
+        let free = 8 - h.geometry().mgmt_chunks();
+        let mut calls = 0;
+        let mut refuse = |_: usize, _: usize| {
+            calls += 1;
+            false
+        };
+        assert_eq!(h.trim(Some(&mut refuse)), 0);
+        assert_eq!(calls, free);
+        assert_eq!(h.trim(Some(&mut |_: usize, _: usize| true)), free);
+        let p = h.alloc(16, 8).expect("alloc");
+        h.free(p).expect("free");
+        // The empty small chunk is retired (counted) although its punch fails; the rest are not.
+        assert_eq!(h.trim(Some(&mut |_: usize, _: usize| false)), 1);
         assert!(h.check().is_consistent());
     }
 

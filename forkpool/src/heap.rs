@@ -18,7 +18,9 @@ use crate::error::AllocError;
 ///   `Arc`, file descriptor, process-local address); pointers into the shared heap are allowed;
 /// - need no `Drop` (the owners free memory without running destructors of the contents);
 /// - be valid for every value a process killed half-way through updating it can leave behind: every
-///   field is a plain number, an atomic, or another `ShareSafe` type whose every bit pattern is valid.
+///   field is a plain number, an atomic, or another `ShareSafe` type. (An update is a store of a
+///   whole field, so a torn value is one a field can hold; `AtomicBool` holds only 0 or 1,
+///   which is all such a store writes.)
 ///
 /// Process-local types are refused at compile time:
 ///
@@ -115,8 +117,10 @@ impl Heap {
     /// [`AllocError::DoubleFree`] or [`AllocError::ForeignPointer`]; the heap is unchanged then.
     ///
     /// # Safety
-    /// Nobody may use the block after this call (the allocator detects double and foreign frees, but
-    /// not a use after free).
+    /// Nobody may use the block after this call, and `ptr` must not be freed again (the allocator
+    /// detects a double free while the address has not been handed out again, and foreign
+    /// pointers, but not a use after free, and not a stale pointer to a block re-allocated at the
+    /// same address).
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
         self.raw.free(ptr)
     }

@@ -1211,13 +1211,16 @@ impl Pool {
     /// (`fallocate(PUNCH_HOLE)` on the backing file, or `madvise(MADV_REMOVE)`), retiring small chunks
     /// that hold no live block first. Shared pages leave every process's resident set at once; no
     /// barrier is needed because each chunk is held in a `PUNCHING` state while it is punched.
-    /// Returns how many chunks were punched.
+    /// Returns how many chunks it handled: small chunks retired, plus free chunks whose pages the
+    /// system took back (a chunk whose punch failed, on a file system that supports neither call,
+    /// is not counted). Every free chunk is punched on every call, so the count does not fall to
+    /// zero on a second call; punching a hole that is one already costs a system call, not I/O.
     pub fn punch_free(&mut self) -> u64 {
         let regions = &self.regions;
         let mut punch = |addr: usize, len: usize| {
             // SAFETY: the allocator calls this only for chunks it holds in PUNCHING or RETIRING-empty
             // state, which no process can allocate from meanwhile, and which hold no live block.
-            let _ = unsafe { regions.punch(addr, len) };
+            unsafe { regions.punch(addr, len) }.is_ok()
         };
         self.raw.trim(Some(&mut punch))
     }
