@@ -61,7 +61,7 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(from_probe(
         "memfd + seals",
         probe::memfd_seals(),
-        "sealed anonymous segments (context-shmem) cannot be created; only named segments remain",
+        "no shared-memory segment can be created: anonymous and named segments are both sealed memfds (file-backed segments still work)",
     ));
     checks.push(from_probe(
         "MAP_FIXED_NOREPLACE",
@@ -76,10 +76,10 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(from_probe(
         "pidfd_open",
         probe::pidfd(),
-        "owner-death detection falls back to pid + start time (needs Linux 5.3+ for pidfd)",
+        "the fork pool waits for a killed worker with short sleeps instead of polling a pidfd (needs Linux 5.3+); liveness checks use pid + start time either way",
     ));
 
-    // /dev/shm: where named segments live.
+    // /dev/shm: where the name records of named segments live (their data is in memfds).
     match nix::sys::statvfs::statvfs("/dev/shm") {
         Ok(st) => {
             let frag = st.fragment_size();
@@ -88,16 +88,16 @@ pub fn run_checks() -> Vec<Check> {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             checks.push(Check {
                 name: "/dev/shm",
-                status: if free < 256 << 20 { Status::Warn } else { Status::Ok },
+                status: if free < 1 << 20 { Status::Warn } else { Status::Ok },
                 detail: format!("{:.1} GiB total, {:.1} GiB free", gib(total), gib(free)),
-                consequence: "named segments larger than the free space fail with ENOSPC or SIGBUS on touch",
+                consequence: "each named segment needs an 80-byte name record here; its data lives in a memfd, which this file system's size limit does not cover",
             });
         }
         Err(e) => checks.push(Check {
             name: "/dev/shm",
             status: Status::Warn,
             detail: format!("not available: {e}"),
-            consequence: "named segments cannot be created; sealed memfd segments still work",
+            consequence: "named segments cannot be created (no place for their name records); sealed memfd segments still work",
         }),
     }
 

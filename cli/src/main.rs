@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench_cmd(&args),
         Command::Shm(ShmCommand::Ls { json }) => shm::ls(json).map(|()| ExitCode::SUCCESS),
-        Command::Shm(ShmCommand::Gc { dry_run }) => shm::gc(dry_run).map(|()| ExitCode::SUCCESS),
+        Command::Shm(ShmCommand::Gc { dry_run }) => shm::gc(dry_run),
         Command::Shm(ShmCommand::Inspect { name }) => {
             shm::inspect(&name).map(|()| ExitCode::SUCCESS)
         }
@@ -126,10 +126,28 @@ fn main() -> ExitCode {
         Err(e) if out::is_broken_pipe(&e) => ExitCode::from(out::BROKEN_PIPE_STATUS),
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ctx: error: {e:#}");
+            eprintln!("ctx: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, joined by ": " as anyhow's `{:#}` does, but leaving out a cause
+/// whose text the message before it already ends with (errors that print their source in their
+/// own message and also return it as `source()`, as `std::io` wrappers often do).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -240,5 +258,36 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("ctx bench: suite failed: {f}");
         }
         Ok(ExitCode::from(2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn a_cause_the_message_already_shows_is_printed_once() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "read name record: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::from_raw_os_error(libc::ELOOP);
+        let text = io.to_string();
+        let e = anyhow::Error::new(Wrapper(io)).context("no readable segment named \"x\"");
+        assert_eq!(
+            error_chain(&e),
+            format!("no readable segment named \"x\": read name record: {text}")
+        );
+        // Causes that add something are all kept.
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&e), "outer: inner");
     }
 }

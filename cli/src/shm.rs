@@ -1,9 +1,10 @@
 //! `ctx shm`: the named shared-memory segments this library created on the machine.
 
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use context_shmem::registry::{self, SegmentInfo};
+use context_shmem::registry::{self, CreatorState, SegmentInfo};
 use context_shmem::{Segment, TypeId};
 use serde::Serialize;
 
@@ -14,7 +15,11 @@ pub struct Entry {
     pub size: Option<u64>,
     pub type_id: Option<String>,
     pub creator_pid: Option<u32>,
-    pub creator_alive: bool,
+    /// `true` alive, `false` dead, `null` when it cannot be told (a record from another PID
+    /// namespace) or the record is unreadable.
+    pub creator_alive: Option<bool>,
+    /// `"alive"`, `"dead"` or `"unknown"` (`null` for an unreadable record).
+    pub creator_state: Option<&'static str>,
     pub age_seconds: Option<u64>,
     /// Why the record could not be read, if it could not.
     pub error: Option<String>,
@@ -26,13 +31,19 @@ fn age(created_unix_ns: u64) -> Option<Duration> {
 }
 
 fn entry(info: &SegmentInfo) -> Entry {
+    let alive = match info.creator {
+        Some(CreatorState::Alive) => Some(true),
+        Some(CreatorState::Dead) => Some(false),
+        Some(CreatorState::Unknown) | None => None,
+    };
     match &info.record {
         Ok(r) => Entry {
             name: info.name.clone(),
             size: Some(r.total_size),
             type_id: Some(format!("{:#018x}", r.type_id.0)),
             creator_pid: Some(r.creator_pid),
-            creator_alive: info.creator_alive,
+            creator_alive: alive,
+            creator_state: info.creator.map(CreatorState::as_str),
             age_seconds: age(r.created_unix_ns).map(|d| d.as_secs()),
             error: None,
         },
@@ -41,10 +52,22 @@ fn entry(info: &SegmentInfo) -> Entry {
             size: None,
             type_id: None,
             creator_pid: None,
-            creator_alive: false,
+            creator_alive: None,
+            creator_state: None,
             age_seconds: None,
             error: Some(e.clone()),
         },
+    }
+}
+
+/// A name as `ls` prints it: as it is when it is plain printable text, else escaped and quoted
+/// (anyone may create files in `/dev/shm`, and a name with a newline or a terminal escape
+/// sequence must not forge rows or recolour the terminal).
+fn shown(name: &str) -> String {
+    if name.chars().all(|c| c.is_ascii_graphic()) {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
     }
 }
 
@@ -86,7 +109,7 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
     }
     let w = entries
         .iter()
-        .map(|e| e.name.len())
+        .map(|e| shown(&e.name).len())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -102,48 +125,67 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
         match &e.error {
             None => outln!(
                 "{:<w$}  {:>10}  {:>8}  {:<6}  {:>5}",
-                e.name,
+                shown(&e.name),
                 e.size.map(human_size).unwrap_or_default(),
                 e.creator_pid.map(|p| p.to_string()).unwrap_or_default(),
-                if e.creator_alive { "alive" } else { "dead" },
+                e.creator_state.unwrap_or("?"),
                 e.age_seconds.map(human_age).unwrap_or_default(),
             )?,
-            Some(err) => outln!("{:<w$}  unreadable record: {err}", e.name)?,
+            Some(err) => outln!("{:<w$}  unreadable record: {err}", shown(&e.name))?,
         }
     }
     let dead = entries
         .iter()
-        .filter(|e| e.error.is_none() && !e.creator_alive)
+        .filter(|e| e.creator_alive == Some(false))
         .count();
     if dead > 0 {
         outln!("\n{dead} segment(s) whose creator is dead: `ctx shm gc` removes them")?;
     }
+    if entries.iter().any(|e| e.creator_state == Some("unknown")) {
+        outln!(
+            "\n`unknown`: made in another PID namespace (another container sharing {}), whose \
+             process ids cannot be checked from here; `ctx shm gc` leaves them alone",
+            registry::SHM_DIR
+        )?;
+    }
     Ok(())
 }
 
-/// `ctx shm gc`.
-pub fn gc(dry_run: bool) -> anyhow::Result<()> {
+/// `ctx shm gc`: exits 1 if a dead creator's record could not be removed.
+pub fn gc(dry_run: bool) -> anyhow::Result<ExitCode> {
     if dry_run {
         let list = registry::list().context("listing named segments")?;
         let orphans: Vec<&SegmentInfo> = list
             .iter()
-            .filter(|i| i.record.is_ok() && !i.creator_alive)
+            .filter(|i| i.creator == Some(CreatorState::Dead))
             .collect();
         for o in &orphans {
-            outln!("would remove {}", o.name)?;
+            outln!("would remove {}", shown(&o.name))?;
         }
         outln!("{} orphan(s); nothing removed (--dry-run)", orphans.len())?;
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
-    let removed = registry::gc().context("removing orphaned segments")?;
-    for name in &removed {
-        outln!("removed {name}")?;
+    let done = registry::gc().context("removing orphaned segments")?;
+    for name in &done.removed {
+        outln!("removed {}", shown(name))?;
+    }
+    for (name, why) in &done.failed {
+        eprintln!("ctx: could not remove {}: {why}", shown(name));
     }
     outln!(
-        "{} orphan(s) removed; segments of live processes are never touched",
-        removed.len()
+        "{} orphan(s) removed{}; segments of live processes are never touched",
+        done.removed.len(),
+        if done.failed.is_empty() {
+            String::new()
+        } else {
+            format!(", {} could not be", done.failed.len())
+        }
     )?;
-    Ok(())
+    Ok(if done.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `ctx shm inspect NAME`.
@@ -163,26 +205,44 @@ pub fn inspect(name: &str) -> anyhow::Result<()> {
         outln!(
             "creator       pid {} ({})",
             r.creator_pid,
-            if info.creator_alive { "alive" } else { "dead" }
+            e.creator_state.unwrap_or("?")
         )?;
         if let Some(a) = e.age_seconds {
             outln!("age           {}", human_age(a))?;
         }
-        if info.creator_alive {
-            // Opening validates the header inside the segment (magic, layout version, size, type id).
-            match Segment::open_named(name, TypeId(r.type_id.0)) {
-                Ok(seg) => outln!(
+        match info.creator {
+            Some(CreatorState::Alive) => {
+                // Opening validates the header inside the segment (magic, layout version, size,
+                // type id) and that the record and the segment belong together.
+                let seg = Segment::open_named(name, TypeId(r.type_id.0)).with_context(|| {
+                    format!("the header of live segment {name} cannot be opened")
+                })?;
+                outln!(
                     "header        valid: {:?} segment, payload {} bytes",
                     seg.kind(),
                     seg.payload_len()
-                )?,
-                Err(err) => outln!("header        cannot be opened: {err}")?,
+                )?;
             }
-        } else {
-            outln!(
+            Some(CreatorState::Unknown) => {
+                outln!("header        not opened: the record was made in another PID namespace")?
+            }
+            Some(CreatorState::Dead) | None => outln!(
                 "header        gone with its creator (named segments live in the creator's memfd)"
-            )?;
+            )?,
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn names_that_could_forge_rows_or_escape_the_terminal_are_quoted() {
+        assert_eq!(shown("ctxshm-a-00"), "ctxshm-a-00");
+        assert_eq!(shown("ctxshm-x\n0 B 1 alive"), "\"ctxshm-x\\n0 B 1 alive\"");
+        assert_eq!(shown("ctxshm-\u{1b}[31mred"), "\"ctxshm-\\u{1b}[31mred\"");
+        assert_eq!(shown("ctxshm- space"), "\"ctxshm- space\"");
+    }
 }

@@ -154,3 +154,40 @@ fn inspect_refuses_bad_names_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a context-shmem segment name"));
 }
+
+/// Review of 2026-12-04: `inspect` printed "cannot be opened" and exited 0 when a live creator's
+/// header could not be opened, so `ctx shm inspect X && use X` went on.
+#[test]
+fn inspect_fails_when_a_live_segment_cannot_be_opened() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let real = Segment::create_named("clitest_forge", 4096, TypeId(0x5eed)).unwrap();
+    let rec = context_shmem::registry::inspect(real.name().unwrap())
+        .unwrap()
+        .record
+        .unwrap();
+    // A record of this (live) process that names its descriptor 0, not a segment.
+    let forged = format!(
+        "ctxshm-clitest_forged-{:032x}",
+        u128::from(std::process::id())
+    );
+    let path = std::path::Path::new(context_shmem::registry::SHM_DIR).join(&forged);
+    std::fs::write(
+        &path,
+        context_shmem::registry::NameRecord { fd: 0, ..rec }.encode(),
+    )
+    .unwrap();
+    let out = Command::cargo_bin("ctx")
+        .unwrap()
+        .args(["shm", "inspect", &forged])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success(), "inspect exited 0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be opened") && err.contains("memfd"),
+        "{err}"
+    );
+}

@@ -216,7 +216,8 @@ impl Channel {
     /// process's view of the segment size and must match the one stored inside.
     ///
     /// # Errors
-    /// Wrong type, or an inconsistent control block.
+    /// Wrong type, an inconsistent control block, or a segment made in another PID namespace
+    /// ([`Segment::check_pid_namespace`]: the sides' liveness tokens would be misread).
     pub fn from_segment(seg: Arc<Segment>) -> Result<Self, ChannelError> {
         if seg.type_id() != CHANNEL_TYPE {
             return Err(Error::WrongType {
@@ -225,6 +226,7 @@ impl Channel {
             }
             .into());
         }
+        seg.check_pid_namespace()?;
         let cap = seg
             .payload_len()
             .checked_sub(CTRL_SIZE + 2 * RING_HDR)

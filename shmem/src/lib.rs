@@ -129,6 +129,19 @@ pub enum Error {
         /// The creator's PID.
         pid: u32,
     },
+    /// The segment (or name record) was made in another PID namespace, whose PIDs this process
+    /// cannot check: refused rather than risk taking a live process's lock or channel side.
+    #[error(
+        "made in another PID namespace (pid:[{}]; this process: pid:[{}]): its process ids mean nothing here",
+        theirs.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
+        ours.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
+    )]
+    ForeignPidNamespace {
+        /// This process's PID namespace (`None` if unreadable).
+        ours: Option<u32>,
+        /// The creator's (`None` if it could not read its own).
+        theirs: Option<u32>,
+    },
     /// A malformed name or tag.
     #[error("{0}")]
     BadName(String),

@@ -848,8 +848,11 @@ mod handle {
         /// Only do this before other processes use that range as a lock.
         ///
         /// # Errors
-        /// `offset` out of bounds or misaligned; registration failed.
+        /// `offset` out of bounds or misaligned; registration failed; the segment was made in
+        /// another PID namespace ([`Segment::check_pid_namespace`]: owners' liveness would be
+        /// misread, and a live holder's lock taken).
         pub fn create_in(seg: Arc<Segment>, offset: usize) -> Result<Self, Error> {
+            seg.check_pid_namespace()?;
             let lock = Self::at(seg, offset)?;
             lock.raw().init();
             lock.slot().map_err(|_| Error::LockFull(LockFull))?;
@@ -859,8 +862,10 @@ mod handle {
         /// Opens the lock another process initialized at payload offset `offset` of `seg`.
         ///
         /// # Errors
-        /// Out of bounds, misaligned, not an initialized lock, or no free process slot.
+        /// Out of bounds, misaligned, not an initialized lock, no free process slot, or a segment
+        /// made in another PID namespace (as for [`Self::create_in`]).
         pub fn open_in(seg: Arc<Segment>, offset: usize) -> Result<Self, Error> {
+            seg.check_pid_namespace()?;
             let lock = Self::at(seg, offset)?;
             if !lock.raw().is_initialized() {
                 return Err(Error::BadHeader("no initialized lock at this offset"));

@@ -14,6 +14,16 @@
 //!
 //! Reading `/proc` here uses raw `open`/`read` into a stack buffer: no allocation, so it is usable in
 //! a forked child of a multi-threaded parent.
+//!
+//! **Whose `/proc`, which PIDs.** A PID means something only in one PID namespace, and `/proc`
+//! shows the processes of the namespace it was mounted for, which need not be the reader's (a
+//! container that sees the host's `/proc`), and may hide processes (`hidepid=2`). So: this
+//! process's own token is read from `/proc/self/stat` and refused unless that file's PID is the
+//! one `getpid` returns ([`ProcessToken::current`]); while it is refused, every other token's
+//! liveness is *unknown* (alive), never dead. A `/proc/<pid>` that does not exist proves death
+//! only if `kill(pid, 0)` agrees (`ESRCH`): under `hidepid` a live process may be invisible. And
+//! tokens from another PID namespace must not be compared at all: shared segments and name
+//! records carry their creator's [`pid_namespace`], and openers refuse or ignore foreign ones.
 
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -72,21 +82,20 @@ impl ProcessToken {
     /// The calling process's token (cached; recomputed after `fork`).
     ///
     /// # Errors
-    /// If `/proc/self/stat` cannot be read (no procfs mounted).
+    /// If `/proc/self/stat` cannot be read (no procfs mounted), or shows another PID than
+    /// `getpid` (the procfs at `/proc` belongs to another PID namespace, so no PID read from it
+    /// means what this process would take it to mean).
     pub fn current() -> std::io::Result<Self> {
-        install_fork_hook();
-        let cached = MY_TOKEN.load(Ordering::Relaxed);
-        if let Some(t) = Self::from_bits(cached) {
-            return Ok(t);
+        match own_token() {
+            Ok(t) => Ok(t),
+            Err(OwnStat::ForeignProc { ours, shown }) => Err(std::io::Error::other(format!(
+                "/proc/self/stat shows pid {shown} but this process is pid {ours}: the procfs at \
+                 /proc belongs to another PID namespace (mount one for this namespace)"
+            ))),
+            Err(_) => Err(std::io::Error::other(
+                "cannot read /proc/self/stat (is procfs mounted at /proc?)",
+            )),
         }
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() };
-        let pid = u32::try_from(pid).map_err(|_| std::io::Error::other("negative pid"))?;
-        let t = Self::of_pid(pid).ok_or_else(|| {
-            std::io::Error::other("cannot read /proc/<pid>/stat for this process")
-        })?;
-        MY_TOKEN.store(t.0, Ordering::Relaxed);
-        Ok(t)
     }
 
     /// Whether the process this token names is still running (not dead, not a zombie, PID not
@@ -98,9 +107,92 @@ impl ProcessToken {
     /// `ENOMEM`, a short or garbled read) the answer is *unknown* and this returns `true`: callers
     /// use "dead" to take over a lock or a channel side, and taking it from a live process would
     /// give two holders, while a wrong "alive" only delays recovery until a later check succeeds.
+    /// For the same reason a missing `/proc/<pid>` counts as death only if `kill(pid, 0)` says
+    /// `ESRCH` (under `hidepid=2` a live process of another user is invisible), and every token
+    /// is alive while this process cannot read its own identity from `/proc` (see
+    /// [`ProcessToken::current`]: PIDs read there would be another namespace's).
     #[must_use]
     pub fn is_alive(self) -> bool {
+        if own_token().is_err() {
+            return true;
+        }
         liveness_from(self, read_stat(self.pid()))
+    }
+}
+
+/// The identity of this process's PID namespace: the inode number of `/proc/self/ns/pid`
+/// (cached; recomputed after `fork`, since a child may be in a namespace its parent made with
+/// `unshare(CLONE_NEWPID)`). `None` if it cannot be read (no procfs, or a kernel before 3.8).
+/// PIDs and [`ProcessToken`]s mean something only between processes with the same value.
+#[must_use]
+pub fn pid_namespace() -> Option<u32> {
+    install_fork_hook();
+    let cached = MY_PID_NS.load(Ordering::Relaxed);
+    if cached != 0 {
+        return Some(cached);
+    }
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated literal path and a `stat` buffer that live across the call.
+    if unsafe { libc::stat(c"/proc/self/ns/pid".as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    // Namespace inode numbers are the kernel's `unsigned int` `ns.inum`, never 0.
+    let ino = u32::try_from(st.st_ino).ok().filter(|&i| i != 0)?;
+    MY_PID_NS.store(ino, Ordering::Relaxed);
+    Some(ino)
+}
+
+/// This process's token, cached (without allocating: usable in a forked child).
+fn own_token() -> Result<ProcessToken, OwnStat> {
+    install_fork_hook();
+    if let Some(t) = ProcessToken::from_bits(MY_TOKEN.load(Ordering::Relaxed)) {
+        return Ok(t);
+    }
+    match own_stat() {
+        OwnStat::Found(pid, info) => {
+            let t = ProcessToken::new(pid, info.start);
+            MY_TOKEN.store(t.0, Ordering::Relaxed);
+            Ok(t)
+        }
+        other => Err(other),
+    }
+}
+
+/// This process's full start time (clock ticks after boot), from `/proc/self/stat` (`None` if it
+/// cannot be read, or `/proc` is another PID namespace's).
+pub(crate) fn own_start_ticks() -> Option<u64> {
+    match own_stat() {
+        OwnStat::Found(_, info) => Some(info.start),
+        OwnStat::ForeignProc { .. } | OwnStat::Unreadable => None,
+    }
+}
+
+/// What `/proc/self/stat` says about this process.
+enum OwnStat {
+    Found(u32, StatInfo),
+    /// The file's PID is not ours: `/proc` is another PID namespace's procfs.
+    ForeignProc {
+        ours: u32,
+        shown: u32,
+    },
+    Unreadable,
+}
+
+fn own_stat() -> OwnStat {
+    // SAFETY: getpid has no preconditions.
+    let Ok(ours) = u32::try_from(unsafe { libc::getpid() }) else {
+        return OwnStat::Unreadable;
+    };
+    let mut buf = [0u8; 1024];
+    let Ok(len) = read_small_file(c"/proc/self/stat", &mut buf) else {
+        return OwnStat::Unreadable;
+    };
+    let buf = &buf[..len];
+    match (parse_stat_pid(buf), parse_stat(buf)) {
+        (Some(shown), Some(info)) if shown == ours => OwnStat::Found(ours, info),
+        (Some(shown), Some(_)) => OwnStat::ForeignProc { ours, shown },
+        _ => OwnStat::Unreadable,
     }
 }
 
@@ -147,6 +239,8 @@ impl ProcessToken {}
 
 /// Our own token, 0 until computed; reset to 0 in a forked child.
 static MY_TOKEN: AtomicU64 = AtomicU64::new(0);
+/// Our PID namespace's inode number, 0 until computed; reset to 0 in a forked child.
+static MY_PID_NS: AtomicU32 = AtomicU32::new(0);
 /// Bumped in every forked child, so per-process caches (lock slot registrations) know to redo work.
 static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
 static FORK_HOOK: Once = Once::new();
@@ -155,6 +249,7 @@ static FORK_HOOK_OK: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn after_fork_in_child() {
     MY_TOKEN.store(0, Ordering::Relaxed);
+    MY_PID_NS.store(0, Ordering::Relaxed);
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -246,8 +341,74 @@ pub(crate) fn parse_stat(buf: &[u8]) -> Option<StatInfo> {
     })
 }
 
-/// Reads and parses `/proc/<pid>/stat` without allocating.
+/// The PID in a `/proc/<pid>/stat` line (field 1, before the command name). `None` if malformed.
+pub(crate) fn parse_stat_pid(buf: &[u8]) -> Option<u32> {
+    let end = buf.iter().position(|&b| b == b' ')?;
+    std::str::from_utf8(&buf[..end]).ok()?.parse().ok()
+}
+
+/// Whether a process with this PID exists in our namespace, by `kill(pid, 0)`, which sees
+/// processes `/proc` may hide: `Some(false)` only for `ESRCH`.
+fn pid_exists(pid: u32) -> Option<bool> {
+    let pid = libc::pid_t::try_from(pid).ok().filter(|&p| p > 0)?;
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists and may be signalled.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return Some(true);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ESRCH) => Some(false),
+        Some(libc::EPERM) => Some(true),
+        _ => None,
+    }
+}
+
+/// Reads and parses `/proc/<pid>/stat` without allocating. A missing file is
+/// [`StatRead::NoProcess`] only if [`pid_exists`] agrees; a process that `/proc` hides
+/// (`hidepid=2`) is [`StatRead::Unknown`].
 pub(crate) fn read_stat(pid: u32) -> StatRead {
+    match read_stat_raw(pid) {
+        StatRead::NoProcess if pid_exists(pid) != Some(false) => StatRead::Unknown,
+        other => other,
+    }
+}
+
+/// Reads the small file at `path` into `buf` without allocating; returns its length, or the
+/// errno of the failed `open` or `read`.
+fn read_small_file(path: &std::ffi::CStr, buf: &mut [u8]) -> Result<usize, i32> {
+    // SAFETY:
+    // - `path` is a NUL-terminated byte string that lives across the call.
+    // - O_RDONLY|O_CLOEXEC opens without side effects.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    let mut len = 0usize;
+    let mut failed = None;
+    while len < buf.len() {
+        let spare = &mut buf[len..];
+        // SAFETY:
+        // - `fd` is the descriptor opened above and not yet closed.
+        // - `spare` is writable for `spare.len()` bytes.
+        let r = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        match usize::try_from(r) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(_) => {
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if errno == libc::EINTR {
+                    continue;
+                }
+                failed = Some(errno);
+                break;
+            }
+        }
+    }
+    // SAFETY: `fd` was opened above, is owned by this function and is closed exactly once.
+    unsafe { libc::close(fd) };
+    failed.map_or(Ok(len), Err)
+}
+
+fn read_stat_raw(pid: u32) -> StatRead {
     let mut path = [0u8; 32];
     let mut n = 0;
     for &b in b"/proc/" {
@@ -275,41 +436,14 @@ pub(crate) fn read_stat(pid: u32) -> StatRead {
         n += 1;
     }
     // `path` is NUL-terminated: at most 6 + 10 + 5 = 21 bytes were written into 32 zeroed bytes.
-    // SAFETY:
-    // - `path` is a NUL-terminated byte string that lives across the call.
-    // - O_RDONLY|O_CLOEXEC opens without side effects.
-    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return stat_error_kind(errno);
-    }
+    let Ok(path) = std::ffi::CStr::from_bytes_until_nul(&path) else {
+        return StatRead::Unknown;
+    };
     let mut buf = [0u8; 1024];
-    let mut len = 0usize;
-    let mut failed = None;
-    while len < buf.len() {
-        let spare = &mut buf[len..];
-        // SAFETY:
-        // - `fd` is the descriptor opened above and not yet closed.
-        // - `spare` is writable for `spare.len()` bytes.
-        let r = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
-        match usize::try_from(r) {
-            Ok(0) => break,
-            Ok(k) => len += k,
-            Err(_) => {
-                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                if errno == libc::EINTR {
-                    continue;
-                }
-                failed = Some(stat_error_kind(errno));
-                break;
-            }
-        }
-    }
-    // SAFETY: `fd` was opened above, is owned by this function and is closed exactly once.
-    unsafe { libc::close(fd) };
-    if let Some(kind) = failed {
-        return kind;
-    }
+    let len = match read_small_file(path, &mut buf) {
+        Ok(len) => len,
+        Err(errno) => return stat_error_kind(errno),
+    };
     // A stat file that does not parse (truncated, an unexpected kernel format) proves nothing.
     parse_stat(&buf[..len]).map_or(StatRead::Unknown, StatRead::Found)
 }
@@ -467,6 +601,39 @@ mod tests {
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status}"
         );
+    }
+
+    #[test]
+    fn the_pid_field_is_read_before_the_command_name() {
+        assert_eq!(parse_stat_pid(b"1234 (a b) S 1 2"), Some(1234));
+        assert_eq!(parse_stat_pid(b"x (a) S"), None);
+        assert_eq!(parse_stat_pid(b""), None);
+        assert_eq!(parse_stat_pid(b"99999999999 (a) S"), None);
+    }
+
+    #[test]
+    fn kill_zero_tells_an_existing_pid_from_a_gone_one() {
+        assert_eq!(pid_exists(std::process::id()), Some(true));
+        // PID 1 exists in every namespace (EPERM or success, both mean it exists).
+        assert_eq!(pid_exists(1), Some(true));
+        // A child we have reaped is gone, to /proc and to kill alike (its PID cannot come back
+        // before the kernel has cycled through the whole PID space).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert_eq!(pid_exists(pid), Some(false));
+        assert_eq!(read_stat(pid), StatRead::NoProcess);
+        assert_eq!(pid_exists(0), None);
+    }
+
+    #[test]
+    fn own_identity_is_read_from_proc_self_and_names_this_process() {
+        match own_stat() {
+            OwnStat::Found(pid, _) => assert_eq!(pid, std::process::id()),
+            _ => panic!("/proc/self/stat unreadable in the test environment"),
+        }
+        assert!(pid_namespace().is_some());
+        assert_eq!(pid_namespace(), pid_namespace());
     }
 
     #[test]

@@ -2,11 +2,18 @@
 //!
 //! The registry *is* the set of record files `/dev/shm/ctxshm-*` that [`Segment::create_named`]
 //! writes (see [`crate::segment`] for why the name is a record and the data a sealed memfd). Each
-//! record carries the creator's PID and start time, the size, the type id and the creation time, so
-//! listing needs no other bookkeeping and stays correct if a creator is SIGKILLed.
+//! record carries the creator's PID, start time and PID namespace, the size, the type id and the
+//! creation time, so listing needs no other bookkeeping and stays correct if a creator is
+//! SIGKILLed. A record appears whole or not at all: it is written into an unnamed file
+//! (`O_TMPFILE`) that is then linked under its name, so a creator killed while writing leaves
+//! nothing behind.
 //!
 //! **What `gc` removes, and why that is safe.** A record is removed only when its creator is dead
 //! (by [`ProcessToken`]: PID + start time, so a recycled PID does not keep a stale name alive).
+//! A PID means something only in its own PID namespace, so a record made in another namespace
+//! (another container sharing `/dev/shm`) has a creator whose state is
+//! [`CreatorState::Unknown`], and is never removed; so are records whose creator cannot be checked
+//! (a `/proc` that hides it, or belongs to another namespace).
 //! Nobody maps a record file (the data lives in the creator's memfd, which the kernel frees with its
 //! last mapping), and a named segment can only be opened while its creator is alive, so a record
 //! with a dead creator is useless to everybody: removing it cannot pull memory from under a live
@@ -26,7 +33,7 @@ pub const SHM_DIR: &str = "/dev/shm";
 pub const PREFIX: &str = "ctxshm-";
 
 const RECORD_MAGIC: [u8; 8] = *b"CTXSHMNM";
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 /// Size of an encoded name record.
 pub const RECORD_SIZE: usize = 80;
 
@@ -83,6 +90,8 @@ pub struct NameRecord {
     pub created_unix_ns: u64,
     /// The nonce also stored in the segment's header.
     pub nonce: [u8; 16],
+    /// The creator's PID namespace ([`crate::process::pid_namespace`]; 0 if unreadable).
+    pub pid_ns: u32,
 }
 
 impl NameRecord {
@@ -90,6 +99,22 @@ impl NameRecord {
     #[must_use]
     pub fn creator_token(&self) -> ProcessToken {
         ProcessToken::new(self.creator_pid, self.creator_start)
+    }
+
+    /// Whether the creator lives, as far as this process can tell: [`CreatorState::Unknown`] for
+    /// a record made in another PID namespace (or by a creator that could not read its own).
+    #[must_use]
+    pub fn creator_state(&self) -> CreatorState {
+        match crate::process::pid_namespace() {
+            Some(ours) if ours == self.pid_ns => {
+                if self.creator_token().is_alive() {
+                    CreatorState::Alive
+                } else {
+                    CreatorState::Dead
+                }
+            }
+            _ => CreatorState::Unknown,
+        }
     }
 
     /// Encodes the record.
@@ -102,6 +127,7 @@ impl NameRecord {
         b[16..24].copy_from_slice(&self.total_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.type_id.0.to_le_bytes());
         b[32..36].copy_from_slice(&self.creator_pid.to_le_bytes());
+        b[36..40].copy_from_slice(&self.pid_ns.to_le_bytes());
         b[40..48].copy_from_slice(&self.creator_start.to_le_bytes());
         b[48..56].copy_from_slice(&self.created_unix_ns.to_le_bytes());
         b[56..72].copy_from_slice(&self.nonce);
@@ -153,6 +179,7 @@ impl NameRecord {
             fd,
             created_unix_ns: le64(&b[48..56]),
             nonce,
+            pid_ns: le32(&b[36..40]),
         })
     }
 }
@@ -173,6 +200,31 @@ pub(crate) fn read_record(path: &Path, name: &str) -> Result<NameRecord, Error> 
     NameRecord::decode(&bytes)
 }
 
+/// Whether a record's creator lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreatorState {
+    /// The creator runs: its segment can be opened.
+    Alive,
+    /// The creator has exited (proven: its PID is gone or belongs to another process); `gc`
+    /// removes the record.
+    Dead,
+    /// It cannot be told from here: the record was made in another PID namespace, or this
+    /// process cannot read `/proc` for its own namespace. Never removed by `gc`.
+    Unknown,
+}
+
+impl CreatorState {
+    /// `"alive"`, `"dead"` or `"unknown"`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alive => "alive",
+            Self::Dead => "dead",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
 /// One entry of [`list`].
 #[derive(Debug, Clone)]
 pub struct SegmentInfo {
@@ -182,8 +234,8 @@ pub struct SegmentInfo {
     pub path: PathBuf,
     /// The decoded record, or why it could not be decoded.
     pub record: Result<NameRecord, String>,
-    /// Whether the creator is alive (false for an undecodable record).
-    pub creator_alive: bool,
+    /// Whether the creator lives (`None` for an undecodable record).
+    pub creator: Option<CreatorState>,
 }
 
 /// Lists every named segment record under [`SHM_DIR`].
@@ -217,12 +269,12 @@ pub fn list_in(dir: &Path) -> Result<Vec<SegmentInfo>, Error> {
         } else {
             Err("not a well-formed segment name".to_owned())
         };
-        let creator_alive = record.as_ref().is_ok_and(|r| r.creator_token().is_alive());
+        let creator = record.as_ref().ok().map(NameRecord::creator_state);
         out.push(SegmentInfo {
             name,
             path,
             record,
-            creator_alive,
+            creator,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -248,17 +300,28 @@ pub fn inspect_in(dir: &Path, name: &str) -> Result<SegmentInfo, Error> {
     Ok(SegmentInfo {
         name: name.to_owned(),
         path,
-        creator_alive: rec.creator_token().is_alive(),
+        creator: Some(rec.creator_state()),
         record: Ok(rec),
     })
 }
 
-/// Removes the records of named segments whose creator is dead; returns the removed names. See the
-/// [module docs](self) for why this never takes memory from a live process.
+/// What [`gc`] did.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// The names removed.
+    pub removed: Vec<String>,
+    /// Records of dead creators that could not be removed, and why (for example `EPERM`: the
+    /// record belongs to another user and `/dev/shm` is sticky).
+    pub failed: Vec<(String, std::io::Error)>,
+}
+
+/// Removes the records of named segments whose creator is dead ([`CreatorState::Dead`]); says
+/// which it removed and which it could not. See the [module docs](self) for why this never takes
+/// memory from a live process.
 ///
 /// # Errors
-/// The directory cannot be read. Individual removals that fail are skipped.
-pub fn gc() -> Result<Vec<String>, Error> {
+/// The directory cannot be read. A removal that fails is reported in [`Collected::failed`].
+pub fn gc() -> Result<Collected, Error> {
     gc_in(Path::new(SHM_DIR))
 }
 
@@ -266,16 +329,22 @@ pub fn gc() -> Result<Vec<String>, Error> {
 ///
 /// # Errors
 /// As for [`gc`].
-pub fn gc_in(dir: &Path) -> Result<Vec<String>, Error> {
-    let mut removed = Vec::new();
+pub fn gc_in(dir: &Path) -> Result<Collected, Error> {
+    let mut done = Collected::default();
     for info in list_in(dir)? {
         let Ok(rec) = &info.record else { continue };
-        // Re-check right before removing; the creator's token cannot come back to life.
-        if !rec.creator_token().is_alive() && std::fs::remove_file(&info.path).is_ok() {
-            removed.push(info.name);
+        // Re-check right before removing; a dead creator's token cannot come back to life.
+        if rec.creator_state() != CreatorState::Dead {
+            continue;
+        }
+        match std::fs::remove_file(&info.path) {
+            Ok(()) => done.removed.push(info.name),
+            // Removed meanwhile (by another gc, say): nothing left to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => done.failed.push((info.name, e)),
         }
     }
-    Ok(removed)
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -332,7 +401,8 @@ mod tests {
             matches!(inspected, Err(Error::BadHeader(_))),
             "{inspected:?}"
         );
-        assert!(collected.unwrap().is_empty());
+        let collected = collected.unwrap();
+        assert!(collected.removed.is_empty() && collected.failed.is_empty());
     }
 
     #[test]
@@ -345,6 +415,7 @@ mod tests {
             fd: 7,
             created_unix_ns: 99,
             nonce: [3; 16],
+            pid_ns: 4_026_531_836,
         };
         assert_eq!(NameRecord::decode(&r.encode()).unwrap(), r);
         let mut bad = r.encode();

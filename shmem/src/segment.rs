@@ -34,7 +34,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -42,7 +42,7 @@ use std::ptr::NonNull;
 use crate::{Error, ProcessToken};
 
 const SEGMENT_MAGIC: [u8; 8] = *b"CTXSHM\0\x01";
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 /// Bytes of header before the payload (also the payload's alignment guarantee).
 pub const HEADER_SIZE: usize = 64;
 /// Largest segment this crate creates or opens (1 TiB): a sanity bound on sizes read from outside.
@@ -116,6 +116,10 @@ pub struct SegmentHeader {
     pub type_id: TypeId,
     /// Random bytes chosen at creation (ties a name record to its memfd).
     pub nonce: [u8; 16],
+    /// The creator's PID namespace ([`crate::process::pid_namespace`]; 0 if it could not be
+    /// read). Process tokens in the segment (lock owners, channel sides) mean something only to
+    /// processes of this namespace.
+    pub pid_ns: u32,
 }
 
 impl SegmentHeader {
@@ -129,6 +133,7 @@ impl SegmentHeader {
         b[16..24].copy_from_slice(&self.total_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.type_id.0.to_le_bytes());
         b[32..48].copy_from_slice(&self.nonce);
+        b[48..52].copy_from_slice(&self.pid_ns.to_le_bytes());
         let sum = fnv(&b[..56]);
         b[56..64].copy_from_slice(&sum.to_le_bytes());
         b
@@ -166,6 +171,7 @@ impl SegmentHeader {
             total_size,
             type_id: TypeId(le64(&b[24..32])),
             nonce,
+            pid_ns: le32(&b[48..52]),
         })
     }
 }
@@ -189,6 +195,68 @@ pub(crate) fn fnv(b: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// Writes a name record so that it appears at `path` whole or not at all: into an unnamed file in
+/// `dir` (`O_TMPFILE`), which is then linked under its name (`linkat` through `/proc/self/fd`,
+/// which needs no privilege and fails if the name exists). A creator killed before the link
+/// leaves nothing: the kernel frees the unnamed file with its descriptor. Where the file system
+/// has no `O_TMPFILE`, the record is created `O_EXCL` under its name and written in place (a
+/// crash mid-write then leaves an unreadable record, which `ctx shm ls` shows).
+fn publish_record(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir);
+    let mut f = match tmp {
+        Ok(f) => f,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) =>
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(io("create name record"))?;
+            if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_data()) {
+                let _ = std::fs::remove_file(path);
+                return Err(Error::Io {
+                    op: "write name record",
+                    source: e,
+                });
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(io("create name record")(e)),
+    };
+    f.write_all(bytes)
+        .and_then(|()| f.sync_data())
+        .map_err(io("write name record"))?;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|_| Error::BadHeader("descriptor path"))?;
+    let to = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::BadName("the segment directory's path holds a NUL byte".to_owned()))?;
+    // SAFETY: two NUL-terminated paths that live across the call; AT_FDCWD with absolute or
+    // relative paths; AT_SYMLINK_FOLLOW resolves the /proc magic link to the unnamed file.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(last_err("link name record"));
+    }
+    Ok(())
 }
 
 /// Owner-side state of a named segment: the record file to unlink.
@@ -333,6 +401,7 @@ impl Segment {
             total_size: total as u64,
             type_id,
             nonce: random_nonce()?,
+            pid_ns: crate::process::pid_namespace().unwrap_or(0),
         };
         let map = map(&file, total)?;
         let seg = Self {
@@ -379,6 +448,7 @@ impl Segment {
                 total_size: 0,
                 type_id,
                 nonce: [0; 16],
+                pid_ns: 0,
             },
             name: None,
             owner: None,
@@ -515,14 +585,11 @@ impl Segment {
         // The record names its creator by pid and start time; a record with a made-up start
         // time (0) would read as a dead creator at once, and `gc` would delete the name of a
         // live segment. So a failed read (descriptors exhausted, say) fails the creation.
-        let start = match crate::process::read_stat(me.pid()) {
-            crate::process::StatRead::Found(s) => s.start,
-            crate::process::StatRead::NoProcess | crate::process::StatRead::Unknown => {
-                return Err(io("/proc/self/stat")(std::io::Error::other(
-                    "cannot read this process's start time for the name record",
-                )));
-            }
-        };
+        let start = crate::process::own_start_ticks().ok_or_else(|| {
+            io("/proc/self/stat")(std::io::Error::other(
+                "cannot read this process's start time for the name record",
+            ))
+        })?;
         let hex: String = random_nonce()?.iter().map(|b| format!("{b:02x}")).collect();
         let name = format!("{}{tag}-{hex}", crate::registry::PREFIX);
         let path = dir.join(&name);
@@ -536,22 +603,9 @@ impl Segment {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
             nonce: seg.header.nonce,
+            pid_ns: seg.header.pid_ns,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io("create name record"))?;
-        let write = f.write_all(&record.encode()).and_then(|()| f.sync_data());
-        if let Err(e) = write {
-            let _ = std::fs::remove_file(&path);
-            return Err(Error::Io {
-                op: "write name record",
-                source: e,
-            });
-        }
+        publish_record(dir, &path, &record.encode())?;
         seg.name = Some(name);
         seg.owner = Some(NamedOwner {
             path,
@@ -563,9 +617,12 @@ impl Segment {
     /// Opens a named segment by its full name (`ctxshm-...`), as listed by [`crate::registry::list`].
     ///
     /// # Errors
-    /// [`Error::BadName`], [`Error::NotFound`], [`Error::BadHeader`] (garbage or truncated record),
-    /// [`Error::CreatorGone`] (the creator exited: the name is stale), [`Error::WrongType`],
-    /// [`Error::WrongSize`], [`Error::Unsealed`].
+    /// [`Error::BadName`], [`Error::NotFound`], [`Error::BadHeader`] (garbage or truncated record,
+    /// a record owned by another user than its creator, or naming a descriptor that is not one of
+    /// our memfds), [`Error::CreatorGone`] (the creator exited: the name is stale),
+    /// [`Error::ForeignPidNamespace`] (made in another PID namespace: its creator's PID cannot be
+    /// checked or reached from here), [`Error::WrongType`], [`Error::WrongSize`],
+    /// [`Error::Unsealed`].
     pub fn open_named(name: &str, type_id: TypeId) -> Result<Self, Error> {
         Self::open_named_in(Path::new(crate::registry::SHM_DIR), name, type_id)
     }
@@ -579,16 +636,51 @@ impl Segment {
                 found: rec.type_id,
             });
         }
-        if !rec.creator_token().is_alive() {
-            return Err(Error::CreatorGone {
-                pid: rec.creator_pid,
-            });
+        match rec.creator_state() {
+            crate::registry::CreatorState::Alive => {}
+            crate::registry::CreatorState::Dead => {
+                return Err(Error::CreatorGone {
+                    pid: rec.creator_pid,
+                });
+            }
+            crate::registry::CreatorState::Unknown => {
+                return Err(Error::ForeignPidNamespace {
+                    ours: crate::process::pid_namespace(),
+                    theirs: Some(rec.pid_ns).filter(|&n| n != 0),
+                });
+            }
         }
-        let proc_path = format!("/proc/{}/fd/{}", rec.creator_pid, rec.fd);
+        // Anyone may write a record in `/dev/shm`. A record must belong to the user the creator
+        // runs as (the owner of `/proc/<pid>`), so that a forged one cannot make this process
+        // (root, say) open another user's descriptors; and what it names must be one of our
+        // memfds, opened without blocking and without taking a terminal, before anything else.
+        let proc_dir = format!("/proc/{}", rec.creator_pid);
+        let record_uid = std::fs::symlink_metadata(dir.join(name))
+            .map_err(io("stat name record"))?
+            .uid();
+        let creator_uid = std::fs::metadata(&proc_dir)
+            .map_err(io("stat /proc/<creator>"))?
+            .uid();
+        if record_uid != creator_uid {
+            return Err(Error::BadHeader(
+                "the name record belongs to another user than the process it names",
+            ));
+        }
+        let proc_path = format!("{proc_dir}/fd/{}", rec.fd);
+        let target = std::fs::read_link(&proc_path).map_err(io("read /proc/<creator>/fd/<n>"))?;
+        if !target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(b"/memfd:context-shmem")
+        {
+            return Err(Error::BadHeader(
+                "the name record does not point at a context-shmem memfd",
+            ));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&proc_path)
             .map_err(io("open /proc/<creator>/fd/<n>"))?;
         check_sealed(&file)?;
@@ -681,6 +773,28 @@ impl Segment {
         self.kind
     }
 
+    /// The PID namespace of the process that created the segment, as its header records it
+    /// (`None` if the creator could not read it).
+    #[must_use]
+    pub fn creator_pid_namespace(&self) -> Option<u32> {
+        Some(self.header.pid_ns).filter(|&n| n != 0)
+    }
+
+    /// Checks that this process is in the PID namespace the segment's creator was in. Process
+    /// tokens stored in the segment (a lock's owner, a channel side) are PIDs of that namespace:
+    /// compared from another one, a live process could look dead and have its lock taken. So the
+    /// shared lock and the channel call this when they attach; plain data needs no such check.
+    ///
+    /// # Errors
+    /// [`Error::ForeignPidNamespace`] when the namespaces differ or either is unknown.
+    pub fn check_pid_namespace(&self) -> Result<(), Error> {
+        let ours = crate::process::pid_namespace();
+        match (ours, self.creator_pid_namespace()) {
+            (Some(a), Some(b)) if a == b => Ok(()),
+            (ours, theirs) => Err(Error::ForeignPidNamespace { ours, theirs }),
+        }
+    }
+
     /// The name of a named segment.
     #[must_use]
     pub fn name(&self) -> Option<&str> {
@@ -693,8 +807,9 @@ impl Segment {
         self.file.as_fd()
     }
 
-    /// Reads the whole payload once, byte by byte with volatile reads, into `out`. For diagnostics
-    /// (`ctx shm inspect`); typed access goes through the views.
+    /// Reads `out.len()` payload bytes from `offset`, byte by byte with volatile reads, into `out`.
+    /// For diagnostics (a dump of a segment another process is writing); typed access goes through
+    /// the views.
     ///
     /// # Errors
     /// [`Error::OutOfBounds`] if `offset + out.len()` exceeds the payload.
@@ -775,6 +890,65 @@ mod tests {
 
     const T: TypeId = TypeId::of_name("test-segment-v1");
 
+    /// Review of 2026-12-04: a creator killed while writing its name record left a truncated
+    /// record that `gc` never removes. The kill here is `SIGXFSZ`, sent by the kernel in the
+    /// middle of the record's write: the file size limit (64 bytes) admits the segment's memfd
+    /// (64 bytes, an empty payload) but not the 80-byte record.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "fork, rlimits and file I/O are foreign calls Miri does not run"
+    )]
+    fn a_creator_killed_while_writing_its_record_leaves_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        // SAFETY: the child sets limits and signal dispositions of its own, creates the segment
+        // (simple work on a fresh process) and leaves with `_exit`; it never returns into the
+        // test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let size = libc::rlimit {
+                rlim_cur: HEADER_SIZE as libc::rlim_t,
+                rlim_max: HEADER_SIZE as libc::rlim_t,
+            };
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid rlimit that lives across the call.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            // SAFETY: the default disposition of a signal; no handler involved.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_DFL) };
+            // SAFETY: a valid rlimit that lives across the call.
+            unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &size) };
+            let r = Segment::create_named_in(&d, "killed", 0, T);
+            // Not reached when the kernel kills us mid-write, as it should.
+            // SAFETY: `_exit` ends the child at once.
+            unsafe { libc::_exit(if r.is_ok() { 3 } else { 4 }) };
+        }
+        let mut status = 0;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            // SAFETY: `status` is a valid out-pointer; WNOHANG never blocks.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "the child hung");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGXFSZ,
+            "the child was not killed mid-write (status {status:#x})"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "a crashed creator left {left:?}");
+    }
+
     #[test]
     fn header_roundtrip_and_rejections() {
         let h = SegmentHeader {
@@ -782,6 +956,7 @@ mod tests {
             total_size: 4096,
             type_id: T,
             nonce: [7; 16],
+            pid_ns: 4_026_531_836,
         };
         assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();

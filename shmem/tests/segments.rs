@@ -137,10 +137,13 @@ fn named_segment_roundtrip_and_clear_errors() {
     // Listed while alive; the creator unlinks the name on drop.
     let listed = registry::list().unwrap();
     let me = listed.iter().find(|i| i.name == name).expect("listed");
-    assert!(me.creator_alive);
+    assert_eq!(me.creator, Some(registry::CreatorState::Alive));
     let rec = me.record.as_ref().unwrap();
     assert_eq!(rec.creator_pid, std::process::id());
-    assert!(registry::inspect(&name).unwrap().creator_alive);
+    assert_eq!(
+        registry::inspect(&name).unwrap().creator,
+        Some(registry::CreatorState::Alive)
+    );
     drop(buf);
     assert!(matches!(registry::inspect(&name), Err(Error::NotFound(_))));
 }
@@ -204,7 +207,7 @@ fn gc_removes_only_names_whose_creator_died() {
         .map(char::from)
         .collect();
     let info = registry::inspect(&name).unwrap();
-    assert!(!info.creator_alive);
+    assert_eq!(info.creator, Some(registry::CreatorState::Dead));
     assert!(matches!(
         Segment::open_named(&name, T),
         Err(Error::CreatorGone { .. })
@@ -214,11 +217,57 @@ fn gc_removes_only_names_whose_creator_died() {
     let junk = std::path::Path::new(registry::SHM_DIR)
         .join(format!("ctxshm-{tag}junk-{}", "e".repeat(32)));
     std::fs::write(&junk, [0x55u8; 80]).unwrap();
-    let removed = registry::gc().unwrap();
+    let removed = registry::gc().unwrap().removed;
     assert!(removed.contains(&name));
     assert!(!removed.iter().any(|n| Some(n.as_str()) == live.name()));
     assert!(registry::inspect(live.name().unwrap()).is_ok());
     assert!(matches!(registry::inspect(&name), Err(Error::NotFound(_))));
     assert!(junk.exists());
     std::fs::remove_file(&junk).unwrap();
+}
+
+/// Review of 2026-12-04: anyone may write a record in `/dev/shm`, and `open_named` opened
+/// whatever descriptor of whichever process it named, read-write. Now the record must belong to
+/// the creator's user and name one of our memfds.
+#[test]
+fn forged_records_cannot_make_open_named_open_other_descriptors() {
+    let real = Segment::create_named(&unique_tag("forge"), 4096, T).unwrap();
+    let rec = registry::inspect(real.name().unwrap())
+        .unwrap()
+        .record
+        .unwrap();
+    let dir = std::path::Path::new(registry::SHM_DIR);
+    let tag = unique_tag("forged");
+    let write = |suffix: &str, rec: &registry::NameRecord| {
+        let name = format!("ctxshm-{tag}{suffix}-{}", "a".repeat(32));
+        std::fs::write(dir.join(&name), rec.encode()).unwrap();
+        name
+    };
+    // A live process's descriptor 0 (not a memfd of ours).
+    let stdin = write("0", &registry::NameRecord { fd: 0, ..rec });
+    // The real segment's descriptor, through a record owned by another user.
+    let other = write("1", &rec);
+    let c = std::ffi::CString::new(dir.join(&other).to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call. (Root may give files away; as
+    // another user the chown fails and that half of the test checks nothing.)
+    let chowned = unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0;
+    let r0 = Segment::open_named(&stdin, T);
+    let r1 = Segment::open_named(&other, T);
+    // The genuine record still opens.
+    let r2 = Segment::open_named(real.name().unwrap(), T).map(|_| ());
+    let _ = std::fs::remove_file(dir.join(&stdin));
+    let _ = std::fs::remove_file(dir.join(&other));
+    assert!(
+        matches!(&r0, Err(Error::BadHeader(m)) if m.contains("memfd")),
+        "{:?}",
+        r0.err()
+    );
+    if chowned {
+        assert!(
+            matches!(&r1, Err(Error::BadHeader(m)) if m.contains("another user")),
+            "{:?}",
+            r1.err()
+        );
+    }
+    r2.unwrap();
 }
