@@ -4,12 +4,15 @@
 //! `integration-tests/tests/xproc_*.rs`.
 #![cfg(feature = "xproc")]
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::{LIMIT, holds_within, watchdog};
 use context_core::Context;
 use context_proxy::xproc::{
     Channel, Client, ClientOptions, Host, LinkFailure, Listener, ServeEnd, Served, Server,
@@ -181,249 +184,274 @@ impl Rig {
     /// Drops the client (closing the channel: the serving thread ends with it, also when a test
     /// panics) and returns what the server did.
     fn finish(mut self) -> Served {
-        let serving = self.serving.take().unwrap();
+        let (serving, stop) = (self.serving.take().unwrap(), Arc::clone(&self.stop));
         drop(self);
+        ended_or_stop(&stop, "the serving thread to end", || serving.is_finished());
         serving.join().unwrap().unwrap()
+    }
+}
+
+/// Waits (at most [`LIMIT`]) until `ended`; if it does not, sets `stop` (so that a serving loop
+/// that missed its end still returns, and a scope around it can end) and fails the test.
+fn ended_or_stop(stop: &AtomicBool, what: &str, ended: impl FnMut() -> bool) {
+    if !holds_within(LIMIT, ended) {
+        stop.store(true, Ordering::SeqCst);
+        panic!("timed out after {LIMIT:?} waiting for {what}");
     }
 }
 
 #[test]
 fn calls_names_and_mismatches() {
-    let rig = Rig::new(4096, 2);
-    let (a, b) = (rig.proxy(0), rig.proxy(1));
-    assert_eq!(a.add(5, "abc").unwrap(), 8);
-    assert_eq!(b.add(1, "").unwrap(), 1);
-    assert_eq!(a.total().unwrap(), 8);
-    let names: Vec<_> = rig
-        .client
-        .exports()
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
-    assert_eq!(names, ["c0", "c1"]);
-    assert_eq!(rig.client.server_pid(), std::process::id());
-    assert!(matches!(
-        rig.client.proxy::<WorkloadService>("missing"),
-        Err(XprocError::UnknownName(n)) if n == "missing"
-    ));
-    assert!(matches!(
-        rig.client.proxy::<OtherService>("c0"),
-        Err(XprocError::ServiceMismatch { .. })
-    ));
-    assert!(matches!(
-        rig.client.proxy_with::<WorkloadService, Postcard>("c0"),
-        Err(XprocError::CodecMismatch { .. })
-    ));
-    // A method that panics: typed error, the server carries on.
-    assert!(matches!(a.boom(), Err(CallError::Panicked { .. })));
-    assert!(matches!(a.total(), Err(CallError::Poisoned(_))));
-    assert_eq!(b.total().unwrap(), 1);
-    drop((a, b));
-    let served = rig.finish();
-    assert_eq!(served.end, ServeEnd::ClientClosed);
-    assert_eq!(served.calls, 6);
+    watchdog(60, || {
+        let rig = Rig::new(4096, 2);
+        let (a, b) = (rig.proxy(0), rig.proxy(1));
+        assert_eq!(a.add(5, "abc").unwrap(), 8);
+        assert_eq!(b.add(1, "").unwrap(), 1);
+        assert_eq!(a.total().unwrap(), 8);
+        let names: Vec<_> = rig
+            .client
+            .exports()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        assert_eq!(names, ["c0", "c1"]);
+        assert_eq!(rig.client.server_pid(), std::process::id());
+        assert!(matches!(
+            rig.client.proxy::<WorkloadService>("missing"),
+            Err(XprocError::UnknownName(n)) if n == "missing"
+        ));
+        assert!(matches!(
+            rig.client.proxy::<OtherService>("c0"),
+            Err(XprocError::ServiceMismatch { .. })
+        ));
+        assert!(matches!(
+            rig.client.proxy_with::<WorkloadService, Postcard>("c0"),
+            Err(XprocError::CodecMismatch { .. })
+        ));
+        // A method that panics: typed error, the server carries on.
+        assert!(matches!(a.boom(), Err(CallError::Panicked { .. })));
+        assert!(matches!(a.total(), Err(CallError::Poisoned(_))));
+        assert_eq!(b.total().unwrap(), 1);
+        drop((a, b));
+        let served = rig.finish();
+        assert_eq!(served.end, ServeEnd::ClientClosed);
+        assert_eq!(served.calls, 6);
+    })
 }
 
 #[test]
 fn another_codec_end_to_end() {
-    let channel = Channel::create(4096).unwrap();
-    let mut host = Host::<Postcard>::with_codec(Context::new("server"));
-    host.adopt::<WorkloadService, _>("c", Acc::default())
-        .unwrap();
-    let server = Server::attach(&channel).unwrap();
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let serving = s.spawn(|| host.serve(server, &stop));
-        let client = Client::attach(&channel, &options()).unwrap();
-        assert!(matches!(
-            client.proxy::<WorkloadService>("c"),
-            Err(XprocError::CodecMismatch { .. })
-        ));
-        let p = client.proxy_with::<WorkloadService, Postcard>("c").unwrap();
-        assert_eq!(p.add(2, "x").unwrap(), 3);
-        drop((p, client));
-        assert_eq!(serving.join().unwrap().unwrap().calls, 1);
-    });
+    watchdog(60, || {
+        let channel = Channel::create(4096).unwrap();
+        let mut host = Host::<Postcard>::with_codec(Context::new("server"));
+        host.adopt::<WorkloadService, _>("c", Acc::default())
+            .unwrap();
+        let server = Server::attach(&channel).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let serving = s.spawn(|| host.serve(server, &stop));
+            let client = Client::attach(&channel, &options()).unwrap();
+            assert!(matches!(
+                client.proxy::<WorkloadService>("c"),
+                Err(XprocError::CodecMismatch { .. })
+            ));
+            let p = client.proxy_with::<WorkloadService, Postcard>("c").unwrap();
+            assert_eq!(p.add(2, "x").unwrap(), 3);
+            drop((p, client));
+            ended_or_stop(&stop, "the serving thread to end", || serving.is_finished());
+            assert_eq!(serving.join().unwrap().unwrap().calls, 1);
+        });
+    })
 }
 
 #[test]
 fn a_timed_out_call_does_not_desynchronise_the_stream() {
-    let rig = Rig::new(4096, 1);
-    let p = rig.proxy(0);
-    p.add(1, "").unwrap();
-    let hasty = p.clone().with_timeout(Duration::from_millis(30));
-    let e = hasty.sleep_ms(300).unwrap_err();
-    assert!(matches!(e, CallError::TimedOut(_)), "{e:?}");
-    // The next calls wait behind the sleeping one, then each gets its own answer, not the stale one
-    // (which would be 1, the total when the sleep started).
-    assert_eq!(p.add(10, "").unwrap(), 11);
-    assert_eq!(p.add(10, "").unwrap(), 21);
-    assert_eq!(rig.client.discarded_replies(), 1);
-    // Many timeouts in a row, then a call that waits: still in step.
-    for _ in 0..5 {
-        assert!(matches!(hasty.sleep_ms(60), Err(CallError::TimedOut(_))));
-    }
-    assert_eq!(p.total().unwrap(), 21);
-    assert_eq!(rig.client.discarded_replies(), 6);
-    assert_eq!(rig.client.failure(), None);
+    watchdog(60, || {
+        let rig = Rig::new(4096, 1);
+        let p = rig.proxy(0);
+        p.add(1, "").unwrap();
+        let hasty = p.clone().with_timeout(Duration::from_millis(30));
+        let e = hasty.sleep_ms(300).unwrap_err();
+        assert!(matches!(e, CallError::TimedOut(_)), "{e:?}");
+        // The next calls wait behind the sleeping one, then each gets its own answer, not the stale one
+        // (which would be 1, the total when the sleep started).
+        assert_eq!(p.add(10, "").unwrap(), 11);
+        assert_eq!(p.add(10, "").unwrap(), 21);
+        assert_eq!(rig.client.discarded_replies(), 1);
+        // Many timeouts in a row, then a call that waits: still in step.
+        for _ in 0..5 {
+            assert!(matches!(hasty.sleep_ms(60), Err(CallError::TimedOut(_))));
+        }
+        assert_eq!(p.total().unwrap(), 21);
+        assert_eq!(rig.client.discarded_replies(), 6);
+        assert_eq!(rig.client.failure(), None);
+    })
 }
 
 #[test]
 fn concurrent_callers_get_their_own_answers_identical_to_in_process() {
-    const THREADS: usize = 6;
-    const CALLS: u64 = 300;
-    let rig = Rig::new(4096, THREADS + 1);
-    let local = Context::new("local");
-    let workload = |p: &Proxy<WorkloadService>, shared: &Proxy<WorkloadService>, t: u64| {
-        let mut seen = Vec::new();
-        for i in 0..CALLS {
-            seen.push(p.add(i * t, "tag").unwrap());
-            shared.add(1, "").unwrap();
-        }
-        seen.push(p.total().unwrap());
-        seen
-    };
-    let run = |proxies: Vec<Proxy<WorkloadService>>, shared: Proxy<WorkloadService>| {
-        let barrier = Barrier::new(THREADS);
-        std::thread::scope(|s| {
-            let hs: Vec<_> = proxies
-                .iter()
-                .enumerate()
-                .map(|(t, p)| {
-                    let (shared, barrier) = (&shared, &barrier);
-                    s.spawn(move || {
-                        barrier.wait();
-                        workload(p, shared, t as u64 + 1)
+    watchdog(60, || {
+        const THREADS: usize = 6;
+        const CALLS: u64 = 300;
+        let rig = Rig::new(4096, THREADS + 1);
+        let local = Context::new("local");
+        let workload = |p: &Proxy<WorkloadService>, shared: &Proxy<WorkloadService>, t: u64| {
+            let mut seen = Vec::new();
+            for i in 0..CALLS {
+                seen.push(p.add(i * t, "tag").unwrap());
+                shared.add(1, "").unwrap();
+            }
+            seen.push(p.total().unwrap());
+            seen
+        };
+        let run = |proxies: Vec<Proxy<WorkloadService>>, shared: Proxy<WorkloadService>| {
+            let barrier = Barrier::new(THREADS);
+            std::thread::scope(|s| {
+                let hs: Vec<_> = proxies
+                    .iter()
+                    .enumerate()
+                    .map(|(t, p)| {
+                        let (shared, barrier) = (&shared, &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            workload(p, shared, t as u64 + 1)
+                        })
                     })
-                })
-                .collect();
-            let per: Vec<Vec<u64>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-            (per, shared.total().unwrap())
-        })
-    };
-    let remote = run(
-        (0..THREADS).map(|i| rig.proxy(i)).collect(),
-        rig.proxy(THREADS),
-    );
-    let inproc = run(
-        (0..THREADS)
-            .map(|_| Proxy::adopt(&local, Acc::default()).unwrap())
-            .collect(),
-        Proxy::adopt(&local, Acc::default()).unwrap(),
-    );
-    assert_eq!(remote, inproc);
-    assert_eq!(remote.1, THREADS as u64 * CALLS);
-    assert_eq!(rig.client.discarded_replies(), 0);
+                    .collect();
+                let per: Vec<Vec<u64>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+                (per, shared.total().unwrap())
+            })
+        };
+        let remote = run(
+            (0..THREADS).map(|i| rig.proxy(i)).collect(),
+            rig.proxy(THREADS),
+        );
+        let inproc = run(
+            (0..THREADS)
+                .map(|_| Proxy::adopt(&local, Acc::default()).unwrap())
+                .collect(),
+            Proxy::adopt(&local, Acc::default()).unwrap(),
+        );
+        assert_eq!(remote, inproc);
+        assert_eq!(remote.1, THREADS as u64 * CALLS);
+        assert_eq!(rig.client.discarded_replies(), 0);
+    })
 }
 
 #[test]
 fn callers_are_served_in_turn() {
-    // Each call keeps the server busy for 300 us, far longer than a caller needs to queue again,
-    // so every caller is waiting whenever the channel is handed on: with FIFO order the turns
-    // rotate; an unfair lock would let one caller run many times in a row.
-    const THREADS: u64 = 4;
-    const CALLS: u64 = 40;
-    let rig = Rig::new(4096, 1);
-    let barrier = Barrier::new(THREADS as usize);
-    std::thread::scope(|s| {
-        for who in 0..THREADS {
-            let (p, barrier) = (rig.proxy(0), &barrier);
-            s.spawn(move || {
-                barrier.wait();
-                for _ in 0..CALLS {
-                    p.turn(who, 300).unwrap();
-                }
-            });
-        }
-    });
-    let turns = rig.proxy(0).turns().unwrap();
-    assert_eq!(turns.len() as u64, THREADS * CALLS);
-    let longest = turns
-        .chunk_by(|a, b| a == b)
-        .map(<[u64]>::len)
-        .max()
-        .unwrap_or(0);
-    // Allow for a caller that is descheduled between two calls; starvation would show as runs of
-    // tens of calls.
-    assert!(
-        longest <= 8,
-        "longest run by one caller: {longest}: {turns:?}"
-    );
-    for who in 0..THREADS {
+    watchdog(60, || {
+        // Each call keeps the server busy for 300 us, far longer than a caller needs to queue again,
+        // so every caller is waiting whenever the channel is handed on: with FIFO order the turns
+        // rotate; an unfair lock would let one caller run many times in a row.
+        const THREADS: u64 = 4;
+        const CALLS: u64 = 40;
+        let rig = Rig::new(4096, 1);
+        let barrier = Barrier::new(THREADS as usize);
+        std::thread::scope(|s| {
+            for who in 0..THREADS {
+                let (p, barrier) = (rig.proxy(0), &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..CALLS {
+                        p.turn(who, 300).unwrap();
+                    }
+                });
+            }
+        });
+        let turns = rig.proxy(0).turns().unwrap();
+        assert_eq!(turns.len() as u64, THREADS * CALLS);
+        let longest = turns
+            .chunk_by(|a, b| a == b)
+            .map(<[u64]>::len)
+            .max()
+            .unwrap_or(0);
+        // Allow for a caller that is descheduled between two calls; starvation would show as runs of
+        // tens of calls.
         assert!(
-            turns[..turns.len() / 2].contains(&who),
-            "caller {who} had no turn in the first half: {turns:?}"
+            longest <= 8,
+            "longest run by one caller: {longest}: {turns:?}"
         );
-    }
+        for who in 0..THREADS {
+            assert!(
+                turns[..turns.len() / 2].contains(&who),
+                "caller {who} had no turn in the first half: {turns:?}"
+            );
+        }
+    })
 }
 
 #[test]
 fn frames_larger_than_the_ring_are_typed_errors() {
-    let rig = Rig::new(1024, 1);
-    let p = rig.proxy(0);
-    // Request too large: refused before sending.
-    let e = p.take(&[1u8; 4000]).unwrap_err();
-    assert!(
-        matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
-        "{e:?}"
-    );
-    assert_eq!(p.take(&[1u8; 500]).unwrap(), 500);
-    // Reply too large: the server answers with an error frame instead.
-    let e = p.blob(4000).unwrap_err();
-    assert!(
-        matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
-        "{e:?}"
-    );
-    assert_eq!(p.blob(100).unwrap().len(), 100);
-    assert_eq!(rig.client.failure(), None);
+    watchdog(60, || {
+        let rig = Rig::new(1024, 1);
+        let p = rig.proxy(0);
+        // Request too large: refused before sending.
+        let e = p.take(&[1u8; 4000]).unwrap_err();
+        assert!(
+            matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
+            "{e:?}"
+        );
+        assert_eq!(p.take(&[1u8; 500]).unwrap(), 500);
+        // Reply too large: the server answers with an error frame instead.
+        let e = p.blob(4000).unwrap_err();
+        assert!(
+            matches!(e, CallError::Frame(FrameError::TooLarge { .. })),
+            "{e:?}"
+        );
+        assert_eq!(p.blob(100).unwrap().len(), 100);
+        assert_eq!(rig.client.failure(), None);
+    })
 }
 
 #[test]
 fn bad_sizes_and_names_at_setup() {
-    assert!(matches!(
-        Server::accept_stream(
-            &std::os::unix::net::UnixStream::pair().unwrap().0,
-            &ServerOptions {
-                capacity: 1000,
-                handshake_timeout: T
-            }
-        ),
-        Err(XprocError::Channel(_))
-    ));
-    let mut host = Host::new(Context::new("h"));
-    host.adopt::<WorkloadService, _>("x", Acc::default())
-        .unwrap();
-    assert!(matches!(
-        host.adopt::<WorkloadService, _>("x", Acc::default()),
-        Err(XprocError::DuplicateName(_))
-    ));
-    let other = Context::new("other");
-    let h = other.enter(|cx| cx.adopt(Acc::default())).unwrap().unwrap();
-    assert!(matches!(
-        host.export::<WorkloadService, _>("y", h),
-        Err(XprocError::WrongContext { .. })
-    ));
-    // A table that does not fit the ring.
-    for i in 0..8 {
-        host.adopt::<WorkloadService, _>(&format!("a-rather-long-name-{i}"), Acc::default())
+    watchdog(60, || {
+        assert!(matches!(
+            Server::accept_stream(
+                &std::os::unix::net::UnixStream::pair().unwrap().0,
+                &ServerOptions {
+                    capacity: 1000,
+                    handshake_timeout: T
+                }
+            ),
+            Err(XprocError::Channel(_))
+        ));
+        let mut host = Host::new(Context::new("h"));
+        host.adopt::<WorkloadService, _>("x", Acc::default())
             .unwrap();
-    }
-    let channel = Channel::create(256).unwrap();
-    let server = Server::attach(&channel).unwrap();
-    assert!(matches!(
-        host.serve(server, &AtomicBool::new(false)),
-        Err(XprocError::TableTooLarge { .. })
-    ));
-    // Nobody answers: the handshake times out.
-    let channel = Channel::create(256).unwrap();
-    let quick = ClientOptions {
-        handshake_timeout: Duration::from_millis(30),
-        call_timeout: None,
-    };
-    assert!(matches!(
-        Client::attach(&channel, &quick),
-        Err(XprocError::HandshakeTimedOut(_))
-    ));
+        assert!(matches!(
+            host.adopt::<WorkloadService, _>("x", Acc::default()),
+            Err(XprocError::DuplicateName(_))
+        ));
+        let other = Context::new("other");
+        let h = other.enter(|cx| cx.adopt(Acc::default())).unwrap().unwrap();
+        assert!(matches!(
+            host.export::<WorkloadService, _>("y", h),
+            Err(XprocError::WrongContext { .. })
+        ));
+        // A table that does not fit the ring.
+        for i in 0..8 {
+            host.adopt::<WorkloadService, _>(&format!("a-rather-long-name-{i}"), Acc::default())
+                .unwrap();
+        }
+        let channel = Channel::create(256).unwrap();
+        let server = Server::attach(&channel).unwrap();
+        assert!(matches!(
+            host.serve(server, &AtomicBool::new(false)),
+            Err(XprocError::TableTooLarge { .. })
+        ));
+        // Nobody answers: the handshake times out.
+        let channel = Channel::create(256).unwrap();
+        let quick = ClientOptions {
+            handshake_timeout: Duration::from_millis(30),
+            call_timeout: None,
+        };
+        assert!(matches!(
+            Client::attach(&channel, &quick),
+            Err(XprocError::HandshakeTimedOut(_))
+        ));
+    })
 }
 
 /// A fake server on a raw endpoint: sends a real export table, then answers each request with
@@ -476,80 +504,86 @@ fn fake_server_on(
 
 #[test]
 fn late_answers_that_keep_coming_cannot_hold_a_call_past_its_timeout() {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flooding = Arc::clone(&stop);
-    let (filled_tx, filled) = std::sync::mpsc::channel();
-    // 32 MiB of ring: 2 M late answers of 16 bytes each, far more than a call can drain in its
-    // timeout, so the ring is never empty while the call runs.
-    let (client, h) = fake_server_on(32 << 20, move |mut ep| {
-        // Numbered 0: each looks like the late answer to an earlier caller. Sent until the ring
-        // is full, then more as space frees. Bounded, so a regression fails below instead of
-        // hanging.
-        let late = 0u64.to_le_bytes();
-        while ep.send(&late, Some(Instant::now())).is_ok() {}
-        let _ = filled_tx.send(());
-        let until = Instant::now() + Duration::from_secs(10);
-        while !flooding.load(Ordering::Relaxed) && Instant::now() < until {
-            let _ = ep.send(&late, Some(Instant::now() + Duration::from_millis(10)));
-        }
-    });
-    filled.recv_timeout(T).unwrap();
-    let timeout = Duration::from_millis(20);
-    let p: Proxy<WorkloadService> = client
-        .proxy::<WorkloadService>("c")
-        .unwrap()
-        .with_timeout(timeout);
-    let t0 = Instant::now();
-    let r = p.total();
-    let took = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    assert!(matches!(r, Err(CallError::TimedOut(_))), "{r:?}");
-    // Draining the ring would take several hundred milliseconds.
-    assert!(took < timeout * 8, "the call took {took:?}");
-    assert!(client.discarded_replies() > 0);
-    drop((p, client));
-    h.join().unwrap();
+    watchdog(60, || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooding = Arc::clone(&stop);
+        let (filled_tx, filled) = std::sync::mpsc::channel();
+        // 32 MiB of ring: 2 M late answers of 16 bytes each, far more than a call can drain in its
+        // timeout, so the ring is never empty while the call runs.
+        let (client, h) = fake_server_on(32 << 20, move |mut ep| {
+            // Numbered 0: each looks like the late answer to an earlier caller. Sent until the ring
+            // is full, then more as space frees. Bounded, so a regression fails below instead of
+            // hanging.
+            let late = 0u64.to_le_bytes();
+            while ep.send(&late, Some(Instant::now())).is_ok() {}
+            let _ = filled_tx.send(());
+            let until = Instant::now() + Duration::from_secs(10);
+            while !flooding.load(Ordering::Relaxed) && Instant::now() < until {
+                let _ = ep.send(&late, Some(Instant::now() + Duration::from_millis(10)));
+            }
+        });
+        filled.recv_timeout(T).unwrap();
+        let timeout = Duration::from_millis(20);
+        let p: Proxy<WorkloadService> = client
+            .proxy::<WorkloadService>("c")
+            .unwrap()
+            .with_timeout(timeout);
+        let t0 = Instant::now();
+        let r = p.total();
+        let took = t0.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        assert!(matches!(r, Err(CallError::TimedOut(_))), "{r:?}");
+        // Draining the ring would take several hundred milliseconds.
+        assert!(took < timeout * 8, "the call took {took:?}");
+        assert!(client.discarded_replies() > 0);
+        drop((p, client));
+        h.join().unwrap();
+    })
 }
 
 #[test]
 fn a_reply_over_the_codec_limit_is_dropped_unread() {
-    // A ring large enough for a 17 MiB reply, which the default codec (16 MiB) could not take.
-    let big = 17 << 20;
-    let (client, h) = fake_server_on(32 << 20, move |mut ep| {
-        let mut buf = vec![0u8; 4096];
-        if let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
-            let mut reply = vec![0u8; big];
-            reply[big - 8..].copy_from_slice(&buf[n - 8..n]); // the request's number
-            let _ = ep.send(&reply, Some(Instant::now() + T));
-        }
-        // Keep the channel open until the client is done.
-        let _ = ep.recv(&mut buf, Some(Instant::now() + T));
-    });
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    let (r, largest) = largest_allocation_during(|| p.total());
-    assert!(
-        matches!(r, Err(CallError::Frame(FrameError::TooLarge { .. }))),
-        "{r:?}"
-    );
-    assert!(
-        largest < 1 << 20,
-        "a {largest}-byte allocation for a refused reply"
-    );
-    drop((p, client));
-    h.join().unwrap();
+    watchdog(60, || {
+        // A ring large enough for a 17 MiB reply, which the default codec (16 MiB) could not take.
+        let big = 17 << 20;
+        let (client, h) = fake_server_on(32 << 20, move |mut ep| {
+            let mut buf = vec![0u8; 4096];
+            if let Ok(n) = ep.recv(&mut buf, Some(Instant::now() + T)) {
+                let mut reply = vec![0u8; big];
+                reply[big - 8..].copy_from_slice(&buf[n - 8..n]); // the request's number
+                let _ = ep.send(&reply, Some(Instant::now() + T));
+            }
+            // Keep the channel open until the client is done.
+            let _ = ep.recv(&mut buf, Some(Instant::now() + T));
+        });
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        let (r, largest) = largest_allocation_during(|| p.total());
+        assert!(
+            matches!(r, Err(CallError::Frame(FrameError::TooLarge { .. }))),
+            "{r:?}"
+        );
+        assert!(
+            largest < 1 << 20,
+            "a {largest}-byte allocation for a refused reply"
+        );
+        drop((p, client));
+        h.join().unwrap();
+    })
 }
 
 #[test]
 fn an_export_table_over_its_limit_is_refused_before_it_is_allocated() {
-    let channel = Channel::create(4 << 20).unwrap();
-    let mut ep = channel.endpoint(Side::B).unwrap();
-    ep.send(&vec![7u8; 2 << 20], None).unwrap();
-    let (r, largest) = largest_allocation_during(|| Client::attach(&channel, &options()));
-    assert!(matches!(r, Err(XprocError::Handshake(_))), "{r:?}");
-    assert!(
-        largest < 1 << 20,
-        "a {largest}-byte allocation for a refused table"
-    );
+    watchdog(60, || {
+        let channel = Channel::create(4 << 20).unwrap();
+        let mut ep = channel.endpoint(Side::B).unwrap();
+        ep.send(&vec![7u8; 2 << 20], None).unwrap();
+        let (r, largest) = largest_allocation_during(|| Client::attach(&channel, &options()));
+        assert!(matches!(r, Err(XprocError::Handshake(_))), "{r:?}");
+        assert!(
+            largest < 1 << 20,
+            "a {largest}-byte allocation for a refused table"
+        );
+    })
 }
 
 fn with_seq(mut frame: Vec<u8>, seq: u64) -> Vec<u8> {
@@ -559,291 +593,313 @@ fn with_seq(mut frame: Vec<u8>, seq: u64) -> Vec<u8> {
 
 #[test]
 fn malformed_replies_are_errors_not_panics() {
-    // Garbage with the right sequence number: the frame checks refuse it.
-    let (client, h) = fake_server(|_, seq| with_seq(b"not a frame at all, clearly".to_vec(), seq));
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert!(matches!(p.total(), Err(CallError::Frame(_))));
-    // The request echoed back: a request frame where a reply belongs.
-    drop((p, client));
-    h.join().unwrap();
-    let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq));
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert!(matches!(p.total(), Err(CallError::Frame(_))));
-    // A truncated reply frame.
-    drop((p, client));
-    h.join().unwrap();
-    let (client, h) = fake_server(|req, seq| with_seq(req[..req.len() - 1].to_vec(), seq));
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert!(matches!(p.add(1, "x"), Err(CallError::Frame(_))));
-    assert_eq!(client.failure(), None);
-    drop((p, client));
-    h.join().unwrap();
-    // Too short to carry a sequence number.
-    let (client, h) = fake_server(|_, _| vec![1, 2, 3]);
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert!(matches!(
-        p.total(),
-        Err(CallError::Frame(FrameError::Short(3)))
-    ));
-    drop((p, client));
-    h.join().unwrap();
-    // An answer to a request never sent: the link is broken for good.
-    let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq + 5));
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert!(matches!(p.total(), Err(CallError::Transport(_))));
-    assert!(matches!(client.failure(), Some(LinkFailure::Corrupt(_))));
-    assert!(matches!(p.total(), Err(CallError::Transport(_))));
-    drop((p, client));
-    h.join().unwrap();
+    watchdog(60, || {
+        // Garbage with the right sequence number: the frame checks refuse it.
+        let (client, h) =
+            fake_server(|_, seq| with_seq(b"not a frame at all, clearly".to_vec(), seq));
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert!(matches!(p.total(), Err(CallError::Frame(_))));
+        // The request echoed back: a request frame where a reply belongs.
+        drop((p, client));
+        h.join().unwrap();
+        let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq));
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert!(matches!(p.total(), Err(CallError::Frame(_))));
+        // A truncated reply frame.
+        drop((p, client));
+        h.join().unwrap();
+        let (client, h) = fake_server(|req, seq| with_seq(req[..req.len() - 1].to_vec(), seq));
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert!(matches!(p.add(1, "x"), Err(CallError::Frame(_))));
+        assert_eq!(client.failure(), None);
+        drop((p, client));
+        h.join().unwrap();
+        // Too short to carry a sequence number.
+        let (client, h) = fake_server(|_, _| vec![1, 2, 3]);
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert!(matches!(
+            p.total(),
+            Err(CallError::Frame(FrameError::Short(3)))
+        ));
+        drop((p, client));
+        h.join().unwrap();
+        // An answer to a request never sent: the link is broken for good.
+        let (client, h) = fake_server(|req, seq| with_seq(req.to_vec(), seq + 5));
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert!(matches!(p.total(), Err(CallError::Transport(_))));
+        assert!(matches!(client.failure(), Some(LinkFailure::Corrupt(_))));
+        assert!(matches!(p.total(), Err(CallError::Transport(_))));
+        drop((p, client));
+        h.join().unwrap();
+    })
 }
 
 #[test]
 fn a_stopped_server_closes_the_channel() {
-    let rig = Rig::new(4096, 1);
-    let p = rig.proxy(0);
-    assert_eq!(p.add(1, "").unwrap(), 1);
-    rig.stop.store(true, Ordering::SeqCst);
-    // The loop sees the flag within its poll interval and closes its end.
-    let deadline = Instant::now() + T;
-    let e = loop {
-        match p.total() {
-            Ok(_) => assert!(Instant::now() < deadline, "the server never stopped"),
-            Err(e) => break e,
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    assert!(matches!(e, CallError::Closed(_)), "{e:?}");
-    assert_eq!(rig.client.failure(), Some(LinkFailure::Closed));
-    assert!(matches!(p.total(), Err(CallError::Closed(_))));
-    drop(p);
-    let served = rig.finish();
-    assert_eq!(served.end, ServeEnd::Stopped);
+    watchdog(60, || {
+        let rig = Rig::new(4096, 1);
+        let p = rig.proxy(0);
+        assert_eq!(p.add(1, "").unwrap(), 1);
+        rig.stop.store(true, Ordering::SeqCst);
+        // The loop sees the flag within its poll interval and closes its end.
+        let deadline = Instant::now() + T;
+        let e = loop {
+            match p.total() {
+                Ok(_) => assert!(Instant::now() < deadline, "the server never stopped"),
+                Err(e) => break e,
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(matches!(e, CallError::Closed(_)), "{e:?}");
+        assert_eq!(rig.client.failure(), Some(LinkFailure::Closed));
+        assert!(matches!(p.total(), Err(CallError::Closed(_))));
+        drop(p);
+        let served = rig.finish();
+        assert_eq!(served.end, ServeEnd::Stopped);
+    })
 }
 
 #[test]
 fn calls_from_inside_a_context_release_it_meanwhile() {
-    let rig = Rig::new(4096, 1);
-    let p = rig.proxy(0);
-    let a = Context::new("caller");
-    let busy = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|s| {
-        let (p2, a2) = (p.clone(), a.clone());
-        let h = s.spawn(move || a2.enter(move |_| p2.sleep_ms(200)).unwrap().unwrap());
-        // While the remote call sleeps, the caller's context is free for others.
-        std::thread::sleep(Duration::from_millis(50));
-        let b2 = Arc::clone(&busy);
-        a.enter_timeout(Duration::from_millis(100), move |_| {
-            b2.store(true, Ordering::SeqCst)
-        })
-        .unwrap();
-        assert_eq!(h.join().unwrap(), 0);
-    });
-    assert!(busy.load(Ordering::SeqCst));
+    watchdog(60, || {
+        let rig = Rig::new(4096, 1);
+        let p = rig.proxy(0);
+        let a = Context::new("caller");
+        let busy = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|s| {
+            let (p2, a2) = (p.clone(), a.clone());
+            let h = s.spawn(move || a2.enter(move |_| p2.sleep_ms(200)).unwrap().unwrap());
+            // While the remote call sleeps, the caller's context is free for others.
+            std::thread::sleep(Duration::from_millis(50));
+            let b2 = Arc::clone(&busy);
+            a.enter_timeout(Duration::from_millis(100), move |_| {
+                b2.store(true, Ordering::SeqCst)
+            })
+            .unwrap();
+            assert_eq!(h.join().unwrap(), 0);
+        });
+        assert!(busy.load(Ordering::SeqCst));
+    })
 }
 
 #[test]
 fn listener_and_connect_in_one_process() {
-    let path = std::env::temp_dir().join(format!("ctx-xproc-test-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = Listener::bind(&path).unwrap();
-    let mut host = Host::new(Context::new("server"));
-    host.adopt::<WorkloadService, _>("c", Acc::default())
-        .unwrap();
-    let stop = AtomicBool::new(false);
-    // Nobody connects yet: accepting with a timeout gives up.
-    assert!(
-        listener
-            .accept_timeout(Duration::from_millis(20))
-            .unwrap()
-            .is_none()
-    );
-    std::thread::scope(|s| {
-        let (host, stop, listener) = (&host, &stop, &listener);
-        let acceptor = s.spawn(move || {
-            let mut ends = Vec::new();
-            std::thread::scope(|s2| {
-                let hs: Vec<_> = (0..2)
-                    .map(|i| {
-                        let server = if i == 0 {
-                            listener.accept_timeout(T).unwrap().unwrap()
-                        } else {
-                            listener.accept().unwrap()
-                        };
-                        s2.spawn(move || host.serve(server, stop).unwrap())
-                    })
-                    .collect();
-                for h in hs {
-                    ends.push(h.join().unwrap());
-                }
-            });
-            ends
-        });
-        let c1 = Client::connect(&path, &options()).unwrap();
-        let c2 = context_proxy::xproc::connect(&path).unwrap();
-        let (p1, p2): (Proxy<WorkloadService>, Proxy<WorkloadService>) =
-            (c1.proxy("c").unwrap(), c2.proxy("c").unwrap());
-        assert_eq!(p1.add(1, "").unwrap(), 1);
-        assert_eq!(p2.add(1, "").unwrap(), 2); // the same object, through another channel
-        drop((p1, p2, c1, c2));
-        let ends = acceptor.join().unwrap();
+    watchdog(60, || {
+        let path = std::env::temp_dir().join(format!("ctx-xproc-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = Listener::bind(&path).unwrap();
+        let mut host = Host::new(Context::new("server"));
+        host.adopt::<WorkloadService, _>("c", Acc::default())
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        // Nobody connects yet: accepting with a timeout gives up.
         assert!(
-            ends.iter()
-                .all(|e| e.end == ServeEnd::ClientClosed && e.calls == 1)
+            listener
+                .accept_timeout(Duration::from_millis(20))
+                .unwrap()
+                .is_none()
         );
-    });
-    drop(listener);
-    assert!(!path.exists());
+        std::thread::scope(|s| {
+            let (host, stop, listener) = (&host, &stop, &listener);
+            let acceptor = s.spawn(move || {
+                let mut ends = Vec::new();
+                std::thread::scope(|s2| {
+                    let hs: Vec<_> = (0..2)
+                        .map(|i| {
+                            // Bounded: if a connect below fails, this gives up instead of keeping the
+                            // scope (and the test) waiting for ever.
+                            let server = listener.accept_timeout(T).unwrap().unwrap_or_else(|| {
+                                panic!("client {i} did not connect within {T:?}")
+                            });
+                            s2.spawn(move || host.serve(server, stop).unwrap())
+                        })
+                        .collect();
+                    for h in hs {
+                        ends.push(h.join().unwrap());
+                    }
+                });
+                ends
+            });
+            let c1 = Client::connect(&path, &options()).unwrap();
+            let c2 = context_proxy::xproc::connect(&path).unwrap();
+            let (p1, p2): (Proxy<WorkloadService>, Proxy<WorkloadService>) =
+                (c1.proxy("c").unwrap(), c2.proxy("c").unwrap());
+            assert_eq!(p1.add(1, "").unwrap(), 1);
+            assert_eq!(p2.add(1, "").unwrap(), 2); // the same object, through another channel
+            drop((p1, p2, c1, c2));
+            ended_or_stop(stop, "both serving threads to end", || {
+                acceptor.is_finished()
+            });
+            let ends = acceptor.join().unwrap();
+            assert!(
+                ends.iter()
+                    .all(|e| e.end == ServeEnd::ClientClosed && e.calls == 1)
+            );
+        });
+        drop(listener);
+        assert!(!path.exists());
+    })
 }
 
 #[test]
 fn malformed_requests_get_error_frames_and_the_server_carries_on() {
-    use context_proxy::frame::{self, FrameKind};
-    let channel = Channel::create(4096).unwrap();
-    let mut host = Host::new(Context::new("server"));
-    host.adopt::<WorkloadService, _>("c", Acc::default())
-        .unwrap();
-    let server = Server::attach(&channel).unwrap();
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let serving = s.spawn(|| host.serve(server, &stop));
-        let mut ep = channel.endpoint(Side::A).unwrap();
-        let deadline = || Some(Instant::now() + T);
-        let mut buf = vec![0u8; 4096];
-        let _table = ep.recv(&mut buf, deadline()).unwrap();
-        // Arbitrary bytes (a cheap deterministic generator), each numbered: every one is answered
-        // with an error frame carrying its number.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for seq in 1..=300u64 {
-            let len = (x % 200) as usize;
-            let mut msg: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            if seq % 3 == 0 && msg.len() >= 4 {
-                // A valid header start, so the deeper checks run too.
-                msg[..4].copy_from_slice(&[b'c', b'x', 1, 1]);
+    watchdog(60, || {
+        use context_proxy::frame::{self, FrameKind};
+        let channel = Channel::create(4096).unwrap();
+        let mut host = Host::new(Context::new("server"));
+        host.adopt::<WorkloadService, _>("c", Acc::default())
+            .unwrap();
+        let server = Server::attach(&channel).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let serving = s.spawn(|| host.serve(server, &stop));
+            let mut ep = channel.endpoint(Side::A).unwrap();
+            let deadline = || Some(Instant::now() + T);
+            let mut buf = vec![0u8; 4096];
+            let _table = ep.recv(&mut buf, deadline()).unwrap();
+            // Arbitrary bytes (a cheap deterministic generator), each numbered: every one is answered
+            // with an error frame carrying its number.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for seq in 1..=300u64 {
+                let len = (x % 200) as usize;
+                let mut msg: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                if seq % 3 == 0 && msg.len() >= 4 {
+                    // A valid header start, so the deeper checks run too.
+                    msg[..4].copy_from_slice(&[b'c', b'x', 1, 1]);
+                }
+                msg.extend_from_slice(&seq.to_le_bytes());
+                ep.send(&msg, deadline()).unwrap();
+                let n = ep.recv(&mut buf, deadline()).unwrap();
+                let (reply, got) = buf[..n].split_at(n - 8);
+                assert_eq!(u64::from_le_bytes(got.try_into().unwrap()), seq);
+                let (h, _) = frame::parse(reply, usize::MAX).unwrap();
+                assert_eq!(h.kind, FrameKind::Error);
             }
-            msg.extend_from_slice(&seq.to_le_bytes());
-            ep.send(&msg, deadline()).unwrap();
-            let n = ep.recv(&mut buf, deadline()).unwrap();
-            let (reply, got) = buf[..n].split_at(n - 8);
-            assert_eq!(u64::from_le_bytes(got.try_into().unwrap()), seq);
-            let (h, _) = frame::parse(reply, usize::MAX).unwrap();
-            assert_eq!(h.kind, FrameKind::Error);
-        }
-        // A message too short to carry a number: the server refuses the peer.
-        ep.send(&[1, 2, 3], deadline()).unwrap();
-        assert!(matches!(
-            serving.join().unwrap(),
-            Err(XprocError::Protocol(_))
-        ));
-    });
+            // A message too short to carry a number: the server refuses the peer.
+            ep.send(&[1, 2, 3], deadline()).unwrap();
+            ended_or_stop(&stop, "the server to refuse the peer", || {
+                serving.is_finished()
+            });
+            assert!(matches!(
+                serving.join().unwrap(),
+                Err(XprocError::Protocol(_))
+            ));
+        });
+    })
 }
 
 #[test]
 fn connecting_to_a_listener_that_does_not_accept_times_out() {
-    use std::os::fd::AsRawFd;
+    watchdog(60, || {
+        use std::os::fd::AsRawFd;
 
-    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
-    let dir = std::env::temp_dir().join(format!("ctx-xproc-stalled-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("s.sock");
-    let _ = std::fs::remove_file(&path);
-    // Alive but never accepting, with the smallest accept queue, filled by one connection.
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
-    socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
-    // Fill the accept queue with non-blocking connects (how many fit is the kernel's business)
-    // until the next one would wait.
-    let mut queued = Vec::new();
-    loop {
-        let c = socket::socket(
+        let dir = std::env::temp_dir().join(format!("ctx-xproc-stalled-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        // Alive but never accepting, with the smallest accept queue, filled by one connection.
+        let fd = socket::socket(
             AddressFamily::Unix,
             SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockFlag::SOCK_CLOEXEC,
             None,
         )
         .unwrap();
-        match socket::connect(c.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
-            Ok(()) => queued.push(c),
-            Err(nix::errno::Errno::EAGAIN) => break,
-            Err(e) => panic!("filling the accept queue: {e}"),
+        socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        // Fill the accept queue with non-blocking connects (how many fit is the kernel's business)
+        // until the next one would wait.
+        let mut queued = Vec::new();
+        loop {
+            let c = socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match socket::connect(c.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
+                Ok(()) => queued.push(c),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("filling the accept queue: {e}"),
+            }
+            assert!(queued.len() < 1024, "the accept queue never filled");
         }
-        assert!(queued.len() < 1024, "the accept queue never filled");
-    }
-    let quick = ClientOptions {
-        handshake_timeout: Duration::from_millis(100),
-        ..options()
-    };
-    // On a thread, so that a connect that blocks fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let at = path.clone();
-    std::thread::spawn(move || {
-        let t0 = Instant::now();
-        let r = Client::connect(&at, &quick).map(drop);
-        let _ = tx.send((r, t0.elapsed()));
-    });
-    let (r, took) = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("connect to a stalled listener still blocked after 5 s");
-    assert!(matches!(r, Err(XprocError::HandshakeTimedOut(_))), "{r:?}");
-    assert!(took < Duration::from_secs(2), "the connect took {took:?}");
-    drop(fd);
-    let _ = std::fs::remove_dir_all(&dir);
+        let quick = ClientOptions {
+            handshake_timeout: Duration::from_millis(100),
+            ..options()
+        };
+        // On a thread, so that a connect that blocks fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let at = path.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let r = Client::connect(&at, &quick).map(drop);
+            let _ = tx.send((r, t0.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("connect to a stalled listener still blocked after 5 s");
+        assert!(matches!(r, Err(XprocError::HandshakeTimedOut(_))), "{r:?}");
+        assert!(took < Duration::from_secs(2), "the connect took {took:?}");
+        drop(fd);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
 }
 
 #[test]
 fn threads_sharing_a_listener_each_keep_their_timeout() {
-    let path = std::env::temp_dir().join(format!("ctx-xproc-shared-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = Arc::new(Listener::bind(&path).unwrap());
-    let host = {
-        let mut h = Host::new(Context::new("server"));
-        h.adopt::<WorkloadService, _>("c", Acc::default()).unwrap();
-        Arc::new(h)
-    };
-    let wait = Duration::from_millis(300);
-    // Four threads wait for clients on one listener; one client comes. The one that takes it
-    // serves it; every other returns `None` when its own timeout passes (before the fix, a thread
-    // woken for the client another one took blocked in `accept` for good). Detached threads and a
-    // channel, so that a stuck waiter fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    for _ in 0..4 {
-        let (listener, host, tx) = (Arc::clone(&listener), Arc::clone(&host), tx.clone());
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            let got = listener.accept_timeout(wait).unwrap();
-            let took = t0.elapsed();
-            let stop = AtomicBool::new(false);
-            let served = got.map(|server| host.serve(server, &stop).unwrap().calls);
-            let _ = tx.send((served, took));
-        });
-    }
-    let client = Client::connect(&path, &options()).unwrap();
-    let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
-    assert_eq!(p.add(3, "").unwrap(), 3);
-    drop((p, client));
-    let outcomes: Vec<_> = (0..4)
-        .map(|_| {
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("a thread waiting on the shared listener is stuck")
-        })
-        .collect();
-    assert_eq!(outcomes.iter().filter(|(s, _)| *s == Some(1)).count(), 1);
-    for (served, took) in &outcomes {
-        if served.is_none() {
-            assert!(*took < wait * 5, "a waiter without a client took {took:?}");
+    watchdog(60, || {
+        let path =
+            std::env::temp_dir().join(format!("ctx-xproc-shared-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = Arc::new(Listener::bind(&path).unwrap());
+        let host = {
+            let mut h = Host::new(Context::new("server"));
+            h.adopt::<WorkloadService, _>("c", Acc::default()).unwrap();
+            Arc::new(h)
+        };
+        let wait = Duration::from_millis(300);
+        // Four threads wait for clients on one listener; one client comes. The one that takes it
+        // serves it; every other returns `None` when its own timeout passes (before the fix, a thread
+        // woken for the client another one took blocked in `accept` for good). Detached threads and a
+        // channel, so that a stuck waiter fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let (listener, host, tx) = (Arc::clone(&listener), Arc::clone(&host), tx.clone());
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let got = listener.accept_timeout(wait).unwrap();
+                let took = t0.elapsed();
+                let stop = AtomicBool::new(false);
+                let served = got.map(|server| host.serve(server, &stop).unwrap().calls);
+                let _ = tx.send((served, took));
+            });
         }
-    }
+        let client = Client::connect(&path, &options()).unwrap();
+        let p: Proxy<WorkloadService> = client.proxy("c").unwrap();
+        assert_eq!(p.add(3, "").unwrap(), 3);
+        drop((p, client));
+        let outcomes: Vec<_> = (0..4)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("a thread waiting on the shared listener is stuck")
+            })
+            .collect();
+        assert_eq!(outcomes.iter().filter(|(s, _)| *s == Some(1)).count(), 1);
+        for (served, took) in &outcomes {
+            if served.is_none() {
+                assert!(*took < wait * 5, "a waiter without a client took {took:?}");
+            }
+        }
+    })
 }

@@ -37,14 +37,21 @@ pub fn watchdog<R: Send + 'static>(secs: u64, f: impl FnOnce() -> R + Send + 'st
 }
 
 /// Waits until `cond` holds; fails the test after [`LIMIT`].
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        holds_within(LIMIT, cond),
+        "timed out after {LIMIT:?} waiting for {what}"
+    );
+}
+
+/// Waits until `cond` holds, at most `limit`: whether it did.
+pub fn holds_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
     while !cond() {
         let waited = t0.elapsed();
-        assert!(
-            waited < LIMIT,
-            "timed out after {LIMIT:?} waiting for {what}"
-        );
+        if waited >= limit {
+            return false;
+        }
         // Spin politely at first (short waits stay short), then poll without hogging a core.
         if waited < Duration::from_millis(1) {
             std::thread::yield_now();
@@ -52,6 +59,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
+    true
 }
 
 /// Joins `h`, waiting at most [`LIMIT`] for it to end; a panic on the thread is re-raised here.
