@@ -1,11 +1,15 @@
 //! The same proxy workload against every kind of in-process context (free and pinned) and both
 //! marshalling modes, with many concurrent callers and re-entrant call chains: the results must be
-//! identical, nobody may starve, and nothing may deadlock.
+//! identical, nobody may starve, and nothing may deadlock (each test runs under a watchdog: a
+//! deadlock fails it instead of hanging; the proxies keep their default, no timeout).
+
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::watchdog;
 use context_core::Context;
 use context_proxy::{CallError, Mode, Proxy, service};
 
@@ -120,60 +124,70 @@ fn expected(threads: u64, per_thread: u64) -> (u64, u64, u64) {
 
 #[test]
 fn free_contexts_serialize_mode() {
-    let (ca, cb) = (Context::new("a"), Context::new("b"));
-    let (a, b) = pair(&ca, &cb, false);
-    assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    watchdog(60, || {
+        let (ca, cb) = (Context::new("a"), Context::new("b"));
+        let (a, b) = pair(&ca, &cb, false);
+        assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    })
 }
 
 #[test]
 fn free_contexts_move_mode() {
-    let (ca, cb) = (Context::new("a"), Context::new("b"));
-    let (a, b) = pair(&ca, &cb, false);
-    let (a, b) = (
-        a.with_mode(Mode::Move).unwrap(),
-        b.with_mode(Mode::Move).unwrap(),
-    );
-    assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    watchdog(60, || {
+        let (ca, cb) = (Context::new("a"), Context::new("b"));
+        let (a, b) = pair(&ca, &cb, false);
+        let (a, b) = (
+            a.with_mode(Mode::Move).unwrap(),
+            b.with_mode(Mode::Move).unwrap(),
+        );
+        assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    })
 }
 
 #[test]
 fn pinned_contexts() {
-    let (ca, cb) = (Context::pinned("a").unwrap(), Context::pinned("b").unwrap());
-    let (a, b) = pair(&ca, &cb, true);
-    assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    watchdog(60, || {
+        let (ca, cb) = (Context::pinned("a").unwrap(), Context::pinned("b").unwrap());
+        let (a, b) = pair(&ca, &cb, true);
+        assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    })
 }
 
 #[test]
 fn mixed_free_and_pinned() {
-    let (ca, cb) = (Context::new("a"), Context::pinned("b").unwrap());
-    let (a, b) = pair(&ca, &cb, false);
-    assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    watchdog(60, || {
+        let (ca, cb) = (Context::new("a"), Context::pinned("b").unwrap());
+        let (a, b) = pair(&ca, &cb, false);
+        assert_eq!(workload(&a, &b, 6, 400), expected(6, 400));
+    })
 }
 
 #[test]
 fn a_slow_target_times_out_instead_of_wedging_callers() {
-    let ctx = Context::new("slow");
-    let p: Proxy<LedgerService> = Proxy::adopt(&ctx, Book::default()).unwrap();
-    let hold = ctx.clone();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        hold.enter(move |_| {
-            entered_tx.send(()).unwrap();
-            rx.recv_timeout(Duration::from_secs(10))
-        })
-        .unwrap()
-    });
-    // Wait until the holder is inside (a fixed sleep was too short on a loaded machine).
-    entered_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the holder entered the context");
-    let quick = p.clone().with_timeout(Duration::from_millis(30));
-    assert!(
-        matches!(quick.total(), Err(CallError::TimedOut(_))),
-        "a busy target gives a timeout error"
-    );
-    tx.send(()).unwrap();
-    holder.join().unwrap().unwrap();
-    assert_eq!(p.total().unwrap(), 0);
+    watchdog(60, || {
+        let ctx = Context::new("slow");
+        let p: Proxy<LedgerService> = Proxy::adopt(&ctx, Book::default()).unwrap();
+        let hold = ctx.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            hold.enter(move |_| {
+                entered_tx.send(()).unwrap();
+                rx.recv_timeout(Duration::from_secs(10))
+            })
+            .unwrap()
+        });
+        // Wait until the holder is inside (a fixed sleep was too short on a loaded machine).
+        entered_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the holder entered the context");
+        let quick = p.clone().with_timeout(Duration::from_millis(30));
+        assert!(
+            matches!(quick.total(), Err(CallError::TimedOut(_))),
+            "a busy target gives a timeout error"
+        );
+        tx.send(()).unwrap();
+        holder.join().unwrap().unwrap();
+        assert_eq!(p.total().unwrap(), 0);
+    })
 }
