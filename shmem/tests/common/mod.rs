@@ -5,13 +5,31 @@
 
 use std::time::{Duration, Instant};
 
-/// Forks; the child runs `f` and `_exit`s with its result (101 if it panicked).
+/// Forks; the child runs `f` and `_exit`s with its result (101 if it panicked, 102 if it could
+/// not ask for the parent-death signal). The child is SIGKILLed when the thread that forked it
+/// ends (`PR_SET_PDEATHSIG`), so a child left behind by a failed or killed test does not outlive
+/// it: every test here waits for its children on the thread that forked them.
 pub fn fork_child(f: impl FnOnce() -> i32) -> libc::pid_t {
+    let parent = std::process::id();
     // SAFETY: fork has no memory-safety preconditions of its own; the child below only runs `f`
     // (simple work, chosen by the test) and then `_exit`, never returning into the harness.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed: {}", std::io::Error::last_os_error());
     if pid == 0 {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes no pointers and is async-signal-safe (a plain
+        // system call), so it is fine in the child of a multi-threaded process.
+        let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        // SAFETY: getppid is async-signal-safe and takes no arguments.
+        let ppid = unsafe { libc::getppid() };
+        if r != 0 {
+            // SAFETY: _exit ends the child at once (see below).
+            unsafe { libc::_exit(102) };
+        }
+        if ppid as u32 != parent {
+            // The parent died before the signal was armed: it will never come.
+            // SAFETY: _exit ends the child at once (see below).
+            unsafe { libc::_exit(102) };
+        }
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
         // SAFETY: _exit ends the child at once, without running the parent's atexit handlers or
         // destructors of state shared with the parent.
@@ -43,6 +61,44 @@ pub fn wait_child(pid: libc::pid_t, limit: Duration) -> i32 {
             panic!("watchdog: child {pid} still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Waits until `cond` holds while child `pid` runs: fails the test if the child ends first
+/// (reporting its status; the child is then reaped) or after `limit` (SIGKILLing and reaping it).
+pub fn wait_while_child_runs(
+    pid: libc::pid_t,
+    limit: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    let t0 = Instant::now();
+    while !cond() {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer; WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(
+            r != pid,
+            "child {pid} ended (status {status:#x}) before {what}"
+        );
+        assert!(
+            r == 0,
+            "waitpid failed: {}",
+            std::io::Error::last_os_error()
+        );
+        let waited = t0.elapsed();
+        if waited > limit {
+            kill9(pid);
+            // SAFETY: as above, blocking wait for the child we just killed.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            panic!("timed out after {limit:?} waiting for {what} (child {pid} killed)");
+        }
+        // Spin at first (the wait is usually short), then poll without hogging a core.
+        if waited < Duration::from_millis(1) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 
