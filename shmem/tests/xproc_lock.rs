@@ -4,10 +4,12 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Rng, expect_ok, fork_child, kill9, spin_for, wait_child, within};
+use common::{
+    Rng, expect_ok, fork_child, kill9, spin_for, wait_child, wait_while_child_runs, within,
+};
 use context_core::{Acquired, Context, LockError, RawContextLock};
 use context_shmem::{AtomicArray, BufGuard, SharedBuf, SharedLock};
 
@@ -26,11 +28,15 @@ fn check_and_repair(g: &mut BufGuard<'_, u64>, died: &mut u32) {
     }
 }
 
-fn child_loop(buf: &SharedBuf<u64>) -> i32 {
-    for _ in 0..5_000_000u64 {
+/// The holder: takes the lock over and over; sets `acquired` once it got the lock the first time.
+fn child_loop(buf: &SharedBuf<u64>, acquired: &AtomicU64) -> i32 {
+    for i in 0..5_000_000u64 {
         let Ok(mut g) = buf.lock(within(10)) else {
             return 3;
         };
+        if i == 0 {
+            acquired.store(1, Ordering::SeqCst);
+        }
         if g.owner_died() {
             let a = g.get(0).unwrap_or(0);
             let _ = g.set(1, a);
@@ -50,11 +56,22 @@ fn child_loop(buf: &SharedBuf<u64>) -> i32 {
 #[test]
 fn sigkill_the_holder_1000_times() {
     let buf = SharedBuf::<u64>::create(2).unwrap();
+    let flag = AtomicArray::create(1).unwrap();
+    let acquired = flag.get(0).unwrap();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut died = 0u32;
     let mut contended_rounds = 0u32;
     for round in 0..1000u32 {
-        let pid = fork_child(|| child_loop(&buf));
+        acquired.store(0, Ordering::SeqCst);
+        let pid = fork_child(|| child_loop(&buf, acquired));
+        // The random delay starts once the child is in its loop, so the kill lands while it takes
+        // and holds the lock (not while it is still starting up).
+        wait_while_child_runs(
+            pid,
+            Duration::from_secs(20),
+            "the child's first lock",
+            || acquired.load(Ordering::SeqCst) != 0,
+        );
         spin_for(Duration::from_micros(50 + rng.below(300)));
         if round % 2 == 1 {
             // Contend: wait for the lock while a helper thread kills the child at a random moment,
@@ -133,15 +150,21 @@ fn waiter_in_another_process_learns_of_death() {
             spin_for(Duration::from_millis(1));
         }
     });
-    while flag.get(0).unwrap().load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_while_child_runs(holder, Duration::from_secs(20), "the holder's lock", || {
+        flag.get(0).unwrap().load(Ordering::SeqCst) != 0
+    });
     let waiter = fork_child(|| match lock.lock(within(20)) {
         Ok(Acquired::OwnerDied) => 42,
         Ok(_) => 1,
         Err(_) => 2,
     });
-    std::thread::sleep(Duration::from_millis(30));
+    // Kill the holder once the waiter is in line.
+    wait_while_child_runs(
+        waiter,
+        Duration::from_secs(20),
+        "the waiter's ticket",
+        || lock.raw().pending_tickets() > 0,
+    );
     kill9(holder);
     let _ = wait_child(holder, Duration::from_secs(10));
     let st = wait_child(waiter, Duration::from_secs(30));
