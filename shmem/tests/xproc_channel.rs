@@ -5,8 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_ok, fork_child, kill9, wait_child, within};
-use context_shmem::{Channel, ChannelError, Segment, Side};
+use std::sync::atomic::Ordering;
+
+use common::{expect_ok, fork_child, kill9, wait_child, wait_while_child_runs, within};
+use context_shmem::{AtomicArray, Channel, ChannelError, Segment, Side};
 
 #[test]
 fn echo_across_processes_with_fd_passing() {
@@ -87,16 +89,24 @@ fn receiver_learns_that_the_sender_died() {
 #[test]
 fn blocked_sender_learns_that_the_receiver_was_killed() {
     let ch = Channel::create(256).unwrap();
+    let attached = AtomicArray::create(1).unwrap();
     let child = fork_child(|| {
         let Ok(_ep) = ch.endpoint(Side::B) else {
             return 1;
         };
+        attached.get(0).unwrap().store(1, Ordering::SeqCst);
         loop {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
     let mut ep = ch.endpoint(Side::A).unwrap();
     // Wait until the child attached, then fill the ring (backpressure), then kill the child.
+    wait_while_child_runs(
+        child,
+        Duration::from_secs(20),
+        "the child to attach",
+        || attached.get(0).unwrap().load(Ordering::SeqCst) != 0,
+    );
     let mut sent = 0;
     loop {
         match ep.send(&[1u8; 60], Some(Instant::now() + Duration::from_millis(50))) {
