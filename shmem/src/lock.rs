@@ -1041,6 +1041,24 @@ mod tests {
             true
         }
     }
+
+    /// A deadline for locks that must succeed: generous, so that a hang fails the test instead.
+    fn generous() -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(20))
+    }
+
+    /// Waits (at most 20 s) until `cond` holds, failing the test with `what` otherwise.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "timed out waiting for {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     struct DeadSet(Vec<u64>);
     impl Liveness for DeadSet {
         fn is_alive(&self, t: u64) -> bool {
@@ -1219,7 +1237,7 @@ mod tests {
         let me = l.register(2 << 32 | 1, &AllAlive).unwrap();
         assert_eq!(l.try_lock(d), Ok(Acquired::Fast));
         let live = DeadSet(vec![dead]);
-        assert_eq!(l.lock(me, None, &live), Ok(Acquired::OwnerDied));
+        assert_eq!(l.lock(me, generous(), &live), Ok(Acquired::OwnerDied));
         // SAFETY: held.
         unsafe { l.mark_consistent() };
         // SAFETY: held.
@@ -1281,15 +1299,17 @@ mod tests {
             let (l2, order2) = (Arc::clone(&l), Arc::clone(&order));
             hs.push(std::thread::spawn(move || {
                 let me = l2.register(p << 32 | 1, &AllAlive).unwrap();
-                assert_eq!(l2.lock(me, None, &AllAlive), Ok(Acquired::Contended));
+                assert_eq!(l2.lock(me, generous(), &AllAlive), Ok(Acquired::Contended));
                 order2.lock().unwrap().push(i);
                 // SAFETY: held.
                 unsafe { l2.unlock() };
             }));
-            // Let this waiter take its ticket before the next one starts.
-            while l.pending_tickets() < i {
-                std::thread::yield_now();
-            }
+            // Let this waiter take its ticket before the next one starts (or fail if it ended).
+            let waiter = hs.last().unwrap();
+            wait_until(&format!("waiter {i}'s ticket"), || {
+                assert!(!waiter.is_finished(), "waiter {i} ended before it queued");
+                l.pending_tickets() >= i
+            });
         }
         // SAFETY: held since the try_lock above.
         unsafe { l.unlock() };
@@ -1313,7 +1333,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let me = l.register((i + 1) << 32 | 1, &AllAlive).unwrap();
                     for _ in 0..2000 {
-                        l.lock(me, None, &AllAlive).unwrap();
+                        l.lock(me, generous(), &AllAlive).unwrap();
                         assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
                         counter.fetch_add(1, Ordering::Relaxed);
                         inside.fetch_sub(1, Ordering::SeqCst);
