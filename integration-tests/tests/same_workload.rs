@@ -3,6 +3,8 @@
 //! identical, nobody may starve, and nothing may deadlock (each test runs under a watchdog: a
 //! deadlock fails it instead of hanging; the proxies keep their default, no timeout).
 
+// The proxy crate's test helpers (the watchdog), shared by path: test code is not a crate.
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;

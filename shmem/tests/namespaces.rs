@@ -62,6 +62,24 @@ fn mount_proc(options: &std::ffi::CStr) -> bool {
     }
 }
 
+/// Forks a child that makes a new PID namespace and runs `f` in its first process (PID 1 there);
+/// the child exits with `f`'s code, [`UNSUPPORTED`] if the namespace was refused, or 100 if the
+/// inner process did not exit normally within `limit`.
+fn in_new_pid_namespace(limit: Duration, f: impl FnOnce() -> i32) -> libc::pid_t {
+    fork_child(|| {
+        // SAFETY: the new PID namespace applies to this child's children only.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return UNSUPPORTED;
+        }
+        let st = wait_child(fork_child(f), limit);
+        if libc::WIFEXITED(st) {
+            libc::WEXITSTATUS(st)
+        } else {
+            100
+        }
+    })
+}
+
 #[test]
 fn a_process_hidden_by_hidepid_is_not_dead() {
     let me = ProcessToken::current().unwrap();
@@ -100,12 +118,8 @@ fn a_proc_of_another_pid_namespace_gives_no_token_and_proves_no_death() {
     // /proc it is another process (dead token), so the result below shows whose /proc is read.
     let me = ProcessToken::current().unwrap();
     let stale = ProcessToken::new(me.pid(), u64::from(me.start_ticks()) + 1);
-    let child = fork_child(|| {
-        // SAFETY: the new PID namespace applies to this child's children only.
-        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-            return UNSUPPORTED;
-        }
-        let inner = fork_child(|| {
+    let child = in_new_pid_namespace(Duration::from_secs(10), || {
+        {
             // PID 1 of a new namespace, still looking at the outer namespace's /proc.
             // SAFETY: getpid has no preconditions.
             if unsafe { libc::getpid() } != 1 {
@@ -119,12 +133,6 @@ fn a_proc_of_another_pid_namespace_gives_no_token_and_proves_no_death() {
                 return 4;
             }
             0
-        });
-        let st = wait_child(inner, Duration::from_secs(10));
-        if libc::WIFEXITED(st) {
-            libc::WEXITSTATUS(st)
-        } else {
-            100
         }
     });
     let st = wait_child(child, Duration::from_secs(20));
@@ -145,12 +153,8 @@ fn a_named_segment_from_another_pid_namespace_is_unknown_kept_and_refused() {
     let shared = AtomicArray::create(66).unwrap();
     const DONE: usize = 64;
     const FAILED: usize = 65;
-    let child = fork_child(|| {
-        // SAFETY: the new PID namespace applies to this child's children only.
-        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-            return UNSUPPORTED;
-        }
-        let inner = fork_child(|| {
+    let child = in_new_pid_namespace(Duration::from_secs(30), || {
+        {
             // PID 1 of its namespace, with a procfs of that namespace (so it can name itself).
             if !private_mounts() || !mount_proc(c"") {
                 shared.get(FAILED).unwrap().store(1, Ordering::SeqCst);
@@ -169,12 +173,6 @@ fn a_named_segment_from_another_pid_namespace_is_unknown_kept_and_refused() {
             }
             drop(seg); // unlinks the record
             0
-        });
-        let st = wait_child(inner, Duration::from_secs(30));
-        if libc::WIFEXITED(st) {
-            libc::WEXITSTATUS(st)
-        } else {
-            100
         }
     });
     let until = Instant::now() + Duration::from_secs(10);

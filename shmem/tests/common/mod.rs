@@ -25,7 +25,9 @@ pub fn fork_child(f: impl FnOnce() -> i32) -> libc::pid_t {
             // SAFETY: _exit ends the child at once (see below).
             unsafe { libc::_exit(102) };
         }
-        if ppid as u32 != parent {
+        // (0: the parent is outside this child's PID namespace, the child being the first
+        // process of a namespace the parent made; it is alive, since it forked us.)
+        if ppid != 0 && ppid as u32 != parent {
             // The parent died before the signal was armed: it will never come.
             // SAFETY: _exit ends the child at once (see below).
             unsafe { libc::_exit(102) };
