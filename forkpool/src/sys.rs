@@ -637,11 +637,21 @@ mod tests {
         // Let it touch its memory first (about 0.1 s), so the kill meets a large address space.
         std::thread::sleep(std::time::Duration::from_millis(300));
         let t0 = std::time::Instant::now();
-        assert_eq!(kill_and_reap(pid, 0), Killed::Stuck);
-        assert!(t0.elapsed() < std::time::Duration::from_millis(100));
-        assert_eq!(
-            wait_exit(pid, 10_000).expect("wait"),
-            Some(ExitKind::Signaled(libc::SIGKILL))
-        );
+        let killed = kill_and_reap(pid, 0);
+        // Not waiting for the teardown is the point: far less than the teardown of a loaded
+        // machine could ever take, but no fixed budget of ours either.
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+        match killed {
+            // The usual case: still tearing down, left for a later reap.
+            Killed::Stuck => assert_eq!(
+                wait_exit(pid, 10_000).expect("wait"),
+                Some(ExitKind::Signaled(libc::SIGKILL))
+            ),
+            // The kernel was quicker than the check after the kill: reaped at once, correctly.
+            other => assert_eq!(
+                other,
+                Killed::Reaped(Some(ExitKind::Signaled(libc::SIGKILL)))
+            ),
+        }
     }
 }

@@ -366,16 +366,18 @@ fn callers_are_served_in_turn() {
             .map(<[u64]>::len)
             .max()
             .unwrap_or(0);
-        // Allow for a caller that is descheduled between two calls; starvation would show as runs of
-        // tens of calls.
+        // Allow for callers descheduled for several time slices on a loaded machine (each turn is
+        // 300 us); an unfair lock lets the caller that just ran run again while it keeps its CPU,
+        // which shows as runs of most of its calls and as callers that wait until the others are
+        // done.
         assert!(
-            longest <= 8,
+            longest <= CALLS as usize / 2,
             "longest run by one caller: {longest}: {turns:?}"
         );
         for who in 0..THREADS {
             assert!(
-                turns[..turns.len() / 2].contains(&who),
-                "caller {who} had no turn in the first half: {turns:?}"
+                turns[..turns.len() * 3 / 4].contains(&who),
+                "caller {who} had no turn in the first three quarters: {turns:?}"
             );
         }
     })
@@ -533,9 +535,17 @@ fn late_answers_that_keep_coming_cannot_hold_a_call_past_its_timeout() {
         let took = t0.elapsed();
         stop.store(true, Ordering::Relaxed);
         assert!(matches!(r, Err(CallError::TimedOut(_))), "{r:?}");
-        // Draining the ring would take several hundred milliseconds.
-        assert!(took < timeout * 8, "the call took {took:?}");
-        assert!(client.discarded_replies() > 0);
+        // The regression drained the whole ring (and its refills) before it looked at the clock:
+        // at least every answer that was in the ring when the call began. A call that keeps its
+        // timeout discards what it can read in 20 ms, a fraction of that on any machine.
+        let in_ring = (32u64 << 20) / 16;
+        let discarded = client.discarded_replies();
+        assert!(discarded > 0);
+        assert!(
+            discarded < in_ring,
+            "the call drained {discarded} late answers (the ring held {in_ring}) in {took:?}"
+        );
+        assert!(took < Duration::from_secs(1), "the call took {took:?}");
         drop((p, client));
         h.join().unwrap();
     })
