@@ -12,6 +12,16 @@ use context_shmem::{Error, Segment, SharedBuf, TypeId, registry};
 
 const T: TypeId = TypeId::of_name("tests::segments/v1");
 
+/// Removes a file the test wrote into `/dev/shm` when dropped, so that a failing assertion does
+/// not leave it behind (`gc` never removes undecodable records).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn unique_tag(what: &str) -> String {
     format!("t{}_{what}", std::process::id())
 }
@@ -160,6 +170,7 @@ fn garbage_records_and_segments_are_refused() {
     for (suffix, bytes) in &cases {
         let name = format!("ctxshm-{tag}{suffix}-{}", "f".repeat(32));
         let p = dir.join(&name);
+        let _cleanup = RemoveOnDrop(p.clone());
         std::fs::write(&p, bytes).unwrap();
         let r = Segment::open_named(&name, T);
         assert!(matches!(r, Err(Error::BadHeader(_))), "{name}: {r:?}");
@@ -216,6 +227,7 @@ fn gc_removes_only_names_whose_creator_died() {
     let live = Segment::create_named(&unique_tag("gclive"), 4096, T).unwrap();
     let junk = std::path::Path::new(registry::SHM_DIR)
         .join(format!("ctxshm-{tag}junk-{}", "e".repeat(32)));
+    let _cleanup = RemoveOnDrop(junk.clone());
     std::fs::write(&junk, [0x55u8; 80]).unwrap();
     let removed = registry::gc().unwrap().removed;
     assert!(removed.contains(&name));
@@ -238,8 +250,10 @@ fn forged_records_cannot_make_open_named_open_other_descriptors() {
         .unwrap();
     let dir = std::path::Path::new(registry::SHM_DIR);
     let tag = unique_tag("forged");
-    let write = |suffix: &str, rec: &registry::NameRecord| {
+    let mut cleanup = Vec::new();
+    let mut write = |suffix: &str, rec: &registry::NameRecord| {
         let name = format!("ctxshm-{tag}{suffix}-{}", "a".repeat(32));
+        cleanup.push(RemoveOnDrop(dir.join(&name)));
         std::fs::write(dir.join(&name), rec.encode()).unwrap();
         name
     };
@@ -255,8 +269,6 @@ fn forged_records_cannot_make_open_named_open_other_descriptors() {
     let r1 = Segment::open_named(&other, T);
     // The genuine record still opens.
     let r2 = Segment::open_named(real.name().unwrap(), T).map(|_| ());
-    let _ = std::fs::remove_file(dir.join(&stdin));
-    let _ = std::fs::remove_file(dir.join(&other));
     assert!(
         matches!(&r0, Err(Error::BadHeader(m)) if m.contains("memfd")),
         "{:?}",
