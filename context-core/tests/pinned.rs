@@ -233,11 +233,25 @@ fn a_home_thread_waiting_on_another_keeps_serving_its_own_calls() {
 fn an_idle_home_thread_sleeps_and_is_woken() {
     watchdog(30, || {
         let p = Context::pinned("p").unwrap();
+        // The home thread's voluntary context switches (blocking in the kernel; spinning and
+        // yielding do not count), read on the home thread itself.
+        let home_sleeps = || {
+            p.enter(|_| context_core::os::thread_context_switches().map(|(v, _)| v))
+                .unwrap()
+                .unwrap()
+        };
+        let before = home_sleeps();
         for i in 0..20u32 {
             // Long enough between calls for the home thread to stop spinning and sleep.
             std::thread::sleep(Duration::from_millis(5));
             assert_eq!(p.enter(move |_| i * 2), Ok(i * 2));
         }
+        let slept = home_sleeps() - before;
+        // Each gap ends with a sleep and a wake-up; allow for gaps a loaded machine shortened.
+        assert!(
+            slept >= 10,
+            "the home thread slept {slept} times in 20 idle gaps"
+        );
     });
 }
 
