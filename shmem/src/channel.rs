@@ -1201,38 +1201,110 @@ mod tests {
         t.join().unwrap();
     }
 
+    /// The ring size of the corrupt-state property.
+    const FUZZ_CAP: usize = 128;
+
+    /// A header word as a peer could leave it: a length in range, one just past the largest frame,
+    /// the largest value, or anything.
+    fn fuzz_header_word() -> impl proptest::strategy::Strategy<Value = u32> {
+        use proptest::prelude::*;
+        let cap = FUZZ_CAP as u32;
+        // The word holds `len + 1`; 0 means no frame.
+        prop_oneof![
+            (0..=cap - 16).prop_map(|len| len + 1),
+            (cap - 15..=cap).prop_map(|len| len + 1),
+            Just(u32::MAX),
+            any::<u32>(),
+        ]
+    }
+
     proptest::proptest! {
         /// The frame decoder reads positions, headers and lengths from shared memory a peer
-        /// controls: arbitrary values give frames that fit the caller's buffer or errors, never a
-        /// panic, an out-of-bounds access or a hang.
+        /// controls: arbitrary values give frames no longer than the largest frame (`cap - 16`)
+        /// that fit the caller's buffer, or errors; never a panic, an out-of-bounds access, an
+        /// allocation beyond the ring's size or a hang. Positions are 8-aligned (misaligned ones
+        /// are refused at attach, which would end the case before any frame is read) and the
+        /// header word at the receive position is drawn from the interesting ranges.
         #[test]
         fn corrupt_ring_state_is_an_error_not_a_panic(
-            head: u64,
+            head_word in 0u64..(FUZZ_CAP as u64 / 8),
+            wraps in proptest::prelude::any::<u64>(),
+            word in fuzz_header_word(),
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), FUZZ_CAP),
+            tx_bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), FUZZ_CAP),
+            tx_head_word in 0u64..(FUZZ_CAP as u64 / 8),
+            tx_committed in proptest::prelude::any::<bool>(),
             tail: u64,
-            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
-            buf_len in 0usize..100,
+            buf_len in 0usize..=2 * FUZZ_CAP,
+            ops in proptest::collection::vec(0u8..4, 1..6),
         ) {
-            let ch = Channel::create(128).unwrap();
-            for r in 0..2 {
+            let cap = FUZZ_CAP;
+            let max_frame = cap - 16;
+            let ch = Channel::create(cap).unwrap();
+            // Side B receives on ring 0 and sends on ring 1.
+            // Positions count bytes ever sent, so any multiple of `cap` may precede the offset.
+            let base = wraps.wrapping_mul(cap as u64);
+            let head = base.wrapping_add(head_word * 8);
+            let tx_head = base.wrapping_add(tx_head_word * 8);
+            let fill = |r: usize, bytes: &[u8], head: u64| {
                 let (hdr, data) = ch.ring(r);
                 hdr.head.store(head, Ordering::SeqCst);
                 hdr.tail.store(tail, Ordering::SeqCst);
                 for (i, x) in bytes.iter().enumerate() {
-                    // SAFETY: `i < 128 == cap`, inside the ring of a channel only this test uses.
+                    // SAFETY: `i < cap`, inside the ring of a channel only this test uses.
                     unsafe { data.wrapping_add(i).write_volatile(*x) };
                 }
+            };
+            fill(0, &bytes, head);
+            fill(1, &tx_bytes, tx_head);
+            let (_, data) = ch.ring(0);
+            ch.header(data, head).store(word, Ordering::SeqCst);
+            if !tx_committed {
+                // Half the cases commit nothing on our send ring, so that attach (which walks its frames)
+                // succeeds and the receive path is reached.
+                let (_, data) = ch.ring(1);
+                ch.header(data, tx_head).store(0, Ordering::SeqCst);
             }
             let soon = || Some(Instant::now());
-            if let Ok(mut b) = ch.endpoint(Side::B) {
-                let mut buf = vec![0u8; buf_len];
-                for _ in 0..4 {
-                    match b.recv(&mut buf, soon()) {
-                        Ok(n) => proptest::prop_assert!(n <= buf_len),
-                        Err(_) => break,
+            let Ok(mut b) = ch.endpoint(Side::B) else {
+                return Ok(());
+            };
+            let mut buf = vec![0u8; buf_len];
+            for op in ops {
+                let mut v = Vec::new();
+                let r = match op {
+                    0 => b.recv(&mut buf, soon()).inspect(|&n| {
+                        assert!(n <= buf_len, "{n} bytes into a buffer of {buf_len}");
+                    }),
+                    1 => b.recv_append(&mut v, soon()),
+                    2 => b.recv_append_max(&mut v, usize::MAX, soon()),
+                    _ => b.recv_append_max(&mut v, 24, soon()).inspect(|&n| {
+                        assert!(n <= 24, "{n} bytes under a bound of 24");
+                    }),
+                };
+                proptest::prop_assert!(
+                    v.capacity() <= cap,
+                    "{} bytes reserved for a ring of {cap}: {r:?}",
+                    v.capacity()
+                );
+                match r {
+                    Ok(n) => {
+                        proptest::prop_assert!(n <= max_frame, "a frame of {n} bytes: {op}");
+                        if op != 0 {
+                            proptest::prop_assert_eq!(v.len(), n);
+                        }
                     }
+                    // The frame stays queued; the next operation may take it with a larger buffer.
+                    Err(ChannelError::BufferTooSmall { needed }) => {
+                        proptest::prop_assert!(op == 0 && needed > buf_len && needed <= max_frame, "{needed}");
+                    }
+                    Err(ChannelError::FrameTooLarge { len, max }) => {
+                        proptest::prop_assert!(op == 3 && len > max && len <= max_frame, "{len} > {max}");
+                    }
+                    Err(_) => break,
                 }
-                let _ = b.send(&[1, 2, 3], soon());
             }
+            let _ = b.send(&[1, 2, 3], soon());
         }
     }
 }
