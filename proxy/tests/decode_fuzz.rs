@@ -9,6 +9,8 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -143,7 +145,13 @@ fn decode_all(bytes: &[u8]) -> usize {
         String,
         Vec<u64>,
         Vec<String>,
-        (u64, &str)
+        (u64, &str),
+        // Zero-sized elements read no bytes: only the bounded wrapper stops a claimed length of
+        // 2^64 from looping (a hang the parent's watchdog reports).
+        Vec<()>,
+        BTreeMap<(), ()>,
+        (u8, Vec<()>),
+        Option<Vec<Vec<()>>>
     );
     let (_, p) = peak_during(|| frame::parse(bytes, LIMIT).is_ok());
     worst.max(p)
@@ -206,42 +214,172 @@ proptest! {
     #[test]
     #[ignore = "run in a child process by decoders_never_panic_abort_or_overallocate"]
     fn child_whole_frames_into_a_server(
-        mangle_at in 0usize..96,
-        mangle_to in any::<u8>(),
-        body in proptest::collection::vec(any::<u8>(), 0..64),
-        header_len in prop_oneof![Just(None), Just(Some(u32::MAX)), (0u32..200).prop_map(Some)],
+        // 0: the object the body is for; 1: the other object, under the body's service;
+        // 2: the body's object, under the other service.
+        target in prop_oneof![6 => Just(0usize), 1 => Just(1usize), 1 => Just(2usize)],
+        req in valid_body(),
+        body in prop_oneof![
+            // Mostly a valid request body, then damaged (below), so that decoding gets far into it.
+            4 => Just(None),
+            1 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(Some),
+        ],
+        edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+        cut in proptest::option::weighted(0.2, any::<proptest::sample::Index>()),
+        extra in proptest::option::weighted(0.25, proptest::collection::vec(any::<u8>(), 1..8)),
+        header_len in prop_oneof![
+            // The header's length is the body's: the server gets to decode the body.
+            8 => Just(None),
+            1 => Just(Some(u32::MAX)),
+            1 => (0u32..200).prop_map(Some),
+        ],
+        header_edit in proptest::option::weighted(0.1, (0..frame::HEADER_LEN, any::<u8>())),
     ) {
         thread_local! {
-            static TARGET: (Context, Exports<Small>, context_proxy::ObjectId) = {
+            static TARGET: (Context, Exports<Small>, [context_proxy::ObjectId; 2]) = {
                 let ctx = Context::new("fuzz");
                 let h = ctx.enter(|cx| cx.adopt(Sampler)).expect("enter").expect("adopt");
                 let b = ctx.enter(|cx| cx.adopt(context_proxy::Buffer::<u8>::zeroed(16))).expect("enter").expect("adopt");
                 let mut ex = Exports::new();
                 let id = ex.export::<SampleService, Sampler>(h);
-                ex.export::<BufferService<u8>, context_proxy::Buffer<u8>>(b);
-                (ctx, ex, id)
+                let bid = ex.export::<BufferService<u8>, context_proxy::Buffer<u8>>(b);
+                (ctx, ex, [id, bid])
             };
         }
-        TARGET.with(|(ctx, ex, id)| {
-            // A valid frame, then damaged: one byte changed, the body replaced, the length forged.
+        TARGET.with(|(ctx, ex, ids)| {
+            // A valid frame for one of the objects (or the wrong one), then damaged: body bytes
+            // changed, cut or extended, the body replaced, the length forged, a header byte changed.
+            let sample = <SampleService as context_proxy::Service>::ID;
+            let buffer = <BufferService<u8> as context_proxy::Service>::ID;
+            let (own, other) = match &req {
+                ValidBody::Sample(_) => ((sample, ids[0]), (buffer, ids[1])),
+                ValidBody::Buffer(_) => ((buffer, ids[1]), (sample, ids[0])),
+            };
+            let (service, object) = [own, (own.0, other.1), (other.0, own.1)][target];
             let mut f = Vec::new();
-            let req = SampleRequest::Small { n: 1, tag: "sixteen-byte-tag" };
-            frame::encode::<Small, _>(&mut f, FrameKind::Request, <SampleService as context_proxy::Service>::ID, *id, &req)
-                .expect("encode");
-            f.truncate(frame::HEADER_LEN);
-            f.extend_from_slice(&body);
-            let n = f.len();
-            if let Some(l) = header_len { f[4..8].copy_from_slice(&l.to_le_bytes()); }
-            if mangle_at < n { f[mangle_at] = mangle_to; }
+            match &req {
+                ValidBody::Sample(r) => frame::encode::<Small, _>(&mut f, FrameKind::Request, service, object, &r.as_request()),
+                ValidBody::Buffer(r) => frame::encode::<Small, _>(&mut f, FrameKind::Request, service, object, &r.as_request()),
+            }
+            .expect("encode");
+            let valid_len = f.len() - frame::HEADER_LEN;
+            let mut damaged = false;
+            if let Some(b) = &body {
+                f.truncate(frame::HEADER_LEN);
+                f.extend_from_slice(b);
+                damaged = true;
+            }
+            let n = f.len() - frame::HEADER_LEN;
+            for (at, to) in &edits {
+                if n > 0 {
+                    let i = frame::HEADER_LEN + at.index(n);
+                    damaged |= f[i] != *to;
+                    f[i] = *to;
+                }
+            }
+            if let Some(c) = cut {
+                f.truncate(frame::HEADER_LEN + c.index(n + 1));
+            }
+            f.extend_from_slice(extra.as_deref().unwrap_or_default());
+            damaged |= f.len() - frame::HEADER_LEN != valid_len;
+            let body_len = u32::try_from(f.len() - frame::HEADER_LEN).expect("small");
+            let forged = header_len.is_some_and(|l| l != body_len);
+            f[4..8].copy_from_slice(&header_len.unwrap_or(body_len).to_le_bytes());
+            if let Some((at, to)) = header_edit {
+                damaged |= f[at] != to;
+                f[at] = to;
+            }
             let mut reply = Vec::new();
             let (r, peak) = peak_during(|| ctx.enter(|cx| ex.serve(cx, &f, &mut reply)));
             prop_assert!(r.is_ok(), "serving must not panic: {r:?}");
             prop_assert!(peak <= bound(), "peak {peak}");
             let (h, _) = frame::parse(&reply, LIMIT).expect("the server always answers with a valid frame");
             prop_assert!(matches!(h.kind, FrameKind::Reply | FrameKind::Error));
+            if !damaged && !forged && target == 0 {
+                // Undamaged: the server decoded the body and called the method.
+                prop_assert_eq!(h.kind, FrameKind::Reply, "a valid request failed: {:?}", req);
+            }
             Ok(())
         })?;
     }
+}
+
+/// An owned request, to encode as a valid body.
+#[derive(Debug, Clone)]
+enum SampleReq {
+    Small(u64, String),
+    Owned(String, Vec<u64>, Vec<Vec<u8>>, Option<(u8, i128)>),
+    Bytes(Vec<u8>),
+}
+
+impl SampleReq {
+    fn as_request(&self) -> SampleRequest<'_> {
+        match self {
+            Self::Small(n, tag) => SampleRequest::Small { n: *n, tag },
+            Self::Owned(s, v, nested, o) => SampleRequest::Owned {
+                s: s.clone(),
+                v: v.clone(),
+                nested: nested.clone(),
+                o: *o,
+            },
+            Self::Bytes(b) => SampleRequest::Bytes { b },
+        }
+    }
+}
+
+/// An owned buffer request.
+#[derive(Debug, Clone)]
+enum BufferReq {
+    Len,
+    Read(u64, u64),
+    Write(u64, Vec<u8>),
+}
+
+impl BufferReq {
+    fn as_request(&self) -> BufferRequest<'_> {
+        match self {
+            Self::Len => BufferRequest::Len,
+            Self::Read(start, end) => BufferRequest::Read {
+                start: *start,
+                end: *end,
+            },
+            Self::Write(start, bytes) => BufferRequest::Write {
+                start: *start,
+                bytes,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ValidBody {
+    Sample(SampleReq),
+    Buffer(BufferReq),
+}
+
+/// Well-formed request bodies for both exported services (the buffer holds 16 bytes: in-range and
+/// out-of-range requests are both answered with a reply).
+fn valid_body() -> impl Strategy<Value = ValidBody> {
+    let bytes = || proptest::collection::vec(any::<u8>(), 0..24);
+    let sample = prop_oneof![
+        (any::<u64>(), "[a-z]{0,20}").prop_map(|(n, t)| SampleReq::Small(n, t)),
+        (
+            "[a-z]{0,12}",
+            proptest::collection::vec(any::<u64>(), 0..4),
+            proptest::collection::vec(bytes(), 0..3),
+            any::<Option<(u8, i128)>>(),
+        )
+            .prop_map(|(s, v, n, o)| SampleReq::Owned(s, v, n, o)),
+        bytes().prop_map(SampleReq::Bytes),
+    ];
+    let buffer = prop_oneof![
+        Just(BufferReq::Len),
+        (0u64..20, 0u64..20).prop_map(|(a, b)| BufferReq::Read(a, b)),
+        (0u64..20, bytes()).prop_map(|(a, b)| BufferReq::Write(a, b)),
+    ];
+    prop_oneof![
+        2 => sample.prop_map(ValidBody::Sample),
+        1 => buffer.prop_map(ValidBody::Buffer),
+    ]
 }
 
 /// Allocations made by the calling thread while running `f`.
@@ -291,6 +429,24 @@ fn warm_small_calls_allocate_nothing() {
     assert_eq!(n.expect("enter"), 0, "allocations on the nested hot path");
 }
 
+/// Reads `r` to its end on a thread of its own.
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+/// The last `n` bytes of `s` (a shrinking property can print megabytes).
+fn tail(s: &str, n: usize) -> &str {
+    let mut at = s.len().saturating_sub(n);
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    &s[at..]
+}
+
 /// Runs the ignored `child_*` properties in a child process with a watchdog.
 #[test]
 fn decoders_never_panic_abort_or_overallocate() {
@@ -301,24 +457,37 @@ fn decoders_never_panic_abort_or_overallocate() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the test binary");
+    // Read both pipes while the child runs: a failing property prints on every shrink step, and
+    // a child blocked on a full pipe would look like a hang (and its output would be lost).
+    let out_reader = drain(child.stdout.take().expect("stdout"));
+    let err_reader = drain(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + Duration::from_secs(240);
+    let mut hung = false;
     let status = loop {
         if let Some(s) = child.try_wait().expect("try_wait") {
             break s;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let _ = child.wait();
-            panic!("decoder properties did not finish within 240 s (hang?)");
+            hung = true;
+            break child.wait().expect("wait");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let out = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The child has exited, so both pipes reach end of file.
+    let stdout = String::from_utf8_lossy(&out_reader.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().expect("stderr reader")).into_owned();
+    assert!(
+        !hung,
+        "decoder properties did not finish within 240 s (hang?):\n{}\n{}",
+        tail(&stdout, 16 << 10),
+        tail(&stderr, 16 << 10)
+    );
     assert!(
         status.success(),
-        "child failed ({status}; a signal means it aborted):\n{stdout}\n{stderr}"
+        "child failed ({status}; a signal means it aborted):\n{}\n{}",
+        tail(&stdout, 16 << 10),
+        tail(&stderr, 16 << 10)
     );
     assert!(
         stdout.contains("3 passed"),
