@@ -783,7 +783,8 @@ impl Segment {
     /// Checks that this process is in the PID namespace the segment's creator was in. Process
     /// tokens stored in the segment (a lock's owner, a channel side) are PIDs of that namespace:
     /// compared from another one, a live process could look dead and have its lock taken. So the
-    /// shared lock and the channel call this when they attach; plain data needs no such check.
+    /// shared lock (and so [`crate::SharedBuf`]) and the channel call this when they attach;
+    /// lock-free data ([`crate::AtomicArray`], raw payload access) needs no such check.
     ///
     /// # Errors
     /// [`Error::ForeignPidNamespace`] when the namespaces differ or either is unknown.
