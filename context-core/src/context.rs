@@ -645,7 +645,7 @@ pub fn held_contexts() -> Vec<ContextId> {
 /// every access re-checks that its context is the one the thread holds *now*: a `Cx` captured by a
 /// nested call into another context gives [`AccessError::NotHeld`] there instead of racing.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn assert_send<T: Send>() {}
 /// assert_send::<context_core::Cx<'static>>();
 /// ```

@@ -24,14 +24,14 @@ use crate::error::AllocError;
 ///
 /// Process-local types are refused at compile time:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn f(heap: &context_forkpool::Heap) {
 ///     // Vec's buffer lives in the creating process's private heap.
 ///     let _ = context_forkpool::SharedBox::new(heap, vec![1u8]);
 /// }
 /// ```
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn f(heap: &context_forkpool::Heap) {
 ///     let _ = context_forkpool::SharedBox::new(heap, Box::new(1u8));
 /// }
@@ -68,7 +68,7 @@ unsafe impl<A: ShareSafe, B: ShareSafe> ShareSafe for (A, B) {}
 /// The raw allocator underneath is not reachable from it, so nothing can copy it out of the count
 /// and use it after the pool unmapped the heap:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0599
 /// fn f(pool: context_forkpool::Pool) {
 ///     let raw = *pool.heap().raw();
 ///     drop(pool);
@@ -518,7 +518,7 @@ impl<'a, T> Iterator for ListIter<'a, T> {
 /// these methods (and in a job through [`crate::Pool::run_mut`]), so two lists of different pools
 /// cannot swap their nodes (which would leave nodes of one pool's heap in the other's):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0596
 /// fn f(a: &mut context_forkpool::SharedList<u64>, b: &mut context_forkpool::SharedList<u64>) {
 ///     std::mem::swap(&mut **a, &mut **b);
 /// }

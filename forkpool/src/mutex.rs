@@ -94,7 +94,7 @@ impl<T: ShareSafe> SharedMutex<T> {
 /// Holds a [`SharedMutex`]; derefs to the value; unlocks on drop. Not `Send`: the lock records the
 /// holding process, and the guard must be released where it was taken.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn assert_send<T: Send>(_: T) {}
 /// fn f(m: &context_forkpool::SharedMutex<u64>) {
 ///     assert_send(m.lock(None).unwrap());

@@ -1165,7 +1165,7 @@ impl Local {
 /// counterpart of [`context_core::Cx`]. Exists only inside [`SharedContext::enter`] (and friends),
 /// is not `Send`, and every access re-checks that the thread holds the context now.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn assert_send<T: Send>() {}
 /// assert_send::<context_forkpool::SharedCx<'static, 'static>>();
 /// ```

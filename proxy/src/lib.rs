@@ -140,7 +140,7 @@
 //! #[context_proxy::service]
 //! pub trait Bad { fn consume(self); }
 //! ```
-//! ```compile_fail
+//! ```compile_fail,E0277
 //! # use context_core::Context;
 //! # use context_proxy::{Proxy, service};
 //! #[service]

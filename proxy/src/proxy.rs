@@ -663,7 +663,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
                 .call_moved_rest(transport, mover, slot, None)
                 .and_then(|r| picked(r, pick));
         }
-        let mut state = MoveCall {
+        let mut state = MoveCall::<'_, '_, S> {
             mover,
             object: &self.object,
             slot: &mut *slot,
@@ -704,7 +704,7 @@ impl<S: Service, C: Codec> Proxy<S, C> {
                 Some(Ok(failure)) => failure,
                 Some(Err(e)) => return Err(e.into()),
                 None => {
-                    let mut state = MoveCall {
+                    let mut state = MoveCall::<'_, '_, S> {
                         mover,
                         object: &self.object,
                         slot: &mut *slot,

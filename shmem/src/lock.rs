@@ -923,7 +923,7 @@ mod handle {
 
     /// Holds a [`SharedLock`]; releases it on drop. Not `Send`: released where it was taken.
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0277
     /// fn needs_send<T: Send>(_: T) {}
     /// let lock = context_shmem::SharedLock::anonymous().unwrap();
     /// needs_send(lock.guard(None).unwrap());

@@ -34,7 +34,7 @@ use crate::{Error, SharedLock};
 ///
 /// A field that is not `ShmSafe` (here a reference: a pointer into one process) is refused:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// use context_shmem::ShmSafe;
 /// #[derive(Clone, Copy, ShmSafe)]
 /// #[repr(C)]
@@ -43,7 +43,7 @@ use crate::{Error, SharedLock};
 ///
 /// `bool` is not `ShmSafe` either (only 0 and 1 are valid, a peer may write 2):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// use context_shmem::ShmSafe;
 /// #[derive(Clone, Copy, ShmSafe)]
 /// #[repr(C)]
@@ -52,7 +52,7 @@ use crate::{Error, SharedLock};
 ///
 /// Padding is refused (it would copy uninitialized bytes into shared memory):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0080
 /// use context_shmem::ShmSafe;
 /// #[derive(Clone, Copy, ShmSafe)]
 /// #[repr(C)]
@@ -293,7 +293,7 @@ impl<T: ShmSafe> SharedBuf<T> {
 /// Access to a [`SharedBuf`] while holding its lock. Releases on drop. Not `Send`: the lock is
 /// released where it was taken.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn needs_send<T: Send>(_: T) {}
 /// let buf = context_shmem::SharedBuf::<u64>::create(1).unwrap();
 /// needs_send(buf.lock(None).unwrap());
