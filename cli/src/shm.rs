@@ -18,7 +18,8 @@ pub struct Entry {
     /// `true` alive, `false` dead, `null` when it cannot be told (a record from another PID
     /// namespace) or the record is unreadable.
     pub creator_alive: Option<bool>,
-    /// `"alive"`, `"dead"` or `"unknown"` (`null` for an unreadable record).
+    /// `"alive"`, `"dead"`, `"stale"` (alive, but no longer holding the segment) or `"unknown"`
+    /// (`null` for an unreadable record).
     pub creator_state: Option<&'static str>,
     pub age_seconds: Option<u64>,
     /// Why the record could not be read, if it could not.
@@ -32,7 +33,7 @@ fn age(created_unix_ns: u64) -> Option<Duration> {
 
 fn entry(info: &SegmentInfo) -> Entry {
     let alive = match info.creator {
-        Some(CreatorState::Alive) => Some(true),
+        Some(CreatorState::Alive | CreatorState::Stale) => Some(true),
         Some(CreatorState::Dead) => Some(false),
         Some(CreatorState::Unknown) | None => None,
     };
@@ -136,10 +137,13 @@ pub fn ls(json: bool) -> anyhow::Result<()> {
     }
     let dead = entries
         .iter()
-        .filter(|e| e.creator_alive == Some(false))
+        .filter(|e| matches!(e.creator_state, Some("dead" | "stale")))
         .count();
     if dead > 0 {
-        outln!("\n{dead} segment(s) whose creator is dead: `ctx shm gc` removes them")?;
+        outln!(
+            "\n{dead} record(s) whose creator is dead or no longer holds the segment (`stale`: it \
+             exec'd or closed it): `ctx shm gc` removes them"
+        )?;
     }
     if entries.iter().any(|e| e.creator_state == Some("unknown")) {
         outln!(
@@ -157,7 +161,7 @@ pub fn gc(dry_run: bool) -> anyhow::Result<ExitCode> {
         let list = registry::list().context("listing named segments")?;
         let orphans: Vec<&SegmentInfo> = list
             .iter()
-            .filter(|i| i.creator == Some(CreatorState::Dead))
+            .filter(|i| matches!(i.creator, Some(CreatorState::Dead | CreatorState::Stale)))
             .collect();
         for o in &orphans {
             outln!("would remove {}", shown(&o.name))?;
@@ -226,6 +230,9 @@ pub fn inspect(name: &str) -> anyhow::Result<()> {
             Some(CreatorState::Unknown) => {
                 outln!("header        not opened: the record was made in another PID namespace")?
             }
+            Some(CreatorState::Stale) => outln!(
+                "header        gone: the creator no longer holds the segment (it exec'd or closed it)"
+            )?,
             Some(CreatorState::Dead) | None => outln!(
                 "header        gone with its creator (named segments live in the creator's memfd)"
             )?,

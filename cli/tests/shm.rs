@@ -171,17 +171,17 @@ fn inspect_fails_when_a_live_segment_cannot_be_opened() {
         .unwrap()
         .record
         .unwrap();
-    // A record of this (live) process that names its descriptor 0, not a segment.
+    // A record of this (live) process naming the real segment under another type id.
     let forged = format!(
         "ctxshm-clitest_forged-{:032x}",
         u128::from(std::process::id())
     );
     let path = std::path::Path::new(context_shmem::registry::SHM_DIR).join(&forged);
-    std::fs::write(
-        &path,
-        context_shmem::registry::NameRecord { fd: 0, ..rec }.encode(),
-    )
-    .unwrap();
+    let wrong_type = context_shmem::registry::NameRecord {
+        type_id: TypeId(0xbad),
+        ..rec
+    };
+    std::fs::write(&path, wrong_type.encode()).unwrap();
     let out = Command::cargo_bin("ctx")
         .unwrap()
         .args(["shm", "inspect", &forged])
@@ -191,7 +191,7 @@ fn inspect_fails_when_a_live_segment_cannot_be_opened() {
     assert!(!out.status.success(), "inspect exited 0");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cannot be opened") && err.contains("memfd"),
+        err.contains("cannot be opened") && err.contains("type"),
         "{err}"
     );
 }

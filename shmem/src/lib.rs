@@ -129,6 +129,15 @@ pub enum Error {
         /// The creator's PID.
         pid: u32,
     },
+    /// The named segment's creator runs but no longer holds the segment (it `exec`ed, which
+    /// closes the memfd, or closed it); the name is stale (see `registry::gc`).
+    #[error(
+        "the creator (pid {pid}) of this named segment no longer holds it (it exec'd or closed it); the name is stale"
+    )]
+    NoLongerHeld {
+        /// The creator's PID.
+        pid: u32,
+    },
     /// The segment (or name record) was made in another PID namespace, whose PIDs this process
     /// cannot check: refused rather than risk taking a live process's lock or channel side.
     #[error(

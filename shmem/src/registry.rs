@@ -104,13 +104,18 @@ impl NameRecord {
     /// Whether the creator lives, as far as this process can tell: [`CreatorState::Unknown`] for
     /// a record made in another PID namespace (or by a creator that could not read its own).
     #[must_use]
+    ///
+    /// A live creator whose descriptor no longer holds the segment (it `exec`ed, which closes
+    /// the memfd, or closed it) is [`CreatorState::Stale`]: the record can open nothing any more.
     pub fn creator_state(&self) -> CreatorState {
         match crate::process::pid_namespace() {
             Some(ours) if ours == self.pid_ns => {
-                if self.creator_token().is_alive() {
-                    CreatorState::Alive
-                } else {
+                if !self.creator_token().is_alive() {
                     CreatorState::Dead
+                } else if crate::segment::record_target_holds(self) == Some(false) {
+                    CreatorState::Stale
+                } else {
+                    CreatorState::Alive
                 }
             }
             _ => CreatorState::Unknown,
@@ -208,6 +213,10 @@ pub enum CreatorState {
     /// The creator has exited (proven: its PID is gone or belongs to another process); `gc`
     /// removes the record.
     Dead,
+    /// The creator runs, but the descriptor the record names no longer holds the segment (it
+    /// `exec`ed, which closes the memfd, or closed it): nobody can open it through this record
+    /// any more, and `gc` removes the record.
+    Stale,
     /// It cannot be told from here: the record was made in another PID namespace, or this
     /// process cannot read `/proc` for its own namespace. Never removed by `gc`.
     Unknown,
@@ -220,6 +229,7 @@ impl CreatorState {
         match self {
             Self::Alive => "alive",
             Self::Dead => "dead",
+            Self::Stale => "stale",
             Self::Unknown => "unknown",
         }
     }
@@ -315,7 +325,8 @@ pub struct Collected {
     pub failed: Vec<(String, std::io::Error)>,
 }
 
-/// Removes the records of named segments whose creator is dead ([`CreatorState::Dead`]); says
+/// Removes the records of named segments whose creator is dead or no longer holds the segment
+/// ([`CreatorState::Dead`], [`CreatorState::Stale`]); says
 /// which it removed and which it could not. See the [module docs](self) for why this never takes
 /// memory from a live process.
 ///
@@ -333,8 +344,12 @@ pub fn gc_in(dir: &Path) -> Result<Collected, Error> {
     let mut done = Collected::default();
     for info in list_in(dir)? {
         let Ok(rec) = &info.record else { continue };
-        // Re-check right before removing; a dead creator's token cannot come back to life.
-        if rec.creator_state() != CreatorState::Dead {
+        // Re-check right before removing; a dead creator's token cannot come back to life, and a
+        // descriptor that lost its segment cannot get it back (its nonce is random).
+        if !matches!(
+            rec.creator_state(),
+            CreatorState::Dead | CreatorState::Stale
+        ) {
             continue;
         }
         match std::fs::remove_file(&info.path) {

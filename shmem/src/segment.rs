@@ -643,6 +643,11 @@ impl Segment {
                     pid: rec.creator_pid,
                 });
             }
+            crate::registry::CreatorState::Stale => {
+                return Err(Error::NoLongerHeld {
+                    pid: rec.creator_pid,
+                });
+            }
             crate::registry::CreatorState::Unknown => {
                 return Err(Error::ForeignPidNamespace {
                     ours: crate::process::pid_namespace(),
@@ -859,6 +864,38 @@ impl Drop for Segment {
             }
         }
     }
+}
+
+/// Whether the descriptor a live creator's record names still holds that segment (its header,
+/// read without mapping anything, has the record's nonce): `Some(false)` when the descriptor is
+/// closed or holds anything else; `None` when this process cannot tell (it may not look into
+/// the creator's descriptors, or `/proc` does not show the creator).
+pub(crate) fn record_target_holds(rec: &crate::registry::NameRecord) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    let proc_dir = format!("/proc/{}", rec.creator_pid);
+    // Under `hidepid` a missing creator directory proves nothing about its descriptors.
+    std::fs::metadata(&proc_dir).ok()?;
+    let path = format!("{proc_dir}/fd/{}", rec.fd);
+    let target = match std::fs::read_link(&path) {
+        Ok(t) => t,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(false),
+        Err(_) => return None,
+    };
+    if !target
+        .as_os_str()
+        .as_encoded_bytes()
+        .starts_with(b"/memfd:context-shmem")
+    {
+        return Some(false);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .ok()?;
+    let mut header = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut header, 0).ok()?;
+    Some(SegmentHeader::decode(&header).is_ok_and(|h| h.nonce == rec.nonce))
 }
 
 /// Reads at most `limit` bytes of a small regular file (name records).

@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use common::{expect_ok, fork_child, within};
+use common::{expect_ok, fork_child, kill9, wait_child, within};
 use context_shmem::{Error, Segment, SharedBuf, TypeId, registry};
 
 const T: TypeId = TypeId::of_name("tests::segments/v1");
@@ -20,6 +20,14 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Held by the tests that run the machine-wide `registry::gc()` or watch a record `gc` would
+/// remove: one such test's `gc` must not remove another's record under its eyes.
+static GC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gc_lock() -> std::sync::MutexGuard<'static, ()> {
+    GC.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unique_tag(what: &str) -> String {
@@ -194,6 +202,7 @@ fn garbage_records_and_segments_are_refused() {
 
 #[test]
 fn gc_removes_only_names_whose_creator_died() {
+    let _gc = gc_lock();
     // A child creates a named segment and is SIGKILLed: its record stays behind.
     let tag = unique_tag("gc");
     let ch = context_shmem::AtomicArray::create(64).unwrap();
@@ -243,6 +252,8 @@ fn gc_removes_only_names_whose_creator_died() {
 /// the creator's user and name one of our memfds.
 #[test]
 fn forged_records_cannot_make_open_named_open_other_descriptors() {
+    // The forged records are stale: another test's `gc` would remove them.
+    let _gc = gc_lock();
     let real = Segment::create_named(&unique_tag("forge"), 4096, T).unwrap();
     let rec = registry::inspect(real.name().unwrap())
         .unwrap()
@@ -269,8 +280,9 @@ fn forged_records_cannot_make_open_named_open_other_descriptors() {
     let r1 = Segment::open_named(&other, T);
     // The genuine record still opens.
     let r2 = Segment::open_named(real.name().unwrap(), T).map(|_| ());
+    // Descriptor 0 does not hold the segment the record claims: the record is stale.
     assert!(
-        matches!(&r0, Err(Error::BadHeader(m)) if m.contains("memfd")),
+        matches!(&r0, Err(Error::NoLongerHeld { .. })),
         "{:?}",
         r0.err()
     );
@@ -282,4 +294,71 @@ fn forged_records_cannot_make_open_named_open_other_descriptors() {
         );
     }
     r2.unwrap();
+}
+
+/// Review of 2026-12-04: a creator that `exec`s closes the segment's memfd (close-on-exec) but
+/// lives on, so its record showed as alive, could open nothing, and `gc` kept it for the new
+/// program's whole life. Now it is `Stale`, and `gc` removes it.
+#[test]
+fn a_creator_that_execs_leaves_a_stale_record_that_gc_removes() {
+    let _gc = gc_lock();
+    let tag = unique_tag("exec");
+    let ch = context_shmem::AtomicArray::create(64).unwrap();
+    let child = fork_child(|| {
+        let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
+            return 1;
+        };
+        for (i, b) in seg.name().unwrap_or_default().bytes().enumerate() {
+            ch.get(i)
+                .unwrap()
+                .store(u64::from(b), std::sync::atomic::Ordering::SeqCst);
+        }
+        std::mem::forget(seg);
+        // SAFETY: NUL-terminated literals and a null-terminated argument vector; on success the
+        // process image is replaced (the memfd, close-on-exec, goes with the old image).
+        unsafe {
+            libc::execl(
+                c"/bin/sleep".as_ptr(),
+                c"sleep".as_ptr(),
+                c"30".as_ptr(),
+                std::ptr::null::<libc::c_char>(),
+            )
+        };
+        2
+    });
+    let read_name = || -> String {
+        (0..64)
+            .map(|i| ch.get(i).unwrap().load(std::sync::atomic::Ordering::SeqCst) as u8)
+            .take_while(|&b| b != 0)
+            .map(char::from)
+            .collect()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut state = None;
+    while std::time::Instant::now() < until {
+        let name = read_name();
+        if !name.is_empty() {
+            state = registry::inspect(&name).ok().and_then(|i| i.creator);
+            if state == Some(registry::CreatorState::Stale) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let name = read_name();
+    let opened = Segment::open_named(&name, T).map(|_| ());
+    let collected = registry::gc().map(|c| c.removed.contains(&name));
+    let gone = matches!(registry::inspect(&name), Err(Error::NotFound(_)));
+    kill9(child);
+    let _ = wait_child(child, Duration::from_secs(10));
+    if !gone {
+        let _ = std::fs::remove_file(std::path::Path::new(registry::SHM_DIR).join(&name));
+    }
+    assert_eq!(state, Some(registry::CreatorState::Stale), "{name}");
+    assert!(
+        matches!(opened, Err(Error::NoLongerHeld { .. })),
+        "{opened:?}"
+    );
+    assert!(collected.unwrap(), "gc kept the stale record");
+    assert!(gone);
 }
