@@ -93,7 +93,7 @@ pub trait Workload {
     fn turns(&self) -> Vec<u64>;
 }
 
-/// A service nothing here exports.
+/// A service nothing here exports (only `one_object_is_exported_as_one_service` tries).
 #[service]
 pub trait Other {
     /// Anything.
@@ -912,4 +912,227 @@ fn threads_sharing_a_listener_each_keep_their_timeout() {
             }
         }
     })
+}
+
+fn socket_path(what: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ctx-xproc-{}-{what}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn host_with_c() -> Host {
+    let mut host = Host::new(Context::new("server"));
+    host.adopt::<WorkloadService, _>("c", Acc::default())
+        .unwrap();
+    host
+}
+
+/// Review of 2026-12-04 (F1): a client that sent the acknowledgement without attaching its side
+/// (or that attached and then vanished without a trace in the channel) kept its serving loop,
+/// a thread and a mapping, until the stop flag; now the loop ends: with a handshake error when
+/// nobody attached, and when the client's socket closes.
+#[test]
+fn a_client_that_acknowledges_without_attaching_ends_its_serving_loop() {
+    use std::io::{Read, Write};
+    watchdog(60, || {
+        let path = socket_path("ack");
+        let listener = Listener::bind(&path).unwrap();
+        let host = host_with_c();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let mut serving = Vec::new();
+            for _ in 0..4 {
+                let p = path.clone();
+                let hostile = std::thread::spawn(move || {
+                    let mut c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+                    let mut b = [0u8; 1];
+                    let _ = c.read(&mut b); // the descriptor message, descriptor discarded
+                    c.write_all(b"A").unwrap();
+                });
+                let server = listener.accept_timeout(T).unwrap().expect("a client");
+                hostile.join().unwrap();
+                let (host, stop) = (&host, &stop);
+                serving.push(s.spawn(move || host.serve(server, stop)));
+            }
+            let ended = holds_within(LIMIT, || serving.iter().all(|h| h.is_finished()));
+            stop.store(true, Ordering::SeqCst);
+            assert!(
+                ended,
+                "serving loops of clients that never attached did not end"
+            );
+            for h in serving {
+                let r = h.join().unwrap();
+                assert!(matches!(r, Err(XprocError::Handshake(_))), "{r:?}");
+            }
+        });
+    })
+}
+
+/// F1, the other half: the serving loop of a client ends when the client's socket closes, even
+/// if the channel shows nothing: here the client attaches properly, then leaks its side of the
+/// channel (its live token stays, the side is never closed, as a process that forged its token
+/// and went away would leave it) and closes the socket.
+#[test]
+fn a_client_whose_socket_closes_ends_its_serving_loop() {
+    use std::io::Write;
+    watchdog(60, || {
+        let path = socket_path("hup");
+        let listener = Listener::bind(&path).unwrap();
+        let host = host_with_c();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let p = path.clone();
+            let client = s.spawn(move || {
+                let mut stream = std::os::unix::net::UnixStream::connect(&p).unwrap();
+                let seg = context_shmem::Segment::recv_fd(&stream, Channel::type_id()).unwrap();
+                let channel = Channel::from_segment(Arc::new(seg)).unwrap();
+                let side = channel.endpoint(Side::A).unwrap();
+                stream.write_all(b"A").unwrap();
+                std::mem::forget(side);
+                drop(stream);
+            });
+            let server = listener.accept_timeout(T).unwrap().expect("a client");
+            let serving = s.spawn(|| host.serve(server, &stop));
+            client.join().unwrap();
+            ended_or_stop(&stop, "the serving loop to see the socket close", || {
+                serving.is_finished()
+            });
+            let r = serving.join().unwrap().unwrap();
+            assert_eq!(r.end, ServeEnd::ClientClosed);
+        });
+    })
+}
+
+/// F2: a client that connects and says nothing held the accepting thread for the whole
+/// handshake timeout (10 s by default), so clients behind it timed out. Now accepting sends the
+/// channel and returns; the wait for the acknowledgement is the serving thread's.
+#[test]
+fn a_silent_client_does_not_hold_up_the_accepting_thread() {
+    watchdog(60, || {
+        let path = socket_path("silent");
+        let listener = Listener::bind(&path).unwrap();
+        let host = host_with_c();
+        let stop = AtomicBool::new(false);
+        let _silent = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        std::thread::scope(|s| {
+            let p = path.clone();
+            let legit = s.spawn(move || {
+                let o = ClientOptions {
+                    handshake_timeout: Duration::from_secs(20),
+                    call_timeout: Some(T),
+                };
+                let c = Client::connect(&p, &o)?;
+                let proxy: Proxy<WorkloadService> = c.proxy("c")?;
+                Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(proxy.total()?)
+            });
+            // One accepting thread, as in the module's example: the silent client first.
+            let mut serving = Vec::new();
+            while serving.len() < 2 {
+                if let Some(server) = listener.accept_timeout(Duration::from_millis(100)).unwrap() {
+                    let (host, stop) = (&host, &stop);
+                    serving.push(s.spawn(move || host.serve(server, stop)));
+                }
+            }
+            let got = legit.join().unwrap();
+            stop.store(true, Ordering::SeqCst);
+            assert_eq!(
+                got.unwrap(),
+                0,
+                "the client behind a silent one was not served"
+            );
+            for h in serving {
+                let _ = h.join().unwrap();
+            }
+        });
+    })
+}
+
+/// F3: a client that hung up before its channel could be sent made `accept` fail, and the
+/// module's example (`accept_timeout(..)?`) stop accepting; it concerns that client only.
+#[test]
+fn a_client_that_hangs_up_at_once_is_skipped_by_accept() {
+    watchdog(60, || {
+        let path = socket_path("gone");
+        let listener = Listener::bind(&path).unwrap();
+        drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+        let p = path.clone();
+        let legit = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            Client::connect(&p, &options()).map(|_| ())
+        });
+        let host = host_with_c();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let server = listener
+                .accept_timeout(T)
+                .expect("a client that hung up is not the listener's failure")
+                .expect("the next client");
+            let serving = s.spawn(|| host.serve(server, &stop));
+            legit.join().unwrap().unwrap();
+            ended_or_stop(&stop, "the serving loop", || serving.is_finished());
+            serving.join().unwrap().unwrap();
+        });
+    })
+}
+
+/// F5: a serving loop started on a channel an earlier client used ran that client's queued
+/// requests (calls nobody waited for any more, which may not be safe to repeat), and the new
+/// client got their answers; a loop started before the new client attached ended at once on the
+/// old client's close flag.
+#[test]
+fn a_reused_channel_drops_the_earlier_clients_requests() {
+    watchdog(60, || {
+        let channel = Channel::create(4096).unwrap();
+        let host = host_with_c();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let first = Server::attach(&channel).unwrap();
+            let h1 = s.spawn(|| host.serve(first, &stop));
+            let quick = ClientOptions {
+                handshake_timeout: T,
+                call_timeout: Some(Duration::from_millis(100)),
+            };
+            let c1 = Client::attach(&channel, &quick).unwrap();
+            let p1: Proxy<WorkloadService> = c1.proxy("c").unwrap();
+            // The first call keeps the server busy; the second is queued behind it, and its
+            // caller gives up too: it is still in the ring when the client leaves.
+            assert!(matches!(p1.sleep_ms(500), Err(CallError::TimedOut(..))));
+            assert!(matches!(p1.add(1000, ""), Err(CallError::TimedOut(..))));
+            drop((p1, c1));
+            let r1 = h1.join().unwrap().unwrap();
+            assert_eq!(r1.calls, 1, "{r1:?}");
+            // A new loop first, then the new client (the loop waits for it).
+            let second = Server::attach(&channel).unwrap();
+            let h2 = s.spawn(|| host.serve(second, &stop));
+            std::thread::sleep(Duration::from_millis(20));
+            let c2 = Client::attach(&channel, &options()).unwrap();
+            let p2: Proxy<WorkloadService> = c2.proxy("c").unwrap();
+            // The total shows whether the dead client's `add(1000)` ran.
+            assert_eq!(p2.total().unwrap(), 0);
+            assert!(c2.failure().is_none());
+            drop((p2, c2));
+            ended_or_stop(&stop, "the second loop", || h2.is_finished());
+            assert_eq!(h2.join().unwrap().unwrap().calls, 1);
+        });
+    })
+}
+
+impl Other for Acc {
+    fn ping(&self) -> u64 {
+        42
+    }
+}
+
+/// F8: one object exported under two names as two services was served as the last one only.
+#[test]
+fn one_object_is_exported_as_one_service() {
+    let ctx = Context::new("server");
+    let h = ctx.enter(|cx| cx.adopt(Acc::default())).unwrap().unwrap();
+    let mut host = Host::new(ctx);
+    host.export::<WorkloadService, _>("w", h).unwrap();
+    host.export::<WorkloadService, _>("w2", h).unwrap();
+    assert!(matches!(
+        host.export::<OtherService, _>("o", h),
+        Err(XprocError::ExportedAsOtherService { .. })
+    ));
 }

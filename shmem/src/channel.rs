@@ -468,6 +468,26 @@ impl Endpoint {
         self.ch.max_frame()
     }
 
+    /// Whether the other side is attached by a live process that has not closed its end:
+    /// `Ok(false)` if nobody holds it (never attached, or given back) or its holder closed it.
+    /// A peer that is attaching right now may still show as not attached: callers that wait for
+    /// a peer poll this.
+    ///
+    /// # Errors
+    /// [`ChannelError::PeerDead`] if the process holding it died.
+    pub fn peer_attached(&self) -> Result<bool, ChannelError> {
+        let ctrl = self.ch.ctrl();
+        let peer = self.peer();
+        if ctrl.closed[peer].load(Ordering::SeqCst) != 0 {
+            return Ok(false);
+        }
+        match ProcessToken::from_bits(ctrl.tokens[peer].load(Ordering::SeqCst)) {
+            None => Ok(false),
+            Some(t) if t.is_alive() => Ok(true),
+            Some(t) => Err(ChannelError::PeerDead { pid: t.pid() }),
+        }
+    }
+
     /// Sends one frame, waiting for space until `deadline` (backpressure).
     ///
     /// # Errors

@@ -495,6 +495,8 @@ impl Segment {
     }
 
     /// Sends this segment's descriptor over a Unix socket (SCM_RIGHTS), with one byte of data.
+    /// Never raises `SIGPIPE` (`MSG_NOSIGNAL`): a peer that hung up is an `EPIPE` error, not the
+    /// end of a process whose `SIGPIPE` disposition is the default.
     ///
     /// # Errors
     /// The send failed.
@@ -503,12 +505,12 @@ impl Segment {
         let fds = [self.file.as_raw_fd()];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let iov = [IoSlice::new(b"S")];
-        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(|e| {
-            Error::Io {
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(
+            |e| Error::Io {
                 op: "sendmsg",
                 source: e.into(),
-            }
-        })?;
+            },
+        )?;
         Ok(())
     }
 

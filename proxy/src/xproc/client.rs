@@ -256,6 +256,10 @@ struct Link {
     /// the largest codec limit of the proxies made.
     max_reply: AtomicUsize,
     failure: OnceLock<LinkFailure>,
+    /// The socket the channel came over, if it came over one: kept open for as long as the
+    /// client and its proxies live, so that the server sees the client go when this closes
+    /// (even if the client's process dies leaving the channel in any state).
+    _socket: Option<UnixStream>,
 }
 
 /// An error about the target context named in the request frame's header (`make(target)`), for
@@ -404,7 +408,7 @@ impl Client {
     /// [`XprocError::Handshake`] for a malformed one.
     pub fn attach(channel: &Channel, options: &ClientOptions) -> Result<Self, XprocError> {
         let ep = channel.endpoint(Side::A)?;
-        Self::finish(ep, options)
+        Self::finish(ep, options, None)
     }
 
     /// Connects to a [`super::Listener`] at `path`: receives the channel's sealed memfd over the
@@ -421,7 +425,8 @@ impl Client {
 
     /// The client's half of the socket handshake on an already connected stream (for a
     /// socketpair shared with a child process, say): receives the channel's descriptor, attaches
-    /// side A, acknowledges, and reads the export table. The stream is not needed afterwards.
+    /// side A, acknowledges, and reads the export table. The client keeps a duplicate of the
+    /// stream open while it and its proxies live: the server ends its loop when it closes.
     ///
     /// # Errors
     /// [`XprocError::Shmem`] if no sealed channel segment arrives, [`XprocError::Io`] if the
@@ -446,13 +451,20 @@ impl Client {
         })?;
         let channel = Channel::from_segment(Arc::new(seg))?;
         let ep = channel.endpoint(Side::A)?;
+        let kept = stream
+            .try_clone()
+            .map_err(handshake_io("keeping the socket"))?;
         (&*stream)
             .write_all(super::ACK)
             .map_err(handshake_io("acknowledging the channel"))?;
-        Self::finish(ep, options)
+        Self::finish(ep, options, Some(kept))
     }
 
-    fn finish(mut ep: Endpoint, options: &ClientOptions) -> Result<Self, XprocError> {
+    fn finish(
+        mut ep: Endpoint,
+        options: &ClientOptions,
+        socket: Option<UnixStream>,
+    ) -> Result<Self, XprocError> {
         let deadline = Instant::now().checked_add(options.handshake_timeout);
         let mut inb = vec![0u8; 4096.min(ep.max_frame())];
         let n = loop {
@@ -490,6 +502,7 @@ impl Client {
                 discarded: AtomicU64::new(0),
                 max_reply: AtomicUsize::new(reply_bound(DEFAULT_LIMIT)),
                 failure: OnceLock::new(),
+                _socket: socket,
             }),
         })
     }

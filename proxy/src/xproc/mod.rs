@@ -196,6 +196,15 @@ pub enum XprocError {
     /// A name exported twice.
     #[error("a name exported twice: {0:?}")]
     DuplicateName(String),
+    /// The object is already exported (under `name`) as another service: one object is served
+    /// as one service.
+    #[error("the object is already exported as {name:?} with service {service}")]
+    ExportedAsOtherService {
+        /// The name it is exported under.
+        name: String,
+        /// The service it is exported as.
+        service: String,
+    },
     /// A handle of another context than the host's.
     #[error("handle of context {handle} exported by the host of context {context}")]
     WrongContext {

@@ -48,66 +48,69 @@ pub struct Server {
     ep: Endpoint,
     inb: Vec<u8>,
     out: Vec<u8>,
+    /// The client's socket, for a channel sent over one: [`Host::serve`] reads the client's
+    /// acknowledgement from it, and then watches it: the kernel closes it when the client's
+    /// process ends, whatever the client left in the channel.
+    socket: Option<Socket>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    stream: UnixStream,
+    /// How long [`Host::serve`] waits for the acknowledgement.
+    handshake_timeout: Duration,
 }
 
 impl Server {
-    /// Attaches side B of `channel`.
+    /// Attaches side B of `channel`. [`Host::serve`] then waits (watching its stop flag) until a
+    /// live client has attached side A.
     ///
     /// # Errors
     /// [`XprocError::Channel`]: the side is held by a live process, or the ring state is corrupt.
     pub fn attach(channel: &Channel) -> Result<Self, XprocError> {
         let ep = channel.endpoint(Side::B)?;
-        Ok(Self::from_endpoint(ep))
+        Ok(Self::from_endpoint(ep, None))
     }
 
-    fn from_endpoint(ep: Endpoint) -> Self {
+    fn from_endpoint(ep: Endpoint, socket: Option<Socket>) -> Self {
         let inb = vec![0u8; 4096.min(ep.max_frame())];
         Self {
             ep,
             inb,
             out: Vec::new(),
+            socket,
         }
     }
 
-    /// The server's half of the socket handshake on a connected stream: creates a channel, attaches
-    /// side B, sends the channel's sealed memfd (SCM_RIGHTS) and waits for the client to
-    /// acknowledge that it attached side A. The stream is not needed afterwards.
+    /// The server's half of the socket handshake on a connected stream: creates a channel,
+    /// attaches side B and sends the channel's sealed memfd (SCM_RIGHTS). It does not wait for
+    /// the client: [`Host::serve`] does (on the thread that serves the channel), reading the
+    /// client's acknowledgement within `options.handshake_timeout` and checking that a live
+    /// process attached side A. So a client that connects and then says nothing holds up only
+    /// its own serving thread, never the thread that accepts. The server keeps a duplicate of
+    /// the stream and ends the loop when the client's end of it closes.
     ///
     /// # Errors
     /// [`XprocError::Channel`] (a bad capacity, OS errors), [`XprocError::Shmem`] (sending the
-    /// descriptor), [`XprocError::HandshakeTimedOut`], [`XprocError::Handshake`] if the client
-    /// hung up or answered something else.
+    /// descriptor: the client hung up), [`XprocError::Io`] (setting up the socket).
     pub fn accept_stream(stream: &UnixStream, options: &ServerOptions) -> Result<Self, XprocError> {
         let t = options.handshake_timeout.max(Duration::from_millis(1));
         stream
-            .set_read_timeout(Some(t))
-            .and_then(|()| stream.set_write_timeout(Some(t)))
+            .set_write_timeout(Some(t))
             .map_err(handshake_io("setting the socket timeouts"))?;
         let channel = Channel::create(options.capacity)?;
         let ep = channel.endpoint(Side::B)?;
         channel.segment().send_fd(stream)?;
-        let mut ack = [0u8; 1];
-        match (&*stream).read(&mut ack) {
-            Ok(1) if ack == *super::ACK => Ok(Self::from_endpoint(ep)),
-            Ok(0) => Err(XprocError::Handshake(
-                "the client hung up before attaching".to_owned(),
-            )),
-            Ok(_) => Err(XprocError::Handshake(
-                "the client sent something other than its acknowledgement".to_owned(),
-            )),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(XprocError::HandshakeTimedOut(t))
-            }
-            Err(source) => Err(XprocError::Io {
-                op: "reading the client's acknowledgement",
-                source,
+        let stream = stream
+            .try_clone()
+            .map_err(handshake_io("keeping the client's socket"))?;
+        Ok(Self::from_endpoint(
+            ep,
+            Some(Socket {
+                stream,
+                handshake_timeout: t,
             }),
-        }
+        ))
     }
 
     /// The largest request or reply frame this channel carries.
@@ -160,11 +163,14 @@ impl Listener {
         })
     }
 
-    /// Waits for the next client and performs the handshake ([`Server::accept_stream`]).
+    /// Waits for the next client and sends it a channel ([`Server::accept_stream`]; the rest of
+    /// the handshake happens in [`Host::serve`]). A client that hung up before its channel could
+    /// be sent is skipped: the errors left concern the listener, or this process (descriptors,
+    /// memory).
     ///
     /// # Errors
-    /// [`XprocError::Io`] if accepting failed, and everything [`Server::accept_stream`] returns
-    /// (a failed handshake concerns that one client: accepting again is fine).
+    /// [`XprocError::Io`] if accepting failed, [`XprocError::Channel`] if no channel could be
+    /// made.
     pub fn accept(&self) -> Result<Server, XprocError> {
         loop {
             if let Some(server) = self.accept_until(None)? {
@@ -190,7 +196,12 @@ impl Listener {
         let io = |op, source| XprocError::Io { op, source };
         loop {
             match self.inner.accept() {
-                Ok((stream, _)) => return Server::accept_stream(&stream, &self.options).map(Some),
+                Ok((stream, _)) => match Server::accept_stream(&stream, &self.options) {
+                    Ok(server) => return Ok(Some(server)),
+                    // That client is gone (or never read): it concerns nobody else.
+                    Err(XprocError::Shmem(_) | XprocError::Io { .. }) => continue,
+                    Err(e) => return Err(e),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(io("accepting a client", e)),
@@ -304,8 +315,9 @@ impl<C: Codec> Host<C> {
     /// from now on (the table is sent when [`Host::serve`] starts).
     ///
     /// # Errors
-    /// [`XprocError::DuplicateName`], or [`XprocError::WrongContext`] for a handle of another
-    /// context.
+    /// [`XprocError::DuplicateName`], [`XprocError::WrongContext`] for a handle of another
+    /// context, [`XprocError::ExportedAsOtherService`] for an object already exported as another
+    /// service (exporting it again under another name as the same service is fine).
     pub fn export<S: Serve<T>, T: 'static>(
         &mut self,
         name: &str,
@@ -319,6 +331,17 @@ impl<C: Codec> Host<C> {
         }
         if self.table.iter().any(|e| e.name == name) {
             return Err(XprocError::DuplicateName(name.to_owned()));
+        }
+        let id = crate::ObjectId::of(handle);
+        if let Some(e) = self
+            .table
+            .iter()
+            .find(|e| e.object == id && e.service_id != S::ID)
+        {
+            return Err(XprocError::ExportedAsOtherService {
+                name: e.name.clone(),
+                service: e.service.clone(),
+            });
         }
         let object = self.exports.export::<S, T>(handle);
         self.table.push(Export {
@@ -372,14 +395,22 @@ impl<C: Codec> Host<C> {
             });
         }
         let mut calls = 0;
+        let end = |calls, end| Ok(Served { calls, end });
+        if let Some(e) = server.wait_for_client(stop)? {
+            return end(calls, e);
+        }
         // Waits are bounded by `poll` so that `stop` is seen; the deadline is only renewed after it
         // passed, so answering a request reads no clock.
         let mut poll = Instant::now() + STOP_POLL;
-        let end = |calls, end| Ok(Served { calls, end });
         if let Some(e) = send(&mut server.ep, &hello, &mut poll, stop)? {
             return end(calls, e);
         }
-        let Server { ep, inb, out } = &mut server;
+        let Server {
+            ep,
+            inb,
+            out,
+            socket,
+        } = &mut server;
         loop {
             if stop.load(Ordering::Relaxed) {
                 return end(calls, ServeEnd::Stopped);
@@ -387,6 +418,9 @@ impl<C: Codec> Host<C> {
             let n = match ep.recv(inb, Some(poll)) {
                 Ok(n) => n,
                 Err(ChannelError::TimedOut) => {
+                    if socket.as_ref().is_some_and(|s| hung_up(&s.stream)) {
+                        return end(calls, ServeEnd::ClientClosed);
+                    }
                     poll = Instant::now() + STOP_POLL;
                     continue;
                 }
@@ -423,7 +457,130 @@ impl<C: Codec> Host<C> {
             if let Some(e) = send(ep, out, &mut poll, stop)? {
                 return end(calls, e);
             }
+            // A reply too large for the ring was still encoded whole (bincode does not stop at a
+            // limit): do not keep its buffer for the rest of the connection.
+            if out.capacity() > 2 * (max + SEQ_LEN).max(4096) {
+                out.clear();
+                out.shrink_to((max + SEQ_LEN).max(4096));
+            }
         }
+    }
+}
+
+impl Server {
+    /// Completes the handshake before anything is sent: reads the acknowledgement of a client
+    /// that got its channel over a socket (within its handshake timeout) and checks that a live
+    /// process attached side A; for a channel shared by fork, waits until a client has attached
+    /// (for as long as it takes: `stop` ends the wait). Then drops whatever an earlier client of
+    /// the channel left in its request ring: a new client sends nothing before it has read the
+    /// export table, so anything there is a dead client's and must not run again.
+    fn wait_for_client(&mut self, stop: &AtomicBool) -> Result<Option<ServeEnd>, XprocError> {
+        if let Some(socket) = &self.socket {
+            if let Some(end) = read_ack(socket, stop)? {
+                return Ok(Some(end));
+            }
+            match self.ep.peer_attached() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(XprocError::Handshake(
+                        "the client acknowledged without attaching its side of the channel"
+                            .to_owned(),
+                    ));
+                }
+                Err(ChannelError::PeerDead { pid }) => {
+                    return Ok(Some(ServeEnd::ClientDied { pid }));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            let mut pause = Duration::from_micros(50);
+            loop {
+                match self.ep.peer_attached() {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    // A client of an earlier connection died attached: a new one may come.
+                    Err(ChannelError::PeerDead { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(Some(ServeEnd::Stopped));
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(STOP_POLL);
+            }
+        }
+        loop {
+            match self.ep.recv(&mut self.inb, Some(Instant::now())) {
+                Ok(_) => {}
+                Err(ChannelError::BufferTooSmall { needed }) => self.inb.resize(needed, 0),
+                Err(
+                    ChannelError::TimedOut | ChannelError::Closed | ChannelError::PeerDead { .. },
+                ) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads the client's one-byte acknowledgement, in slices so that `stop` is seen.
+fn read_ack(socket: &Socket, stop: &AtomicBool) -> Result<Option<ServeEnd>, XprocError> {
+    let deadline = Instant::now() + socket.handshake_timeout;
+    let mut ack = [0u8; 1];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(XprocError::HandshakeTimedOut(socket.handshake_timeout));
+        }
+        socket
+            .stream
+            .set_read_timeout(Some(left.min(STOP_POLL)))
+            .map_err(handshake_io("setting the socket timeouts"))?;
+        match (&socket.stream).read(&mut ack) {
+            Ok(1) if ack == *super::ACK => return Ok(None),
+            Ok(0) => {
+                return Err(XprocError::Handshake(
+                    "the client hung up before attaching".to_owned(),
+                ));
+            }
+            Ok(_) => {
+                return Err(XprocError::Handshake(
+                    "the client sent something other than its acknowledgement".to_owned(),
+                ));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(Some(ServeEnd::Stopped));
+                }
+            }
+            Err(source) => {
+                return Err(XprocError::Io {
+                    op: "reading the client's acknowledgement",
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Whether the client's end of the socket is closed (its process ended, or it dropped its
+/// client). Never blocks. (When the peer of a Unix stream socket closes it, the kernel shuts
+/// both directions of ours down, which `poll` reports as `POLLHUP`, asked for or not.)
+fn hung_up(stream: &UnixStream) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        _ => false,
     }
 }
 
