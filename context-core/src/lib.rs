@@ -63,6 +63,7 @@
 //! time spent waiting.
 #![deny(missing_docs)]
 
+pub mod benchkit;
 mod context;
 mod error;
 mod handle;

@@ -65,6 +65,13 @@ impl LocalLock {
         sync::lock_queue(&self.queue).len()
     }
 
+    /// Whether the lock is held with a waiter queued, so that its release hands it over (a
+    /// snapshot, for tests and benchmarks; one load, no queue mutex).
+    #[must_use]
+    pub fn has_waiters(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & QUEUED != 0
+    }
+
     #[cold]
     fn lock_slow(&self, deadline: Option<Instant>) -> Result<Acquired, LockError> {
         let waiter = {

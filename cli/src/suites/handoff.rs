@@ -2,10 +2,9 @@
 
 use std::hint::black_box;
 
-use context_core::{Context, os};
-
-use super::pingpong::spin_futex_pingpong;
 use crate::bench::{Better, Runner, Target};
+use context_core::benchkit::{busy_handoff_roundtrips, spin_futex_pingpong};
+use context_core::{Context, os};
 
 /// Handoffs counted by `context_switches_idle`.
 const IDLE_HANDOFFS: u64 = 100_000;
@@ -20,17 +19,19 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
             drop(black_box(mutex.lock()));
         }
     };
+    // Every entry is checked: a failing one would only make a loop faster.
     let idle_enters = |n: u64| {
         for _ in 0..n {
-            let _ = black_box(b.enter(|_| ()));
+            black_box(b.enter(|_| ())).expect("entering an idle context");
         }
     };
     let idle_handoffs = |n: u64| {
-        let _ = a.enter(|_| {
+        a.enter(|_| {
             for _ in 0..n {
-                let _ = black_box(b.enter(|_| ()));
+                black_box(b.enter(|_| ())).expect("entering an idle context from another");
             }
-        });
+        })
+        .expect("entering the caller's context");
     };
 
     r.step("enter_exit_idle");
@@ -58,20 +59,16 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     );
 
     r.step("handoff_busy_roundtrip");
-    // Two threads take turns in one context: with FIFO handoff every entry waits for the other
-    // thread's, so one round trip is two lock handoffs between threads.
+    // Two threads take turns in one context, each staying inside until the other is queued, so
+    // that every release hands the context over: one round trip is two handoffs between threads,
+    // as one ping-pong round trip is two passes.
+    let busy_ctx = Context::new("bench-busy");
+    let mut handoffs = 0u64;
+    let mut entries = 0u64;
     let (busy, pingpong) = r.compare_ns(
         |n| {
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    for _ in 0..n {
-                        let _ = b.enter(|_| black_box(()));
-                    }
-                });
-                for _ in 0..n {
-                    let _ = b.enter(|_| black_box(()));
-                }
-            });
+            handoffs += busy_handoff_roundtrips(&busy_ctx, n);
+            entries += 2 * n;
         },
         spin_futex_pingpong,
     );
@@ -84,9 +81,9 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         pingpong,
         Some(Target::RatioAtMost(1.5)),
     );
-    let contended = b.stats().contended_entries;
     r.note(format!(
-        "{contended} contended entries so far in the busy context"
+        "{handoffs} of {entries} entries were handed over by the other thread (contended); the \
+         rest found the context free at the start or end of a trial"
     ));
 
     r.step("handoff_pinned_roundtrip");
@@ -94,7 +91,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let (pinned, pingpong) = r.compare_ns(
         |n| {
             for _ in 0..n {
-                let _ = black_box(p.enter(|_| ()));
+                black_box(p.enter(|_| ())).expect("entering a pinned context");
             }
         },
         spin_futex_pingpong,

@@ -6,7 +6,6 @@ use crate::bench::Runner;
 
 pub mod forkpool;
 pub mod handoff;
-mod pingpong;
 pub mod proxy;
 pub mod scaling;
 mod shared_context;
