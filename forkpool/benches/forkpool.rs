@@ -1,9 +1,9 @@
 //! Criterion benchmarks of context-forkpool, each beside its baseline in the same run:
-//! - `alloc_free_64b`: the shared allocator vs glibc malloc/free (`Box`);
+//! - `alloc_free_64b`: the shared allocator vs glibc malloc/free of the same 64 bytes;
 //! - `pointer_chase`: a worker walking a list built by the master vs the master walking it;
 //! - `parallel_sum`: summing a shared array with 2 workers vs 1;
 //! - `pool_start`: starting a 2-worker pool over a 1 GiB region (until both workers said hello) vs
-//!   two bare fork + waitpid.
+//!   two bare forks until both children said hello (`bare_forks_until_hello`).
 //!
 //! Criterion's main is single-threaded, so the pool can fork here directly. `ctx bench forkpool`
 //! reports the same cases as ratios.
@@ -11,7 +11,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use context_forkpool::{JobContext, ListHead, Pool, SharedList, SharedVec};
+use context_forkpool::{JobContext, ListHead, Pool, SharedList, SharedVec, bare_forks_until_hello};
 use criterion::{Criterion, criterion_main};
 
 const T: Duration = Duration::from_secs(60);
@@ -32,8 +32,9 @@ fn alloc_free(c: &mut Criterion) {
                 .expect("alloc + free");
         });
     });
-    g.bench_function("glibc_box", |b| {
-        b.iter(|| drop(black_box(Box::new([0u8; 64]))));
+    // 64 bytes, 8-aligned, not written: the same request the allocator gets.
+    g.bench_function("glibc_malloc_free", |b| {
+        b.iter(|| drop(black_box(Vec::<u64>::with_capacity(8))));
     });
     g.finish();
 }
@@ -100,19 +101,6 @@ fn parallel_sum(c: &mut Criterion) {
     g.finish();
 }
 
-fn bare_fork_wait() {
-    // SAFETY: criterion's main thread is the only thread; the child exits at once without touching
-    // anything.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: _exit in the child, no cleanup needed.
-        unsafe { libc::_exit(0) };
-    }
-    let mut st = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut st, 0) };
-}
-
 fn pool_start(c: &mut Criterion) {
     let mut g = c.benchmark_group("pool_start_2w_1gib");
     g.sample_size(20);
@@ -134,10 +122,12 @@ fn pool_start(c: &mut Criterion) {
             total
         });
     });
-    g.bench_function("two_fork_waitpid", |b| {
-        b.iter(|| {
-            bare_fork_wait();
-            bare_fork_wait();
+    // The same wait with nothing else: two bare forks until both children said hello.
+    g.bench_function("two_forks_until_hello", |b| {
+        b.iter_custom(|n| {
+            (0..n)
+                .map(|_| bare_forks_until_hello(2).expect("bare forks"))
+                .sum()
         });
     });
     g.finish();

@@ -136,4 +136,7 @@ pub use shared_context::{
     CloseError as SharedCloseError, MAX_OBJECTS, ObjectError, ObjectId, OpenError, PoolLock,
     Recovery, SharedContext, SharedContextRef, SharedCx, SharedHandle,
 };
-pub use sys::{ExitKind, bare_fork_waitpid, open_fd_count, open_memfd_count, resident_bytes};
+pub use sys::{
+    ExitKind, bare_fork_waitpid, bare_forks_until_hello, open_fd_count, open_memfd_count,
+    resident_bytes,
+};

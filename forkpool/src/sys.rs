@@ -499,6 +499,73 @@ pub fn bare_fork_waitpid(pairs: usize) -> Result<std::time::Duration, crate::Poo
     Ok(t0.elapsed())
 }
 
+/// A pipe, both ends close-on-exec: `(read, write)`.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded: the descriptor is new and owned by nobody else.
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((r, w))
+}
+
+/// Forks `n` children that each write one byte ("hello") into a pipe and then wait for the
+/// parent to let them go, and returns the time until every hello has arrived: the bare cost of
+/// what [`crate::Pool`]'s start-up waits for (its workers' hellos), without any of its setup.
+/// Letting the children go and reaping them happen after the clock stopped.
+///
+/// # Errors
+/// [`crate::PoolError::MultiThreaded`] if the process has more than one thread; OS errors.
+pub fn bare_forks_until_hello(n: usize) -> Result<std::time::Duration, crate::PoolError> {
+    use std::io::Read;
+    let threads = thread_count().map_err(crate::PoolError::os("reading /proc/self/status"))?;
+    if threads != 1 {
+        return Err(crate::PoolError::MultiThreaded { threads });
+    }
+    let (hello_r, hello_w) = pipe().map_err(crate::PoolError::os("pipe"))?;
+    let (go_r, go_w) = pipe().map_err(crate::PoolError::os("pipe"))?;
+    let t0 = std::time::Instant::now();
+    let mut pids = Vec::with_capacity(n);
+    let mut forked = Ok(());
+    for _ in 0..n {
+        // SAFETY: the process was single-threaded above and starts no thread in this loop; the
+        // child makes only async-signal-safe system calls (close, write, read, _exit).
+        match unsafe { fork() } {
+            Ok(0) => {
+                // SAFETY: our copy of the write end of `go`, closed once, so that the read
+                // below ends when the parent closes its copy.
+                unsafe { libc::close(go_w.as_raw_fd()) };
+                let b = [1u8];
+                // SAFETY: a one-byte write from a live buffer into the inherited pipe.
+                unsafe { libc::write(hello_w.as_raw_fd(), b.as_ptr().cast(), 1) };
+                let mut sink = [0u8; 1];
+                // SAFETY: a one-byte read into a live buffer; returns at EOF.
+                unsafe { libc::read(go_r.as_raw_fd(), sink.as_mut_ptr().cast(), 1) };
+                exit_now(0);
+            }
+            Ok(pid) => pids.push(pid),
+            Err(e) => {
+                forked = Err(crate::PoolError::os("fork")(e));
+                break;
+            }
+        }
+    }
+    drop(hello_w);
+    let mut hellos = std::fs::File::from(hello_r);
+    let mut got = vec![0u8; pids.len()];
+    let read = hellos.read_exact(&mut got);
+    let took = t0.elapsed();
+    drop(go_w);
+    for pid in pids {
+        let _ = reap(pid, true);
+    }
+    forked?;
+    read.map_err(crate::PoolError::os("reading the children's hellos"))?;
+    Ok(took)
+}
+
 /// Sends `sig` to `pid`.
 pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: plain syscall; `pid` is one of our own children (callers only pass those).

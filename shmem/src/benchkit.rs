@@ -120,8 +120,12 @@ fn pipe() -> Result<(std::fs::File, std::fs::File), Error> {
     Ok((std::fs::File::from(r), std::fs::File::from(w)))
 }
 
-/// Forks. The child runs `f` and `_exit`s; the parent gets the child's pid.
+/// Forks. The child runs `f` and `_exit`s; the parent gets the child's pid. With `cpu`, the child
+/// runs on that CPU: the forking thread pins itself there for the fork (the child inherits its
+/// affinity) and returns to its own afterwards, so a CPU that cannot be used is this call's error,
+/// not a child silently running elsewhere.
 fn fork_then(cpu: Option<usize>, f: impl FnOnce() -> i32) -> Result<libc::pid_t, Error> {
+    let pinned = cpu.map(pin_current_thread).transpose()?;
     // SAFETY: fork itself has no memory-safety preconditions; the child runs only `f`, a loop over
     // descriptors and shared memory created before the fork, and then `_exit`s without returning
     // into the caller, running destructors, or unwinding (a panic is caught and becomes 101).
@@ -133,12 +137,11 @@ fn fork_then(cpu: Option<usize>, f: impl FnOnce() -> i32) -> Result<libc::pid_t,
         });
     }
     if pid == 0 {
+        // Keep the inherited pinning: the guard's restore is the parent's.
+        std::mem::forget(pinned);
         // Die with the parent, so a crashed benchmark leaves no busy children behind.
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-        if let Some(cpu) = cpu {
-            let _ = set_affinity(&cpu_set_of(cpu));
-        }
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
         // SAFETY: ends the child at once, skipping atexit handlers and destructors that belong to
         // the parent's state.

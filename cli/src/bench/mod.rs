@@ -109,7 +109,7 @@ impl Config {
     /// How many trials to take a median over.
     #[must_use]
     pub fn trials(&self) -> usize {
-        if self.quick { 3 } else { 9 }
+        if self.quick { 5 } else { 9 }
     }
 
     /// How long one trial of a timed loop should run.
@@ -189,7 +189,12 @@ impl Runner {
         } else {
             value / baseline_value
         };
-        let target_met = target.map(|t| t.met(value, ratio));
+        // A ratio to a zero (or failed) baseline means nothing: no ratio target is judged on it.
+        let ratio_meaningful = baseline_value != 0.0 && ratio.is_finite();
+        let target_met = target.and_then(|t| match t {
+            Target::RatioAtMost(_) | Target::RatioAtLeast(_) if !ratio_meaningful => None,
+            t => Some(t.met(value, ratio)),
+        });
         let ratio_range = self.paired_range(value, baseline_value);
         self.rows.push(Row {
             suite: self.suite.to_owned(),
@@ -370,6 +375,40 @@ mod tests {
 
     fn runner() -> Runner {
         Runner::new(Config { quick: true }, Box::new(|_: &str| {}))
+    }
+
+    #[test]
+    fn a_ratio_target_is_not_judged_against_a_zero_baseline() {
+        let mut r = runner();
+        r.row(
+            "c",
+            "ns_per_op",
+            5.0,
+            Better::Lower,
+            "b",
+            0.0,
+            Some(Target::RatioAtMost(1.5)),
+        );
+        r.row(
+            "c",
+            "count",
+            0.0,
+            Better::Lower,
+            "b",
+            0.0,
+            Some(Target::ValueAtMost(0.0)),
+        );
+        r.row(
+            "c",
+            "ns_per_op",
+            5.0,
+            Better::Lower,
+            "b",
+            10.0,
+            Some(Target::RatioAtMost(1.5)),
+        );
+        let met: Vec<_> = r.rows.iter().map(|row| row.target_met).collect();
+        assert_eq!(met, [None, Some(true), Some(true)]);
     }
 
     #[test]

@@ -167,7 +167,8 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     let mut plain_dst = vec![0u8; COPY_BYTES];
     let mut memcpy = || {
         gb_per_s(COPY_BYTES, || {
-            plain_dst.copy_from_slice(black_box(&plain_src))
+            plain_dst.copy_from_slice(black_box(&plain_src));
+            black_box(&mut plain_dst);
         })
     };
     let (case, base) = compare_gbps(
