@@ -53,16 +53,17 @@ Example:
 
 #[derive(Debug, Subcommand)]
 enum ShmCommand {
-    /// List named segments: creator pid, alive or dead, size, age.
+    /// List named segments: creator pid, its state (alive, dead, stale, unknown), size, age.
     #[command(
-        after_help = "Examples:\n  ctx shm ls\n  ctx shm ls --json | jq '.[] | select(.creator_alive == false)'"
+        after_help = "Examples:\n  ctx shm ls\n  ctx shm ls --json | jq '.[] | select(.creator_state == \"dead\" or .creator_state == \"stale\")'"
     )]
     Ls {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Remove segments whose creator is dead (never one a live process holds).
+    /// Remove the records of segments whose creator is dead or no longer holds them (never one a
+    /// live process holds).
     #[command(after_help = "Examples:\n  ctx shm gc --dry-run\n  ctx shm gc")]
     Gc {
         /// Show what would be removed, remove nothing.

@@ -415,7 +415,10 @@ impl<L: RawContextLock> Context<L> {
     /// # Errors
     /// [`EnterError::Closed`] for a closed context; [`EnterError::Panicked`] if `f` panicked (the
     /// context is released and stays usable); [`EnterError::CallerLost`] if the caller's own context
-    /// could not be re-entered afterwards.
+    /// could not be re-entered afterwards. Over a lock other than [`LocalLock`], what that lock's
+    /// `lock` may fail with: [`EnterError::NotRecoverable`] (a process-shared lock whose holder
+    /// died and was not repaired), [`EnterError::TimedOut`] (for context-shmem's `SharedLock`, when
+    /// this process could not register with it).
     //
     // Always inlined, down to the handoff's fast path: out of line, the closure is passed by
     // pointer and copied with a store-forwarding stall, and LLVM's heuristics did leave this out of

@@ -6,11 +6,13 @@
 //! Every object lives in exactly one context; its [`Handle`] names the context, and the object is
 //! reached only through a [`Cx`], the proof that the calling thread holds that context right now.
 //!
-//! **Lock handoff.** A thread holds at most one context at a time. Entering context B while holding A
+//! **Lock handoff.** A thread holds one context at a time (only [`enter_all`] holds several, taken in
+//! one global order). Entering context B while holding A
 //! releases A and acquires B; leaving B re-acquires A. If B is idle, the calling thread takes it
 //! directly (one compare-and-swap, no syscall, no thread switch); if it is busy, the caller waits its
 //! turn in first-come, first-served order. Chains such as A -> B -> A -> C work and cannot deadlock by
-//! lock order, because a thread never waits while holding a context (see `ARCHITECTURE.md`).
+//! lock order, because a thread never waits while holding a context, except the lower-numbered ones of
+//! one [`enter_all`] (see `ARCHITECTURE.md`).
 //! Code that blocks on something else (I/O, another process) calls [`suspended`], which releases the
 //! caller's contexts for the duration, as a call into another context does.
 //!

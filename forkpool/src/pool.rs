@@ -289,7 +289,7 @@ fn tramp_mut<A: JobArg>(cx: &JobContext, f: usize, addr: usize, meta: usize) -> 
 
 /// How long a worker keeps polling for the next request after answering one, before it sleeps in
 /// `recvmsg`. Waking a sleeping process on another CPU costs tens of microseconds on a VM (see
-/// /work/shared/limits.md); a master that sends the next job at once finds the worker awake.
+/// the workplace's shared/limits.md); a master that sends the next job at once finds the worker awake.
 const WORKER_SPIN: Duration = Duration::from_micros(100);
 /// How long the master polls for a reply before it sleeps in `poll`.
 const MASTER_SPIN: Duration = Duration::from_micros(50);
@@ -849,7 +849,7 @@ impl Pool {
     /// # Errors
     /// [`PoolError::Timeout`] (the job keeps running; wait again with [`Pool::wait`]),
     /// [`PoolError::WorkerDied`], [`PoolError::JobPanicked`], [`PoolError::Busy`],
-    /// [`PoolError::Poisoned`].
+    /// [`PoolError::Poisoned`], [`PoolError::NoSuchWorker`] for a worker index out of range.
     pub fn run_fn(
         &mut self,
         w: usize,
@@ -901,7 +901,8 @@ impl Pool {
     /// killed (and replaced), so no process can still read `arg` when this returns.
     ///
     /// # Errors
-    /// As [`Pool::run_fn`], except that a timeout kills the worker.
+    /// As [`Pool::run_fn`], except that a timeout kills the worker; and
+    /// [`PoolError::ForeignArgument`] for an argument that does not live in this pool's heap.
     pub fn run<A: JobArg>(
         &mut self,
         w: usize,
@@ -1108,8 +1109,10 @@ impl Pool {
     /// only after every live worker has acknowledged the mapping). Returns the region index.
     ///
     /// # Errors
-    /// [`PoolError::Busy`] if a job is running; region errors. A worker that fails to map is killed
-    /// and replaced (the replacement inherits the mapping) and reported by [`Pool::take_deaths`].
+    /// [`PoolError::Busy`] if a job is running; [`PoolError::Poisoned`] if the pool is poisoned
+    /// (before, or by a death during the barrier); region errors. A worker that fails to map is
+    /// killed and replaced (the replacement inherits the mapping) and reported by
+    /// [`Pool::take_deaths`].
     pub fn grow(&mut self, bytes: usize) -> Result<usize, PoolError> {
         self.all_idle()?;
         let chunk = self.raw.geometry().chunk_size();

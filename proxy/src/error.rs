@@ -45,7 +45,8 @@ pub enum CallError {
     InUse(ContextId),
     /// The object is in use by another call chain that waits, directly or through others, for this
     /// one (crossed calls between two borrowed objects, say): waiting could never end, so the call
-    /// fails at once.
+    /// fails once the cycle has lasted 50 ms (a cycle seen only for a moment, as waits change, is
+    /// not a deadlock).
     #[error("the object in context {0} is borrowed by a call that waits for this one (deadlock)")]
     Deadlock(ContextId),
     /// An earlier method panicked while holding the object; its state may be half-updated. Clear it

@@ -160,8 +160,9 @@
 //!
 //! ## Speed
 //! On the 2-vCPU machine the README's figures come from, a small call into an idle context costs
-//! about 8.5x a parking_lot-guarded direct call when serialized, 3.8x in move mode, and about one
-//! crossbeam channel round trip into a pinned context (`ctx bench proxy`). Build with
+//! 3-3.4x a parking_lot-guarded direct call when serialized (11-12x when the host runs in its slow
+//! mode), about 1.5x in move mode, and 0.28-0.35x a crossbeam channel round trip into a pinned
+//! context (`ctx bench proxy`; the README's Results section has the table). Build with
 //! `codegen-units = 1` in the release profile, as this workspace does: with the default 16 units
 //! LLVM leaves bincode's and serde's generic decoders out of line in the call path and a
 //! serialized call takes about a third more instructions.

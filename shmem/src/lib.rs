@@ -10,7 +10,8 @@
 //! - [`ShmSafe`] (+ `#[derive(ShmSafe)]`): types that may live in shared memory.
 //!   [`SharedBuf`] gives lock-guarded copy-in/copy-out access, [`AtomicArray`] an atomic view; no
 //!   API hands out `&T`/`&[u8]` over memory another process may be writing.
-//! - [`SharedLock`]: a futex-based, process-shared, first-come-first-served lock that detects a
+//! - [`SharedLock`]: a futex-based, process-shared, first-come-first-served lock (a waiter that
+//!   does not claim its turn within 50 ms, descheduled say, goes to the back) that detects a
 //!   dead owner (by PID + start time, immune to PID reuse) and implements
 //!   [`context_core::RawContextLock`], so a [`context_core::Context`] can be entered by several
 //!   processes. See [`lock`] for the protocol and why glibc robust mutexes do not fit.

@@ -1,4 +1,6 @@
-//! The crash-safe, process-shared, first-come-first-served lock.
+//! The crash-safe, process-shared, first-come-first-served lock. (First come, first served among
+//! waiters that claim their turn: a handoff nobody claims within `PATIENCE`, 50 ms, passes to the
+//! next ticket, and a live but descheduled waiter then takes a new one at the back.)
 //!
 //! [`RawSharedLock`] is the state machine, laid out `#[repr(C)]` so it can live in shared memory
 //! (and on the heap, for loom and Miri). [`SharedLock`] is the handle a process uses: it keeps the

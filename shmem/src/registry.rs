@@ -9,15 +9,17 @@
 //! nothing behind.
 //!
 //! **What `gc` removes, and why that is safe.** A record is removed only when its creator is dead
-//! (by [`ProcessToken`]: PID + start time, so a recycled PID does not keep a stale name alive).
+//! (by [`ProcessToken`]: PID + start time, so a recycled PID does not keep a stale name alive), or
+//! alive but no longer holding the segment ([`CreatorState::Stale`]: it `exec`ed or closed the
+//! memfd, so the record can open nothing).
 //! A PID means something only in its own PID namespace, so a record made in another namespace
 //! (another container sharing `/dev/shm`) has a creator whose state is
 //! [`CreatorState::Unknown`], and is never removed; so are records whose creator cannot be checked
 //! (a `/proc` that hides it, or belongs to another namespace).
 //! Nobody maps a record file (the data lives in the creator's memfd, which the kernel frees with its
-//! last mapping), and a named segment can only be opened while its creator is alive, so a record
-//! with a dead creator is useless to everybody: removing it cannot pull memory from under a live
-//! process. Records that cannot be parsed are reported but never removed by `gc` (they may belong to
+//! last mapping), and a named segment can only be opened through its creator's descriptor, so a
+//! record whose creator is dead or stale is useless to everybody: removing it cannot pull memory
+//! from under a live process. Records that cannot be parsed are reported but never removed by `gc` (they may belong to
 //! a newer layout version, or to somebody else).
 //!
 //! [`Segment::create_named`]: crate::Segment::create_named
@@ -223,7 +225,7 @@ pub enum CreatorState {
 }
 
 impl CreatorState {
-    /// `"alive"`, `"dead"` or `"unknown"`.
+    /// `"alive"`, `"dead"`, `"stale"` or `"unknown"`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -320,7 +322,7 @@ pub fn inspect_in(dir: &Path, name: &str) -> Result<SegmentInfo, Error> {
 pub struct Collected {
     /// The names removed.
     pub removed: Vec<String>,
-    /// Records of dead creators that could not be removed, and why (for example `EPERM`: the
+    /// Records of dead or stale creators that could not be removed, and why (for example `EPERM`: the
     /// record belongs to another user and `/dev/shm` is sticky).
     pub failed: Vec<(String, std::io::Error)>,
 }

@@ -205,7 +205,10 @@ impl<T: ShmSafe> SharedBuf<T> {
     /// view of the segment's size.
     ///
     /// # Errors
-    /// Wrong type id, or a stored count that does not fit the segment.
+    /// Wrong type id, a stored count that does not fit the segment, and what opening its lock
+    /// gives ([`SharedLock::open_in`]): [`Error::ForeignPidNamespace`] for a segment made in
+    /// another PID namespace, [`Error::BadHeader`] if no lock was initialized there,
+    /// [`Error::LockFull`] if every process slot of the lock is taken by a live process.
     pub fn from_segment(seg: Arc<Segment>) -> Result<Self, Error> {
         if seg.type_id() != buf_type_id::<T>() {
             return Err(Error::WrongType {

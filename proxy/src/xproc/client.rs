@@ -25,11 +25,14 @@ use crate::transport::Transport;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientOptions {
     /// How long attaching waits for the server's export table (and, over a socket, for the
-    /// channel's descriptor).
+    /// connection and for the channel's descriptor: each step gets the whole timeout, so
+    /// [`Client::connect`] may take up to about three times it).
     pub handshake_timeout: Duration,
-    /// The timeout given to proxies made by [`Client::proxy`]: how long a call may wait for its
-    /// turn on the channel plus the server's answer. `None`: calls wait as long as the server
-    /// lives (a dead or departed server is still detected). Default: 30 s.
+    /// The timeout given to proxies made by [`Client::proxy`]. It applies to waiting for the call's
+    /// turn on the channel and again to the exchange with the server (sending, then waiting for
+    /// the answer), so a call may take up to about twice it, more if the object is `InUse` and
+    /// retried. `None`: calls wait as long as the server lives (a dead or departed server is still
+    /// detected). Default: 30 s.
     pub call_timeout: Option<Duration>,
 }
 

@@ -7,7 +7,8 @@
 //!   table, then for each request enters the context (FIFO with every other caller of it, local or
 //!   remote), runs [`crate::Exports::serve`] and sends the answer back. One `serve` runs per
 //!   channel, on its own thread; several may share one `&Host` to serve several clients. It returns
-//!   when the client closes or dies, or when its stop flag is set.
+//!   when the client closes or dies, or when its stop flag is set; a socket client that does not
+//!   complete the handshake ends it with an error.
 //! - **Client side.** A [`Client`] is a [`crate::Transport`] over side A of the channel, shared by
 //!   any number of threads; [`Client::proxy`] looks an object up by name and checks its service and
 //!   codec, and returns an ordinary `Proxy<S>`.

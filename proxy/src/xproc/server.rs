@@ -356,8 +356,8 @@ impl<C: Codec> Host<C> {
     /// Moves `value` into the context and exports it as service `S` under `name`.
     ///
     /// # Errors
-    /// Entering the context failed, its table is full, or [`XprocError::DuplicateName`] (the
-    /// value is then dropped from the context again).
+    /// Entering the context failed, its table is full, or [`XprocError::DuplicateName`] (checked
+    /// first: the value is then dropped, never adopted).
     pub fn adopt<S: Serve<T>, T: Send + 'static>(
         &mut self,
         name: &str,
@@ -381,7 +381,12 @@ impl<C: Codec> Host<C> {
     /// # Errors
     /// [`XprocError::TableTooLarge`] if the export table does not fit the channel,
     /// [`XprocError::Protocol`] for a message too short to carry a sequence number (the client is
-    /// not one of ours), [`XprocError::Channel`] for a corrupt ring. Errors inside a call (a
+    /// not one of ours), [`XprocError::Channel`] for a corrupt ring. For a channel sent over a
+    /// socket, the end of the handshake: [`XprocError::HandshakeTimedOut`] if the client does not
+    /// acknowledge within the handshake timeout, [`XprocError::Handshake`] if it hangs up before
+    /// attaching, sends something else or acknowledges without attaching (also if the export
+    /// table cannot be encoded), [`XprocError::Io`] for socket errors meanwhile: a client that
+    /// connects and leaves ends its loop with one of these, not with `Ok`. Errors inside a call (a
     /// panicking method, a closed context, a bad frame) go back to its caller as error frames and
     /// do not end the loop.
     pub fn serve(&self, mut server: Server, stop: &AtomicBool) -> Result<Served, XprocError> {
