@@ -4,12 +4,15 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use anyhow::Context as _;
+
 use context_core::Context;
 use context_proxy::benchkit::{
     BigFrames as Big, BlockingHop, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally,
     opaque_tag, spawn_echo, spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
+use context_shmem::benchkit::{Pinned, pin_current_thread};
 
 use crate::bench::{Better, Runner, Target};
 
@@ -38,7 +41,50 @@ fn compare_gbps(
     (medians[0], medians[1])
 }
 
+/// Where the threads of the cross-thread rows run: this thread on CPU 0 and every partner thread
+/// (the thread hops' workers, the pinned context's home thread, the channel's echo thread) on CPU
+/// 1, for the cases and their baselines alike. Left to itself the scheduler places them as it
+/// likes, differently from one run to the next; pinning takes that out of the comparison. (The
+/// host's own changes of speed between its two vCPUs remain: the spinning thread hop took 175 ns
+/// in one run and 1,461 ns in the next, both pinned.)
+struct Placement {
+    apart: bool,
+    _main: Option<Pinned>,
+}
+
+impl Placement {
+    fn new() -> anyhow::Result<Self> {
+        let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        let main = if apart {
+            Some(pin_current_thread(0).context("pinning this thread to CPU 0")?)
+        } else {
+            None
+        };
+        Ok(Self { apart, _main: main })
+    }
+
+    /// Runs `spawn` (which starts a partner thread) pinned to CPU 1: a new thread inherits the
+    /// affinity of the thread that starts it.
+    fn partner<T>(&self, spawn: impl FnOnce() -> T) -> anyhow::Result<T> {
+        let _on_1 = if self.apart {
+            Some(pin_current_thread(1).context("pinning to CPU 1 to start a partner thread")?)
+        } else {
+            None
+        };
+        Ok(spawn())
+    }
+
+    fn note(&self) -> &'static str {
+        if self.apart {
+            "caller on CPU 0, the other thread (hop worker, home thread, echo) on CPU 1"
+        } else {
+            "one CPU: caller and partner share it"
+        }
+    }
+}
+
 pub fn run(r: &mut Runner) -> anyhow::Result<()> {
+    let place = Placement::new()?;
     let mutex = parking_lot::Mutex::new(Tally::default());
     let direct = |n: u64| {
         for _ in 0..n {
@@ -68,7 +114,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         Some(Target::RatioAtMost(15.0)),
     );
 
-    let (hop_tx, hop_rx) = spawn_thread_hop();
+    let (hop_tx, hop_rx) = place.partner(spawn_thread_hop)?;
     let (case, base) = r.compare_ns(
         |n| call(&idle, n),
         |n| {
@@ -90,11 +136,12 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         base,
         Some(Target::RatioAtMost(0.05)),
     );
+    r.note(place.note());
     drop((hop_tx, hop_rx));
 
     // Context, not a target: the hop to a worker that sleeps until work arrives, as idle workers
     // do, which is the thread switch a direct entry avoids.
-    let blocking = BlockingHop::spawn()?;
+    let blocking = place.partner(BlockingHop::spawn)??;
     let (case, base) = r.compare_ns(
         |n| call(&idle, n),
         |n| {
@@ -134,10 +181,10 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
     );
 
     r.step("call_small_pinned");
-    let home = Context::pinned("bench-proxy-pinned")?;
+    let home = place.partner(|| Context::pinned("bench-proxy-pinned"))??;
     let pinned: Proxy<CounterService> = Proxy::adopt(&home, Tally::default())?;
     pinned.add(0, TAG)?;
-    let (echo_tx, echo_rx) = spawn_echo();
+    let (echo_tx, echo_rx) = place.partner(spawn_echo)?;
     let (case, base) = r.compare_ns(
         |n| call(&pinned, n),
         |n| {
@@ -156,6 +203,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         base,
         Some(Target::RatioAtMost(1.3)),
     );
+    r.note(place.note());
     drop((echo_tx, echo_rx));
 
     r.step("copy_cheat_64mib");
