@@ -920,6 +920,13 @@ fn socket_path(what: &str) -> std::path::PathBuf {
     p
 }
 
+/// A listener on a fresh socket path, a host exporting one `Acc` as `c`, and a stop flag.
+fn listening(what: &str) -> (std::path::PathBuf, Listener, Host, AtomicBool) {
+    let path = socket_path(what);
+    let listener = Listener::bind(&path).unwrap();
+    (path, listener, host_with_c(), AtomicBool::new(false))
+}
+
 fn host_with_c() -> Host {
     let mut host = Host::new(Context::new("server"));
     host.adopt::<WorkloadService, _>("c", Acc::default())
@@ -935,10 +942,7 @@ fn host_with_c() -> Host {
 fn a_client_that_acknowledges_without_attaching_ends_its_serving_loop() {
     use std::io::{Read, Write};
     watchdog(60, || {
-        let path = socket_path("ack");
-        let listener = Listener::bind(&path).unwrap();
-        let host = host_with_c();
-        let stop = AtomicBool::new(false);
+        let (path, listener, host, stop) = listening("ack");
         std::thread::scope(|s| {
             let mut serving = Vec::new();
             for _ in 0..4 {
@@ -976,10 +980,7 @@ fn a_client_that_acknowledges_without_attaching_ends_its_serving_loop() {
 fn a_client_whose_socket_closes_ends_its_serving_loop() {
     use std::io::Write;
     watchdog(60, || {
-        let path = socket_path("hup");
-        let listener = Listener::bind(&path).unwrap();
-        let host = host_with_c();
-        let stop = AtomicBool::new(false);
+        let (path, listener, host, stop) = listening("hup");
         std::thread::scope(|s| {
             let p = path.clone();
             let client = s.spawn(move || {
@@ -1009,10 +1010,7 @@ fn a_client_whose_socket_closes_ends_its_serving_loop() {
 #[test]
 fn a_silent_client_does_not_hold_up_the_accepting_thread() {
     watchdog(60, || {
-        let path = socket_path("silent");
-        let listener = Listener::bind(&path).unwrap();
-        let host = host_with_c();
-        let stop = AtomicBool::new(false);
+        let (path, listener, host, stop) = listening("silent");
         let _silent = std::os::unix::net::UnixStream::connect(&path).unwrap();
         std::thread::scope(|s| {
             let p = path.clone();
@@ -1052,16 +1050,13 @@ fn a_silent_client_does_not_hold_up_the_accepting_thread() {
 #[test]
 fn a_client_that_hangs_up_at_once_is_skipped_by_accept() {
     watchdog(60, || {
-        let path = socket_path("gone");
-        let listener = Listener::bind(&path).unwrap();
+        let (path, listener, host, stop) = listening("gone");
         drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
         let p = path.clone();
         let legit = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             Client::connect(&p, &options()).map(|_| ())
         });
-        let host = host_with_c();
-        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let server = listener
                 .accept_timeout(T)

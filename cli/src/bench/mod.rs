@@ -380,33 +380,21 @@ mod tests {
     #[test]
     fn a_ratio_target_is_not_judged_against_a_zero_baseline() {
         let mut r = runner();
-        r.row(
-            "c",
-            "ns_per_op",
-            5.0,
-            Better::Lower,
-            "b",
-            0.0,
-            Some(Target::RatioAtMost(1.5)),
-        );
-        r.row(
-            "c",
-            "count",
-            0.0,
-            Better::Lower,
-            "b",
-            0.0,
-            Some(Target::ValueAtMost(0.0)),
-        );
-        r.row(
-            "c",
-            "ns_per_op",
-            5.0,
-            Better::Lower,
-            "b",
-            10.0,
-            Some(Target::RatioAtMost(1.5)),
-        );
+        for (value, base, target) in [
+            (5.0, 0.0, Target::RatioAtMost(1.5)),
+            (0.0, 0.0, Target::ValueAtMost(0.0)),
+            (5.0, 10.0, Target::RatioAtMost(1.5)),
+        ] {
+            r.row(
+                "c",
+                "ns_per_op",
+                value,
+                Better::Lower,
+                "b",
+                base,
+                Some(target),
+            );
+        }
         let met: Vec<_> = r.rows.iter().map(|row| row.target_met).collect();
         assert_eq!(met, [None, Some(true), Some(true)]);
     }
