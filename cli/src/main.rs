@@ -221,11 +221,19 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         out!("{table}")?;
     }
     if let Some(path) = &args.json {
+        let config = Config { quick: args.quick };
         let doc = report::Document {
-            format: 1,
+            format: 2,
             quick: args.quick,
+            trials: config.trials(),
+            trial_ms: u64::try_from(config.trial_time().as_millis()).unwrap_or(u64::MAX),
+            finished_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ctx_version: env!("CARGO_PKG_VERSION"),
             machine: report::Machine::detect(),
             suites: selected.iter().map(|s| s.name).collect(),
+            failed: &failures,
             rows: &rows,
         };
         let text = serde_json::to_string_pretty(&doc)?;

@@ -32,6 +32,26 @@ fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     let rows = doc["rows"].as_array().expect("rows array");
+    assert_eq!(doc["format"], 2);
+    assert_eq!(doc["quick"], true);
+    assert!(
+        doc["trials"].as_u64().is_some_and(|t| t >= 5),
+        "{}",
+        doc["trials"]
+    );
+    assert!(doc["trial_ms"].as_u64().is_some_and(|t| t > 0));
+    assert!(
+        doc["finished_unix_s"]
+            .as_u64()
+            .is_some_and(|t| t > 1_700_000_000)
+    );
+    assert!(doc["ctx_version"].is_string());
+    assert_eq!(
+        doc["failed"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        doc["failed"]
+    );
     let listed = ctx().args(["bench", "--list"]).output().unwrap();
     let suites: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()

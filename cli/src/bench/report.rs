@@ -13,10 +13,22 @@ pub struct Document<'a> {
     pub format: u32,
     /// Whether the run was `--quick`.
     pub quick: bool,
+    /// Trials per comparison (each case and its baseline alternate that many times; the one-shot
+    /// rows of the fork-pool suite take three times as many) and the target length of one trial
+    /// of a timed loop, in milliseconds.
+    pub trials: usize,
+    /// See [`Document::trials`].
+    pub trial_ms: u64,
+    /// When the run ended, in seconds since the Unix epoch.
+    pub finished_unix_s: u64,
+    /// The `ctx` version that made it.
+    pub ctx_version: &'static str,
     /// What the machine is, as far as the run could tell.
     pub machine: Machine,
     /// The suites that ran.
     pub suites: Vec<&'a str>,
+    /// The suites that failed, with why (their rows, if any, are partial).
+    pub failed: &'a [String],
     /// Every row.
     pub rows: &'a [Row],
 }
