@@ -476,16 +476,12 @@ impl Endpoint {
     /// # Errors
     /// [`ChannelError::PeerDead`] if the process holding it died.
     pub fn peer_attached(&self) -> Result<bool, ChannelError> {
-        let ctrl = self.ch.ctrl();
         let peer = self.peer();
-        if ctrl.closed[peer].load(Ordering::SeqCst) != 0 {
+        // Closed, or held by a dead process (an error), as every wait of this side checks it.
+        if check_peer(&self.ch, peer)? {
             return Ok(false);
         }
-        match ProcessToken::from_bits(ctrl.tokens[peer].load(Ordering::SeqCst)) {
-            None => Ok(false),
-            Some(t) if t.is_alive() => Ok(true),
-            Some(t) => Err(ChannelError::PeerDead { pid: t.pid() }),
-        }
+        Ok(self.ch.ctrl().tokens[peer].load(Ordering::SeqCst) != 0)
     }
 
     /// Sends one frame, waiting for space until `deadline` (backpressure).

@@ -345,13 +345,10 @@ pub fn gc() -> Result<Collected, Error> {
 pub fn gc_in(dir: &Path) -> Result<Collected, Error> {
     let mut done = Collected::default();
     for info in list_in(dir)? {
-        let Ok(rec) = &info.record else { continue };
-        // Re-check right before removing; a dead creator's token cannot come back to life, and a
-        // descriptor that lost its segment cannot get it back (its nonce is random).
-        if !matches!(
-            rec.creator_state(),
-            CreatorState::Dead | CreatorState::Stale
-        ) {
+        // As the listing found it a moment ago, which cannot have changed since: a dead
+        // creator's token cannot come back to life, and a descriptor that lost its segment cannot
+        // get it back (its nonce is random). (Undecodable records have no state.)
+        if !matches!(info.creator, Some(CreatorState::Dead | CreatorState::Stale)) {
             continue;
         }
         match std::fs::remove_file(&info.path) {

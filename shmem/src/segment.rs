@@ -338,11 +338,26 @@ fn total_for(payload_len: usize) -> Result<usize, Error> {
     Ok(total)
 }
 
+/// The name every memfd of this crate gets; `/proc/<pid>/fd/<n>` shows it as
+/// `/memfd:context-shmem (deleted)`.
+const MEMFD_NAME: &std::ffi::CStr = c"context-shmem";
+
+/// Whether the descriptor behind `/proc/<pid>/fd/<n>` (`link`) is a memfd of this crate, by the
+/// link's target, without opening it.
+///
+/// # Errors
+/// Reading the link failed (`ENOENT`: the descriptor is closed; `EACCES`: not ours to look at).
+fn links_to_our_memfd(link: &str) -> std::io::Result<bool> {
+    let target = std::fs::read_link(link)?;
+    let shown = [b"/memfd:".as_slice(), MEMFD_NAME.to_bytes()].concat();
+    Ok(target.as_os_str().as_encoded_bytes().starts_with(&shown))
+}
+
 fn new_memfd(total: usize) -> Result<File, Error> {
-    // SAFETY: the name is a NUL-terminated literal; the flags are valid for memfd_create.
+    // SAFETY: the name is a NUL-terminated constant; the flags are valid for memfd_create.
     let fd = unsafe {
         libc::memfd_create(
-            c"context-shmem".as_ptr(),
+            MEMFD_NAME.as_ptr(),
             libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
         )
     };
@@ -674,12 +689,7 @@ impl Segment {
             ));
         }
         let proc_path = format!("{proc_dir}/fd/{}", rec.fd);
-        let target = std::fs::read_link(&proc_path).map_err(io("read /proc/<creator>/fd/<n>"))?;
-        if !target
-            .as_os_str()
-            .as_encoded_bytes()
-            .starts_with(b"/memfd:context-shmem")
-        {
+        if !links_to_our_memfd(&proc_path).map_err(io("read /proc/<creator>/fd/<n>"))? {
             return Err(Error::BadHeader(
                 "the name record does not point at a context-shmem memfd",
             ));
@@ -878,17 +888,11 @@ pub(crate) fn record_target_holds(rec: &crate::registry::NameRecord) -> Option<b
     // Under `hidepid` a missing creator directory proves nothing about its descriptors.
     std::fs::metadata(&proc_dir).ok()?;
     let path = format!("{proc_dir}/fd/{}", rec.fd);
-    let target = match std::fs::read_link(&path) {
-        Ok(t) => t,
+    match links_to_our_memfd(&path) {
+        Ok(true) => {}
+        Ok(false) => return Some(false),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Some(false),
         Err(_) => return None,
-    };
-    if !target
-        .as_os_str()
-        .as_encoded_bytes()
-        .starts_with(b"/memfd:context-shmem")
-    {
-        return Some(false);
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
