@@ -95,6 +95,15 @@ pub fn busy_handoff_roundtrips(ctx: &Context, n: u64) -> u64 {
     let before = ctx.stats().contended_entries;
     let done = [AtomicBool::new(false), AtomicBool::new(false)];
     let run = |me: usize| {
+        /// Marks this side done when it ends, a panic included, so the other side never waits
+        /// inside the context for a partner that is gone.
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _done = Done(&done[me]);
         for _ in 0..n {
             ctx.enter(|_| {
                 while !ctx.lock().has_waiters() && !done[1 - me].load(Ordering::Acquire) {
@@ -103,7 +112,6 @@ pub fn busy_handoff_roundtrips(ctx: &Context, n: u64) -> u64 {
             })
             .expect("entering the benchmark's context");
         }
-        done[me].store(true, Ordering::Release);
     };
     std::thread::scope(|s| {
         s.spawn(|| run(1));
