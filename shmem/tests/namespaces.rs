@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{fork_child, wait_child};
+use common::{fork_child, load_name, store_name, wait_child};
 use context_shmem::registry::{self, CreatorState};
 use context_shmem::segment::SegmentHeader;
 use context_shmem::{
@@ -80,6 +80,20 @@ fn in_new_pid_namespace(limit: Duration, f: impl FnOnce() -> i32) -> libc::pid_t
     })
 }
 
+/// Waits for `child` (at most `limit`) and returns its exit code, or `None` (after saying so) if
+/// it found what it needs refused ([`UNSUPPORTED`]).
+fn verdict(child: libc::pid_t, limit: Duration, needs: &str) -> Option<i32> {
+    let st = wait_child(child, limit);
+    assert!(libc::WIFEXITED(st), "status {st:#x}");
+    match libc::WEXITSTATUS(st) {
+        UNSUPPORTED => {
+            skipped(needs);
+            None
+        }
+        code => Some(code),
+    }
+}
+
 #[test]
 fn a_process_hidden_by_hidepid_is_not_dead() {
     let me = ProcessToken::current().unwrap();
@@ -101,14 +115,11 @@ fn a_process_hidden_by_hidepid_is_not_dead() {
         }
         if me.is_alive() { 0 } else { 1 }
     });
-    let st = wait_child(child, Duration::from_secs(20));
-    assert!(libc::WIFEXITED(st), "status {st:#x}");
-    match libc::WEXITSTATUS(st) {
-        UNSUPPORTED => skipped("hidepid"),
-        code => assert_eq!(
+    if let Some(code) = verdict(child, Duration::from_secs(20), "hidepid") {
+        assert_eq!(
             code, 0,
             "a live process hidden by hidepid=2 was judged dead"
-        ),
+        );
     }
 }
 
@@ -119,30 +130,25 @@ fn a_proc_of_another_pid_namespace_gives_no_token_and_proves_no_death() {
     let me = ProcessToken::current().unwrap();
     let stale = ProcessToken::new(me.pid(), u64::from(me.start_ticks()) + 1);
     let child = in_new_pid_namespace(Duration::from_secs(10), || {
-        {
-            // PID 1 of a new namespace, still looking at the outer namespace's /proc.
-            // SAFETY: getpid has no preconditions.
-            if unsafe { libc::getpid() } != 1 {
-                return 2;
-            }
-            if ProcessToken::current().is_ok() {
-                return 3;
-            }
-            // Every token is "alive" (unknown): PIDs read from this /proc are not ours.
-            if !stale.is_alive() {
-                return 4;
-            }
-            0
+        // PID 1 of a new namespace, still looking at the outer namespace's /proc.
+        // SAFETY: getpid has no preconditions.
+        if unsafe { libc::getpid() } != 1 {
+            return 2;
         }
+        if ProcessToken::current().is_ok() {
+            return 3;
+        }
+        // Every token is "alive" (unknown): PIDs read from this /proc are not ours.
+        if !stale.is_alive() {
+            return 4;
+        }
+        0
     });
-    let st = wait_child(child, Duration::from_secs(20));
-    assert!(libc::WIFEXITED(st), "status {st:#x}");
-    match libc::WEXITSTATUS(st) {
-        UNSUPPORTED => skipped("a PID namespace"),
-        code => assert_eq!(
+    if let Some(code) = verdict(child, Duration::from_secs(20), "a PID namespace") {
+        assert_eq!(
             code, 0,
             "2: not PID 1; 3: a token from another namespace's /proc; 4: a death proven there"
-        ),
+        );
     }
 }
 
@@ -154,35 +160,27 @@ fn a_named_segment_from_another_pid_namespace_is_unknown_kept_and_refused() {
     const DONE: usize = 64;
     const FAILED: usize = 65;
     let child = in_new_pid_namespace(Duration::from_secs(30), || {
-        {
-            // PID 1 of its namespace, with a procfs of that namespace (so it can name itself).
-            if !private_mounts() || !mount_proc(c"") {
-                shared.get(FAILED).unwrap().store(1, Ordering::SeqCst);
-                return UNSUPPORTED;
-            }
-            let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
-                shared.get(FAILED).unwrap().store(2, Ordering::SeqCst);
-                return 2;
-            };
-            for (i, b) in seg.name().unwrap_or_default().bytes().enumerate() {
-                shared.get(i).unwrap().store(u64::from(b), Ordering::SeqCst);
-            }
-            let until = Instant::now() + Duration::from_secs(20);
-            while shared.get(DONE).unwrap().load(Ordering::SeqCst) == 0 && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            drop(seg); // unlinks the record
-            0
+        // PID 1 of its namespace, with a procfs of that namespace (so it can name itself).
+        if !private_mounts() || !mount_proc(c"") {
+            shared.get(FAILED).unwrap().store(1, Ordering::SeqCst);
+            return UNSUPPORTED;
         }
+        let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
+            shared.get(FAILED).unwrap().store(2, Ordering::SeqCst);
+            return 2;
+        };
+        store_name(&shared, seg.name().unwrap_or_default());
+        let until = Instant::now() + Duration::from_secs(20);
+        while shared.get(DONE).unwrap().load(Ordering::SeqCst) == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drop(seg); // unlinks the record
+        0
     });
     let until = Instant::now() + Duration::from_secs(10);
     let name = loop {
         let failed = shared.get(FAILED).unwrap().load(Ordering::SeqCst);
-        let name: String = (0..64)
-            .map(|i| shared.get(i).unwrap().load(Ordering::SeqCst) as u8)
-            .take_while(|&b| b != 0)
-            .map(char::from)
-            .collect();
+        let name = load_name(&shared, 64);
         if failed != 0 || !name.is_empty() || Instant::now() > until {
             break name;
         }
@@ -196,13 +194,14 @@ fn a_named_segment_from_another_pid_namespace_is_unknown_kept_and_refused() {
         (info, collected, opened, still_there)
     });
     shared.get(DONE).unwrap().store(1, Ordering::SeqCst);
-    let st = wait_child(child, Duration::from_secs(40));
-    assert!(libc::WIFEXITED(st), "status {st:#x}");
-    if libc::WEXITSTATUS(st) == UNSUPPORTED {
-        skipped("a PID namespace with its own /proc");
+    let Some(code) = verdict(
+        child,
+        Duration::from_secs(40),
+        "a PID namespace with its own /proc",
+    ) else {
         return;
-    }
-    assert_eq!(libc::WEXITSTATUS(st), 0, "the inner creator failed");
+    };
+    assert_eq!(code, 0, "the inner creator failed");
     let (info, collected, opened, still_there) =
         checks.expect("the inner creator named no segment");
     assert_eq!(info.unwrap(), Some(CreatorState::Unknown));

@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use common::{expect_ok, fork_child, kill9, wait_child, within};
+use common::{expect_ok, fork_child, kill9, load_name, store_name, wait_child, within};
 use context_shmem::{Error, Segment, SharedBuf, TypeId, registry};
 
 const T: TypeId = TypeId::of_name("tests::segments/v1");
@@ -210,22 +210,13 @@ fn gc_removes_only_names_whose_creator_died() {
         let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
             return 1;
         };
-        let name = seg.name().unwrap_or_default().as_bytes().to_vec();
-        for (i, b) in name.iter().enumerate() {
-            ch.get(i)
-                .unwrap()
-                .store(u64::from(*b), std::sync::atomic::Ordering::SeqCst);
-        }
+        store_name(&ch, seg.name().unwrap_or_default());
         std::mem::forget(seg);
         // SAFETY: dies without unlinking, like a crash.
         unsafe { libc::_exit(0) }
     });
     expect_ok(child, Duration::from_secs(10));
-    let name: String = (0..64)
-        .map(|i| ch.get(i).unwrap().load(std::sync::atomic::Ordering::SeqCst) as u8)
-        .take_while(|&b| b != 0)
-        .map(char::from)
-        .collect();
+    let name = load_name(&ch, 64);
     let info = registry::inspect(&name).unwrap();
     assert_eq!(info.creator, Some(registry::CreatorState::Dead));
     assert!(matches!(
@@ -308,11 +299,7 @@ fn a_creator_that_execs_leaves_a_stale_record_that_gc_removes() {
         let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
             return 1;
         };
-        for (i, b) in seg.name().unwrap_or_default().bytes().enumerate() {
-            ch.get(i)
-                .unwrap()
-                .store(u64::from(b), std::sync::atomic::Ordering::SeqCst);
-        }
+        store_name(&ch, seg.name().unwrap_or_default());
         std::mem::forget(seg);
         // SAFETY: NUL-terminated literals and a null-terminated argument vector; on success the
         // process image is replaced (the memfd, close-on-exec, goes with the old image).
@@ -326,13 +313,7 @@ fn a_creator_that_execs_leaves_a_stale_record_that_gc_removes() {
         };
         2
     });
-    let read_name = || -> String {
-        (0..64)
-            .map(|i| ch.get(i).unwrap().load(std::sync::atomic::Ordering::SeqCst) as u8)
-            .take_while(|&b| b != 0)
-            .map(char::from)
-            .collect()
-    };
+    let read_name = || load_name(&ch, 64);
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let mut state = None;
     while std::time::Instant::now() < until {

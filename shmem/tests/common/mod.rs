@@ -148,3 +148,23 @@ pub fn spin_for(d: Duration) {
 pub fn within(secs: u64) -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(secs))
 }
+
+/// Stores `name` into the first words of `a`, one byte per word, as a forked child tells its
+/// parent what it created (a memfd-backed array both see). Bytes beyond `a`'s length are dropped.
+pub fn store_name(a: &context_shmem::AtomicArray, name: &str) {
+    for (i, b) in name.bytes().enumerate() {
+        if let Some(w) = a.get(i) {
+            w.store(u64::from(b), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// The name [`store_name`] left in the first `max` words of `a` (empty until one is stored).
+pub fn load_name(a: &context_shmem::AtomicArray, max: usize) -> String {
+    (0..max)
+        .map_while(|i| a.get(i))
+        .map(|w| w.load(std::sync::atomic::Ordering::SeqCst) as u8)
+        .take_while(|&b| b != 0)
+        .map(char::from)
+        .collect()
+}
