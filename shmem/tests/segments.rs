@@ -200,21 +200,31 @@ fn garbage_records_and_segments_are_refused() {
     assert!(matches!(Segment::from_fd(fd, T), Err(Error::BadHeader(_))));
 }
 
-#[test]
-fn gc_removes_only_names_whose_creator_died() {
-    let _gc = gc_lock();
-    // A child creates a named segment and is SIGKILLed: its record stays behind.
-    let tag = unique_tag("gc");
+/// Forks a child that creates a named segment tagged `tag`, passes its name back through the
+/// returned array (see `load_name`), keeps the record (never drops the segment), then does
+/// `then`; exits 1 if the segment could not be made.
+fn child_with_named_segment(
+    tag: &str,
+    then: impl FnOnce() -> i32,
+) -> (libc::pid_t, context_shmem::AtomicArray) {
     let ch = context_shmem::AtomicArray::create(64).unwrap();
     let child = fork_child(|| {
-        let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
+        let Ok(seg) = Segment::create_named(tag, 4096, T) else {
             return 1;
         };
         store_name(&ch, seg.name().unwrap_or_default());
         std::mem::forget(seg);
-        // SAFETY: dies without unlinking, like a crash.
-        unsafe { libc::_exit(0) }
+        then()
     });
+    (child, ch)
+}
+
+#[test]
+fn gc_removes_only_names_whose_creator_died() {
+    let _gc = gc_lock();
+    // A child creates a named segment and dies without unlinking, like a crash: its record stays.
+    let tag = unique_tag("gc");
+    let (child, ch) = child_with_named_segment(&tag, || 0);
     expect_ok(child, Duration::from_secs(10));
     let name = load_name(&ch, 64);
     let info = registry::inspect(&name).unwrap();
@@ -294,13 +304,7 @@ fn forged_records_cannot_make_open_named_open_other_descriptors() {
 fn a_creator_that_execs_leaves_a_stale_record_that_gc_removes() {
     let _gc = gc_lock();
     let tag = unique_tag("exec");
-    let ch = context_shmem::AtomicArray::create(64).unwrap();
-    let child = fork_child(|| {
-        let Ok(seg) = Segment::create_named(&tag, 4096, T) else {
-            return 1;
-        };
-        store_name(&ch, seg.name().unwrap_or_default());
-        std::mem::forget(seg);
+    let (child, ch) = child_with_named_segment(&tag, || {
         // SAFETY: NUL-terminated literals and a null-terminated argument vector; on success the
         // process image is replaced (the memfd, close-on-exec, goes with the old image).
         unsafe {
