@@ -3,8 +3,8 @@
 //!
 //! - `lock_uncontended`: `SharedLock` try_lock + unlock vs `parking_lot::Mutex` lock + unlock.
 //! - `channel_roundtrip_xproc`: 16-byte round trip to a forked echo child over the channel vs a
-//!   Unix socketpair, a pipe pair, and a bare spin-then-futex shared word (parent pinned to CPU 0,
-//!   child to CPU 1).
+//!   Unix socketpair, a pipe pair, and a bare spin-then-futex shared word (parent pinned to one CPU,
+//!   child to another: the two lowest of the affinity mask).
 //! - `bulk_write_64mib_xproc`: a worker child copies 64 MiB into a shared buffer vs in-process
 //!   memcpy; also a child forked for each fill (includes populating its page tables).
 #![allow(missing_docs)]
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use context_core::RawContextLock;
 use context_shmem::benchkit::{
-    BulkWriter, Echo, NoForkBuf, Transport, bulk_write_xproc, pin_current_thread,
+    BulkWriter, Echo, NoForkBuf, Transport, bulk_write_xproc, cpu_pair, pin_current_thread,
 };
 use context_shmem::{SharedBuf, SharedLock};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -41,16 +41,17 @@ fn lock_uncontended(c: &mut Criterion) {
 
 fn channel_roundtrip(c: &mut Criterion) {
     let mut g = c.benchmark_group("channel_roundtrip_xproc");
-    // Parent on CPU 0, echo children on CPU 1 (see `Echo::spawn_on`).
-    let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-    let _pin = apart.then(|| pin_current_thread(0).expect("pin to CPU 0"));
+    // The parent on one CPU, the echo children on another (see `Echo::spawn_on`): the two lowest
+    // of this process's affinity mask.
+    let pair = cpu_pair().expect("reading the CPU affinity");
+    let _pin = pair.map(|(mine, _)| pin_current_thread(mine).expect("pin the parent"));
     for (name, t) in [
         ("channel", Transport::Channel),
         ("spin_futex_pingpong", Transport::SpinFutex),
         ("unix_socket", Transport::UnixSocket),
         ("pipe", Transport::Pipe),
     ] {
-        let mut echo = Echo::spawn_on(t, apart.then_some(1)).expect("echo child");
+        let mut echo = Echo::spawn_on(t, pair.map(|(_, theirs)| theirs)).expect("echo child");
         g.bench_function(name, |b| {
             b.iter_custom(|n| {
                 let t0 = Instant::now();

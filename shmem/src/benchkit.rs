@@ -355,21 +355,51 @@ impl Drop for Pinned {
     }
 }
 
-/// Pins the calling thread to `cpu` until the returned guard drops.
-///
-/// # Errors
-/// The affinity could not be read or set (for example `cpu` is not available to this process).
-pub fn pin_current_thread(cpu: usize) -> Result<Pinned, Error> {
+/// The calling thread's CPU affinity mask.
+fn current_affinity() -> Result<libc::cpu_set_t, Error> {
     // SAFETY: all zeroes is a valid (empty) cpu_set_t, filled in by sched_getaffinity below.
-    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `old` is a writable cpu_set_t of the size passed; pid 0 is the calling thread.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if r != 0 {
         return Err(Error::Io {
             op: "sched_getaffinity",
             source: std::io::Error::last_os_error(),
         });
     }
+    Ok(set)
+}
+
+/// The two lowest CPUs in `set`, if it has two.
+fn lowest_two(set: &libc::cpu_set_t) -> Option<(usize, usize)> {
+    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads one bit of a valid cpu_set_t; `cpu` is below the set's capacity.
+    let mut cpus = (0..bits).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, set) });
+    Some((cpus.next()?, cpus.next()?))
+}
+
+/// The two CPUs the benchmarks place their two parties on (caller and partner thread, parent and
+/// child process): the two lowest the calling thread may run on, as `taskset`, a container's
+/// cpuset or `numactl` left its affinity mask. `None` if it may run on only one CPU, or if the
+/// system grants it less than two CPUs' worth of time (`available_parallelism`, which also reads
+/// cgroup quotas): the parties then share, and spinning designs measure as what they are there.
+/// Call it before pinning anything.
+///
+/// # Errors
+/// The affinity mask could not be read.
+pub fn cpu_pair() -> Result<Option<(usize, usize)>, Error> {
+    if std::thread::available_parallelism().map_or(true, |n| n.get() < 2) {
+        return Ok(None);
+    }
+    Ok(lowest_two(&current_affinity()?))
+}
+
+/// Pins the calling thread to `cpu` until the returned guard drops.
+///
+/// # Errors
+/// The affinity could not be read or set (for example `cpu` is not available to this process).
+pub fn pin_current_thread(cpu: usize) -> Result<Pinned, Error> {
+    let old = current_affinity()?;
     set_affinity(&cpu_set_of(cpu)).map_err(|source| Error::Io {
         op: "sched_setaffinity",
         source,
@@ -572,4 +602,54 @@ pub fn bulk_write_xproc(
     drop(g);
     let read_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     Ok((write_ns, read_ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_of(cpus: &[usize]) -> libc::cpu_set_t {
+        let mut set = cpu_set_of(cpus[0]);
+        for &c in &cpus[1..] {
+            // SAFETY: CPU_SET writes one bit of `set`, a valid exclusive cpu_set_t.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        set
+    }
+
+    #[test]
+    fn the_pair_is_the_two_lowest_cpus_of_the_mask() {
+        assert_eq!(lowest_two(&set_of(&[0, 1])), Some((0, 1)));
+        // A cpuset that excludes CPUs 0 and 1 (a container, `taskset -c 2,5`).
+        assert_eq!(lowest_two(&set_of(&[5, 2, 9])), Some((2, 5)));
+        assert_eq!(lowest_two(&set_of(&[3])), None);
+        let last = 8 * std::mem::size_of::<libc::cpu_set_t>() - 1;
+        assert_eq!(lowest_two(&set_of(&[last, 7])), Some((7, last)));
+    }
+
+    #[test]
+    fn a_thread_allowed_one_cpu_gets_no_pair_and_a_pair_can_be_pinned() {
+        let mask = current_affinity().expect("affinity");
+        if let Some((a, b)) = cpu_pair().expect("pair") {
+            // SAFETY: CPU_ISSET reads one bit of a valid cpu_set_t.
+            let in_mask = |cpu| unsafe { libc::CPU_ISSET(cpu, &mask) };
+            assert!(in_mask(a) && in_mask(b));
+            assert!(a < b);
+            for cpu in [a, b] {
+                let pinned = pin_current_thread(cpu).expect("a CPU of the pair can be pinned");
+                drop(pinned);
+            }
+        }
+        let Some((only, _)) = lowest_two(&mask) else {
+            assert_eq!(cpu_pair().expect("pair"), None, "one CPU in the mask");
+            return;
+        };
+        // In a thread of its own: affinity is per thread, and the other tests run beside this one.
+        std::thread::spawn(move || {
+            let _pinned = pin_current_thread(only).expect("pin");
+            assert_eq!(cpu_pair().expect("pair"), None);
+        })
+        .join()
+        .expect("the restricted thread");
+    }
 }

@@ -6,6 +6,7 @@ use crate::bench::Runner;
 
 pub mod forkpool;
 pub mod handoff;
+mod placement;
 pub mod proxy;
 pub mod scaling;
 mod shared_context;

@@ -4,16 +4,14 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use anyhow::Context as _;
-
 use context_core::Context;
 use context_proxy::benchkit::{
     BigFrames as Big, BlockingHop, COPY_BYTES, Counter, CounterClient, CounterService, TAG, Tally,
     opaque_tag, spawn_echo, spawn_thread_hop,
 };
 use context_proxy::{Buffer, BufferService, Mode, Proxy, copy};
-use context_shmem::benchkit::{Pinned, pin_current_thread};
 
+use super::placement::Placement;
 use crate::bench::{Better, Runner, Target};
 
 fn gb_per_s(bytes: usize, f: impl FnOnce()) -> f64 {
@@ -39,48 +37,6 @@ fn compare_gbps(
     }
     let medians = r.paired_medians(vec![cs, bs]);
     (medians[0], medians[1])
-}
-
-/// Where the threads of the cross-thread rows run: this thread on CPU 0 and every partner thread
-/// (the thread hops' workers, the pinned context's home thread, the channel's echo thread) on CPU
-/// 1, for the cases and their baselines alike. Left to itself the scheduler places them as it
-/// likes, differently from one run to the next; pinning takes that out of the comparison. (The
-/// host's own changes of speed between its two vCPUs remain: the spinning thread hop took 175 ns
-/// in one run and 1,461 ns in the next, both pinned.)
-struct Placement {
-    apart: bool,
-    _main: Option<Pinned>,
-}
-
-impl Placement {
-    fn new() -> anyhow::Result<Self> {
-        let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-        let main = if apart {
-            Some(pin_current_thread(0).context("pinning this thread to CPU 0")?)
-        } else {
-            None
-        };
-        Ok(Self { apart, _main: main })
-    }
-
-    /// Runs `spawn` (which starts a partner thread) pinned to CPU 1: a new thread inherits the
-    /// affinity of the thread that starts it.
-    fn partner<T>(&self, spawn: impl FnOnce() -> T) -> anyhow::Result<T> {
-        let _on_1 = if self.apart {
-            Some(pin_current_thread(1).context("pinning to CPU 1 to start a partner thread")?)
-        } else {
-            None
-        };
-        Ok(spawn())
-    }
-
-    fn note(&self) -> &'static str {
-        if self.apart {
-            "caller on CPU 0, the other thread (hop worker, home thread, echo) on CPU 1"
-        } else {
-            "one CPU: caller and partner share it"
-        }
-    }
 }
 
 pub fn run(r: &mut Runner) -> anyhow::Result<()> {
@@ -136,7 +92,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         base,
         Some(Target::RatioAtMost(0.05)),
     );
-    r.note(place.note());
+    r.note(place.describe("caller", "the other thread (hop worker, home thread, echo)"));
     drop((hop_tx, hop_rx));
 
     // Context, not a target: the hop to a worker that sleeps until work arrives, as idle workers
@@ -203,7 +159,7 @@ pub fn run(r: &mut Runner) -> anyhow::Result<()> {
         base,
         Some(Target::RatioAtMost(1.3)),
     );
-    r.note(place.note());
+    r.note(place.describe("caller", "the other thread (hop worker, home thread, echo)"));
     drop((echo_tx, echo_rx));
 
     r.step("copy_cheat_64mib");

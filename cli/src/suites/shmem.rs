@@ -8,7 +8,7 @@
 //!   socketpair (target: ratio <= 0.1), a pipe pair, and the bare mechanism the channel is built on,
 //!   a spin-then-futex ping-pong on a shared word (target: within 2x). All four echo children run
 //!   at once (idle ones sleep in the kernel) and trials rotate through them; the parent is pinned
-//!   to CPU 0 and the children to CPU 1 (the placement the spin-based designs are for, and the
+//!   to one CPU and the children to another (the placement the spin-based designs are for, and the
 //!   only one that gives stable figures);
 //! - `bulk_write_64mib_xproc`: a forked worker child locks a 64 MiB `SharedBuf<u8>` and copies into
 //!   it (GB/s, timed in the child) vs an in-process 64 MiB memcpy (target: at least 0.8x); also,
@@ -24,11 +24,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use context_shmem::benchkit::{
-    BulkWriter, Echo, NoForkBuf, Transport, bulk_write_xproc, pin_current_thread,
-};
+use context_shmem::benchkit::{BulkWriter, Echo, NoForkBuf, Transport, bulk_write_xproc};
 use context_shmem::{SharedBuf, SharedLock};
 
+use super::placement::Placement;
 use crate::bench::{Better, Runner, Target};
 
 const MIB64: usize = 64 << 20;
@@ -83,15 +82,9 @@ fn channel_roundtrip(r: &mut Runner) -> anyhow::Result<()> {
         ("pipe", Transport::Pipe),
         ("spin_futex_pingpong", Transport::SpinFutex),
     ];
-    // Parent on CPU 0, echo children on CPU 1: left to itself the scheduler sometimes puts both
-    // on one CPU, where no spinning can succeed, and every figure swings by 100x between runs.
-    let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-    let _pin = if apart {
-        Some(pin_current_thread(0).context("pinning the parent to CPU 0")?)
-    } else {
-        None
-    };
-    let child_cpu = apart.then_some(1);
+    // The parent on one CPU, the echo children on another (see `super::placement`).
+    let place = Placement::new()?;
+    let child_cpu = place.partner_cpu();
     let mut echoes = Vec::new();
     for (name, t) in kinds {
         echoes.push(
@@ -129,11 +122,10 @@ fn channel_roundtrip(r: &mut Runner) -> anyhow::Result<()> {
             med[i],
             targets[i],
         );
-        r.note(if apart {
-            "16-byte frame to a forked echo child and back; parent pinned to CPU 0, child to CPU 1"
-        } else {
-            "16-byte frame to a forked echo child and back; one CPU only, so both share it"
-        });
+        r.note(format!(
+            "16-byte frame to a forked echo child and back; {}",
+            place.describe("parent", "child")
+        ));
     }
     Ok(())
 }

@@ -8,8 +8,8 @@
 //!   shared-memory channel whose sealed memfd it sent over a socketpair. Baselines: a 16-byte round
 //!   trip over a Unix socketpair (`unix_socket`, target: ratio <= 0.1) and the bare spin-then-futex
 //!   ping-pong on a shared word (`spin_futex_pingpong`, target: within 2x), with the echo children of
-//!   `context_shmem::benchkit` as in `ctx bench shmem`. This process is pinned to CPU 0, the server
-//!   and the echo children to CPU 1 (the placement spin-based designs are for, and the only one that
+//!   `context_shmem::benchkit` as in `ctx bench shmem`. This process is pinned to one CPU, the server
+//!   and the echo children to another ([`super::placement`]) (the placement spin-based designs are for, and the only one that
 //!   gives stable figures); idle children sleep in the kernel while another one is measured.
 //!
 //! The suite is a list of measurement functions called from [`run`]; others (shared contexts) are
@@ -29,6 +29,8 @@ use context_proxy::Proxy;
 use context_proxy::benchkit::{CounterClient, CounterService, TAG, Tally, opaque_tag};
 use context_proxy::xproc::{Client, ClientOptions, Host, Server, ServerOptions};
 use context_shmem::benchkit::{Echo, Transport, pin_current_thread};
+
+use super::placement::Placement;
 
 use crate::bench::{Better, Runner, Target};
 
@@ -143,13 +145,8 @@ fn start_server(cpu: Option<usize>) -> anyhow::Result<(ServerProcess, Client)> {
 /// nanoseconds (the baseline of the shared-context row).
 pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
     r.step("xproc proxy_call_xproc");
-    let apart = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-    let _pin = if apart {
-        Some(pin_current_thread(0).context("pinning this process to CPU 0")?)
-    } else {
-        None
-    };
-    let child_cpu = apart.then_some(1);
+    let place = Placement::new()?;
+    let child_cpu = place.partner_cpu();
     let (server, client) = start_server(child_cpu)?;
     let counter: Proxy<CounterService> = client.proxy(COUNTER)?;
     // Fail early and clearly rather than inside a timed loop.
@@ -185,11 +182,7 @@ pub fn proxy_call(r: &mut Runner) -> anyhow::Result<f64> {
     );
     drop((counter, client));
     drop(server);
-    let placement = if apart {
-        "this process on CPU 0; the server process and the echo children on CPU 1"
-    } else {
-        "one CPU only, so both processes share it"
-    };
+    let placement = place.describe("this process", "the server process and the echo children");
     // What each baseline moves: the socket echoes 16 bytes; the ping-pong moves no payload at all,
     // only a shared word each way (the floor under any shared-memory round trip).
     let rows = [
