@@ -223,7 +223,7 @@ fn bench_cmd(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let config = Config { quick: args.quick };
         let doc = report::Document {
-            format: 2,
+            format: 3,
             quick: args.quick,
             trials: config.trials(),
             trial_ms: u64::try_from(config.trial_time().as_millis()).unwrap_or(u64::MAX),

@@ -32,7 +32,7 @@ fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     let rows = doc["rows"].as_array().expect("rows array");
-    assert_eq!(doc["format"], 2);
+    assert_eq!(doc["format"], 3);
     assert_eq!(doc["quick"], true);
     assert!(
         doc["trials"].as_u64().is_some_and(|t| t >= 5),
@@ -80,6 +80,27 @@ fn bench_quick_json_to_stdout_has_every_suite_and_valid_rows() {
             assert!(
                 r["ratio_range"].is_null(),
                 "ratio_range neither pair nor null: {r}"
+            );
+        }
+        // The per-trial figures: one of each per trial, or none at all; the spread comes from
+        // them, so a row with a spread has them.
+        let samples = |f: &str| -> Vec<f64> {
+            r[f].as_array()
+                .unwrap_or_else(|| panic!("{f} is not an array: {r}"))
+                .iter()
+                .map(|v| v.as_f64().expect("a number"))
+                .collect()
+        };
+        let (vs, bs) = (samples("value_samples"), samples("baseline_samples"));
+        assert_eq!(vs.len(), bs.len(), "unpaired samples in {r}");
+        if r["ratio_range"].is_array() {
+            assert!(!vs.is_empty(), "a spread without its samples: {r}");
+        }
+        if !vs.is_empty() {
+            assert!(vs.len() as u64 >= doc["trials"].as_u64().unwrap(), "{r}");
+            assert!(
+                vs.iter().chain(&bs).all(|x| x.is_finite() && *x >= 0.0),
+                "{r}"
             );
         }
     }

@@ -88,6 +88,13 @@ pub struct Row {
     /// per-trial ratios, when the row's two values are the medians of the runner's last comparison
     /// (see the module docs); `None` otherwise (one-shot figures, figures from a child process).
     pub ratio_range: Option<(f64, f64)>,
+    /// The per-trial figures behind `value` and `baseline_value`, trial `t` of each run back to
+    /// back (so `value_samples[t] / baseline_samples[t]` is one paired ratio), when the row's
+    /// values are the medians of the runner's last comparison; empty otherwise. For an analysis
+    /// of a run's noise beyond the interquartile range.
+    pub value_samples: Vec<f64>,
+    /// See [`Row::value_samples`].
+    pub baseline_samples: Vec<f64>,
     /// Which direction is better for this metric.
     pub better: Better,
     /// The target, if the issue states one.
@@ -195,6 +202,9 @@ impl Runner {
             Target::RatioAtMost(_) | Target::RatioAtLeast(_) if !ratio_meaningful => None,
             t => Some(t.met(value, ratio)),
         });
+        let (value_samples, baseline_samples) = self
+            .paired_samples(value, baseline_value)
+            .map_or_else(Default::default, |(c, b)| (c.to_vec(), b.to_vec()));
         let ratio_range = self.paired_range(value, baseline_value);
         self.rows.push(Row {
             suite: self.suite.to_owned(),
@@ -205,6 +215,8 @@ impl Runner {
             baseline_value,
             ratio,
             ratio_range,
+            value_samples,
+            baseline_samples,
             better,
             target,
             target_met,
@@ -279,9 +291,9 @@ impl Runner {
         self.recent.iter().map(|(m, _)| *m).collect()
     }
 
-    /// The spread of the paired ratios of the last comparison's samples whose medians are `value`
-    /// and `baseline` (bit-equal), if both are there with the same number of trials.
-    fn paired_range(&self, value: f64, baseline: f64) -> Option<(f64, f64)> {
+    /// The last comparison's sample sets whose medians are `value` and `baseline` (bit-equal), if
+    /// both are there, distinct, with the same number of trials.
+    fn paired_samples(&self, value: f64, baseline: f64) -> Option<(&[f64], &[f64])> {
         let find = |v: f64| {
             self.recent
                 .iter()
@@ -292,6 +304,13 @@ impl Runner {
         if cs.len() != bs.len() || cs.is_empty() || ptr::eq(cs, bs) {
             return None;
         }
+        Some((cs, bs))
+    }
+
+    /// The spread of the paired ratios of the last comparison's samples whose medians are `value`
+    /// and `baseline` ([`Runner::paired_samples`]).
+    fn paired_range(&self, value: f64, baseline: f64) -> Option<(f64, f64)> {
+        let (cs, bs) = self.paired_samples(value, baseline)?;
         let mut ratios: Vec<f64> = cs
             .iter()
             .zip(bs)
@@ -420,11 +439,14 @@ mod tests {
         row(&mut r, medians[0], "b", medians[1]);
         assert_eq!(r.rows[0].ratio, 4.0);
         assert_eq!(r.rows[0].ratio_range, Some((2.0, 4.0)));
+        assert_eq!(r.rows[0].value_samples, [2.0, 30.0, 8.0]);
+        assert_eq!(r.rows[0].baseline_samples, [1.0, 10.0, 2.0]);
         // Any other figures get none: a value that is not a median, or the same median twice.
         row(&mut r, 8.5, "b", medians[1]);
         row(&mut r, medians[0], "c", medians[0]);
         assert_eq!(r.rows[1].ratio_range, None);
         assert_eq!(r.rows[2].ratio_range, None);
+        assert!(r.rows[1].value_samples.is_empty() && r.rows[2].baseline_samples.is_empty());
         // A new comparison replaces the old samples.
         r.paired_medians(vec![vec![1.0], vec![1.0, 2.0]]);
         row(&mut r, medians[0], "b", medians[1]);
