@@ -64,7 +64,10 @@ impl InProcess {
 }
 
 impl Transport for InProcess {
-    #[inline]
+    // Always inlined into the proxy's call (LLVM left it out of line): the closure's captures, the
+    // frame pointers and the `Result` then stay in registers (callgrind: 558 -> 523 instructions
+    // per small serialized call).
+    #[inline(always)]
     fn round_trip(
         &self,
         request: &[u8],
