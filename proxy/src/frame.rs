@@ -172,22 +172,29 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
         return Err(EncodeFrameError::Codec(e));
     }
     let len = out.len() - HEADER_LEN;
-    let Ok(len32) = u32::try_from(len) else {
-        out.clear();
-        return Err(EncodeFrameError::Frame(FrameError::TooLarge {
-            len: len as u64,
-            limit: u64::from(u32::MAX),
-        }));
-    };
-    if len > C::LIMIT {
-        out.clear();
-        return Err(EncodeFrameError::Frame(FrameError::TooLarge {
-            len: len as u64,
-            limit: C::LIMIT as u64,
-        }));
+    // One test on the common path: with a limit that fits a `u32` (every real one), the second
+    // half folds away, and the first repeats the codec's own check of the same length.
+    if len > C::LIMIT || u32::try_from(len).is_err() {
+        return Err(too_large(out, len, C::LIMIT));
     }
-    write_header(&mut out[..HEADER_LEN], kind, len32, service, object);
+    write_header(&mut out[..HEADER_LEN], kind, len as u32, service, object);
     Ok(())
+}
+
+/// The error of an [`encode`] whose body of `len` bytes is over `u32::MAX` (checked first) or
+/// `limit`; empties `out`.
+#[cold]
+fn too_large(out: &mut Vec<u8>, len: usize, limit: usize) -> EncodeFrameError {
+    out.clear();
+    let limit = if u32::try_from(len).is_err() {
+        u64::from(u32::MAX)
+    } else {
+        limit as u64
+    };
+    EncodeFrameError::Frame(FrameError::TooLarge {
+        len: len as u64,
+        limit,
+    })
 }
 
 /// Why [`encode`] failed.
