@@ -340,7 +340,7 @@ fn decode_reply<C: Codec, R: serde::de::DeserializeOwned>(
     object: &ObjectId,
 ) -> Result<R, CallError> {
     let (h, body) = frame::parse(reply, C::LIMIT)?;
-    if h.service != service || h.object != *object {
+    if h.service != service || !same_object(&h.object, object) {
         // Error frames for requests too broken to read carry a zero object; accept those.
         if !(h.kind == FrameKind::Error && h.object.context == 0) {
             return Err(FrameError::Mismatched.into());
@@ -355,6 +355,14 @@ fn decode_reply<C: Codec, R: serde::de::DeserializeOwned>(
         }
         .into()),
     }
+}
+
+/// `a == b`, with slot and generation compared as one 8-byte word: the derived comparison
+/// became vector instructions, about ten more per call.
+#[inline(always)]
+fn same_object(a: &ObjectId, b: &ObjectId) -> bool {
+    let tail = |o: &ObjectId| u64::from(o.slot) | u64::from(o.generation) << 32;
+    a.context == b.context && tail(a) == tail(b)
 }
 
 // ---------------------------------------------------------------------------------------------
