@@ -118,16 +118,8 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
     request: &[u8],
     reply: &mut Vec<u8>,
 ) {
-    let mut object = ObjectId {
-        context: 0,
-        slot: 0,
-        generation: 0,
-    };
-    let mut service = 0;
     let outcome = (|| -> Result<(), CallError> {
         let (h, body) = frame::parse_kind(request, C::LIMIT, FrameKind::Request)?;
-        // Error replies echo the request's service and object, so the caller accepts them.
-        (service, object) = (h.service, h.object);
         if h.service != S::ID {
             return Err(CallError::WrongService {
                 expected: format!("service id {:#x}", h.service),
@@ -143,8 +135,28 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
         Ok(())
     })();
     if let Err(e) = outcome {
-        write_error::<C>(reply, service, object, &e);
+        write_request_error::<C>(reply, request, &e);
     }
+}
+
+/// Writes the error frame answering `request`, which [`serve_frame`] failed on. It echoes the
+/// request's service and object, so the caller accepts it; a request whose header does not
+/// parse as a request gets zeros. (The header is read again here: kept by the common path for
+/// this, it was stored on every call.)
+#[cold]
+fn write_request_error<C: Codec>(reply: &mut Vec<u8>, request: &[u8], e: &CallError) {
+    let (service, object) = match frame::parse_kind(request, C::LIMIT, FrameKind::Request) {
+        Ok((h, _)) => (h.service, h.object),
+        Err(_) => (
+            0,
+            ObjectId {
+                context: 0,
+                slot: 0,
+                generation: 0,
+            },
+        ),
+    };
+    write_error::<C>(reply, service, object, e);
 }
 
 #[cold]
