@@ -154,8 +154,10 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
     object: ObjectId,
     body: &T,
 ) -> Result<(), EncodeFrameError> {
+    // The header first, with a zero length (patched below): service and object are then not
+    // kept across the codec's call.
     out.clear();
-    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    out.extend_from_slice(&header(kind, 0, service, object));
     if let Err(e) = C::encode(body, out) {
         out.clear();
         return Err(EncodeFrameError::Codec(e));
@@ -166,7 +168,9 @@ pub fn encode<C: Codec, T: Serialize + ?Sized>(
     if len > C::LIMIT || u32::try_from(len).is_err() {
         return Err(too_large(out, len, C::LIMIT));
     }
-    write_header(&mut out[..HEADER_LEN], kind, len as u32, service, object);
+    // The whole first word again, not only its length: the reader loads it as one word, which
+    // a narrower store over it would keep from being forwarded from the store buffer.
+    out[0..8].copy_from_slice(&first_word(kind, len as u32).to_le_bytes());
     Ok(())
 }
 
@@ -197,21 +201,28 @@ pub enum EncodeFrameError {
     Frame(FrameError),
 }
 
-/// Writes the header as four little-endian 8-byte words (the same bytes as field by field). Whole
-/// words matter for speed: the reader loads the header right after it was written, and a load that
-/// spans two smaller stores (e.g. slot and generation compared as one 8-byte word) cannot be
-/// forwarded from the store buffer and stalls until they reach the cache.
+/// The header's first 8 bytes as a little-endian word: magic, version, kind, length.
 #[inline]
-fn write_header(h: &mut [u8], kind: FrameKind, len: u32, service: u64, object: ObjectId) {
-    let first = u64::from(u16::from_le_bytes(MAGIC))
+fn first_word(kind: FrameKind, len: u32) -> u64 {
+    u64::from(u16::from_le_bytes(MAGIC))
         | u64::from(VERSION) << 16
         | u64::from(kind as u8) << 24
-        | u64::from(len) << 32;
+        | u64::from(len) << 32
+}
+
+/// The header, built as four little-endian 8-byte words (the same bytes as field by field).
+/// Whole words matter for speed: the reader loads the header right after it was written, and a
+/// load that spans two smaller stores (e.g. slot and generation compared as one 8-byte word)
+/// cannot be forwarded from the store buffer and stalls until they reach the cache.
+#[inline]
+fn header(kind: FrameKind, len: u32, service: u64, object: ObjectId) -> [u8; HEADER_LEN] {
     let last = u64::from(object.slot) | u64::from(object.generation) << 32;
-    h[0..8].copy_from_slice(&first.to_le_bytes());
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&first_word(kind, len).to_le_bytes());
     h[8..16].copy_from_slice(&service.to_le_bytes());
     h[16..24].copy_from_slice(&object.context.to_le_bytes());
     h[24..32].copy_from_slice(&last.to_le_bytes());
+    h
 }
 
 /// The first four header bytes of a frame of `kind`: magic, version and kind.
