@@ -75,11 +75,16 @@ impl Transport for InProcess {
         timeout: Option<Duration>,
     ) -> Result<(), CallError> {
         let serve = self.serve;
-        let run = move |cx: &mut Cx<'_>| serve(cx, request, reply);
-        match timeout {
-            None => self.ctx.enter(run),
-            Some(t) => self.ctx.enter_timeout(t, run),
-        }
-        .map_err(CallError::from)
+        // The closure is built in each arm, not once before the match: the one shared by both
+        // was stored to memory on the common path for the other's out-of-line call.
+        let entered = match timeout {
+            None => self
+                .ctx
+                .enter(move |cx: &mut Cx<'_>| serve(cx, request, reply)),
+            Some(t) => self
+                .ctx
+                .enter_timeout(t, move |cx: &mut Cx<'_>| serve(cx, request, reply)),
+        };
+        entered.map_err(CallError::from)
     }
 }
