@@ -121,10 +121,7 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
     let outcome = (|| -> Result<(), CallError> {
         let (h, body) = frame::parse_kind(request, C::LIMIT, FrameKind::Request)?;
         if h.service != S::ID {
-            return Err(CallError::WrongService {
-                expected: format!("service id {:#x}", h.service),
-                found: S::NAME.to_owned(),
-            });
+            return Err(wrong_service(h.service, S::NAME));
         }
         let handle = h.object.typed::<T>().ok_or(FrameError::Mismatched)?;
         let resp = C::decode_then(body, |req: S::Request<'_>| {
@@ -136,6 +133,17 @@ fn serve_frame<S: Serve<T>, T: 'static, C: Codec>(
     })();
     if let Err(e) = outcome {
         write_request_error::<C>(reply, request, &e);
+    }
+}
+
+/// The error for a request to service id `requested` that reached an object serving `serving`.
+/// Out of line: formatting the id in place took the whole header's address, so the common path
+/// stored it to memory on every call.
+#[cold]
+fn wrong_service(requested: u64, serving: &str) -> CallError {
+    CallError::WrongService {
+        expected: format!("service id {requested:#x}"),
+        found: serving.to_owned(),
     }
 }
 
