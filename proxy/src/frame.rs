@@ -239,16 +239,28 @@ pub fn parse(frame: &[u8], limit: usize) -> Result<(Header, &[u8]), FrameError> 
     if frame.len() < HEADER_LEN {
         return Err(FrameError::Short(frame.len()));
     }
-    let (h, body) = frame.split_at(HEADER_LEN);
     // Magic, version and kind in one compare per kind, and the length, from the one 8-byte word
-    // `write_header` stored; `lead_error` finds which check failed.
-    let first = u64_at(h, 0);
+    // `encode` stored last; `lead_error` finds which check failed.
+    let first = u64_at(frame, 0);
     let kind = match first as u32 {
         w if w == lead(FrameKind::Request) => FrameKind::Request,
         w if w == lead(FrameKind::Reply) => FrameKind::Reply,
         w if w == lead(FrameKind::Error) => FrameKind::Error,
-        _ => return Err(lead_error(h)),
+        _ => return Err(lead_error(frame)),
     };
+    parse_rest(frame, limit, kind, first)
+}
+
+/// The rest of [`parse`] once magic, version and kind (`kind`) have been checked: the length
+/// from `first` (the header's first word) against `limit` and the frame, then the header.
+#[inline(always)]
+fn parse_rest(
+    frame: &[u8],
+    limit: usize,
+    kind: FrameKind,
+    first: u64,
+) -> Result<(Header, &[u8]), FrameError> {
+    let (h, body) = frame.split_at(HEADER_LEN);
     let len = (first >> 32) as u32;
     if u64::from(len) > limit as u64 {
         return Err(FrameError::TooLarge {
@@ -278,15 +290,16 @@ pub fn parse(frame: &[u8], limit: usize) -> Result<(Header, &[u8]), FrameError> 
     ))
 }
 
-/// Which of the magic, version and kind checks the header `h` fails (in that order).
+/// Which of the magic, version and kind checks the header of `frame` (at least a header long)
+/// fails, in that order.
 #[cold]
-fn lead_error(h: &[u8]) -> FrameError {
-    if h[0..2] != MAGIC {
+fn lead_error(frame: &[u8]) -> FrameError {
+    if frame[0..2] != MAGIC {
         FrameError::BadMagic
-    } else if h[2] != VERSION {
-        FrameError::Version(h[2])
+    } else if frame[2] != VERSION {
+        FrameError::Version(frame[2])
     } else {
-        FrameError::UnknownKind(h[3])
+        FrameError::UnknownKind(frame[3])
     }
 }
 
@@ -300,14 +313,27 @@ pub fn parse_kind(
     limit: usize,
     expected: FrameKind,
 ) -> Result<(Header, &[u8]), FrameError> {
-    let (h, body) = parse(frame, limit)?;
-    if h.kind != expected {
-        return Err(FrameError::UnexpectedKind {
+    // The common case in one compare: magic, version and the expected kind.
+    if frame.len() >= HEADER_LEN {
+        let first = u64_at(frame, 0);
+        if first as u32 == lead(expected) {
+            return parse_rest(frame, limit, expected, first);
+        }
+    }
+    Err(kind_error(frame, limit, expected))
+}
+
+/// The error of a [`parse_kind`] whose frame does not start as one of kind `expected`: that of
+/// [`parse`] if it fails, else [`FrameError::UnexpectedKind`].
+#[cold]
+fn kind_error(frame: &[u8], limit: usize, expected: FrameKind) -> FrameError {
+    match parse(frame, limit) {
+        Err(e) => e,
+        Ok((h, _)) => FrameError::UnexpectedKind {
             expected,
             found: h.kind,
-        });
+        },
     }
-    Ok((h, body))
 }
 
 #[cfg(test)]
