@@ -793,9 +793,13 @@ impl<S: Service, C: Codec> Proxy<S, C> {
         let mut bufs = Pooled::take();
         // The buffers go back to the pool on every path before its result is built (a result
         // built first and returned after the give-back was copied through memory).
-        if let Err(e) =
-            frame::encode::<C, _>(&mut bufs.req, FrameKind::Request, S::ID, self.object, request)
-        {
+        if let Err(e) = frame::encode::<C, _>(
+            &mut bufs.req,
+            FrameKind::Request,
+            S::ID,
+            self.object,
+            request,
+        ) {
             Pooled::give_back_out_of_line(bufs);
             return Err(e.into());
         }
