@@ -73,18 +73,9 @@ impl Pooled {
         if b.req.capacity() > KEEP_MAX_CAPACITY || b.rep.capacity() > KEEP_MAX_CAPACITY {
             return;
         }
-        // The outermost call's pair goes back to `SPARE`; a nested call finds `SPARE` empty
-        // (its caller has the pair) and keeps its own in `POOL`.
-        if let Ok(Some(b)) = SPARE.try_with(|s| match s.take() {
-            None => {
-                s.set(Some(b));
-                None
-            }
-            other => {
-                s.set(other);
-                Some(b)
-            }
-        }) {
+        // The pair goes back to `SPARE`. A nested call finds `SPARE` empty at its start (its
+        // caller has the pair) and fills it at its end: the caller's pair then goes to `POOL`.
+        if let Ok(Some(b)) = SPARE.try_with(|s| s.replace(Some(b))) {
             Self::give_back_nested(b);
         }
     }
