@@ -350,6 +350,25 @@ fn decode_reply<C: Codec, R: serde::de::DeserializeOwned>(
     service: u64,
     object: &ObjectId,
 ) -> Result<R, CallError> {
+    // The common case first, the kind checked with magic and version in one compare: a reply.
+    if let Ok((h, body)) = frame::parse_kind(reply, C::LIMIT, FrameKind::Reply) {
+        if h.service != service || !same_object(&h.object, object) {
+            return Err(FrameError::Mismatched.into());
+        }
+        return Ok(C::decode(body)?);
+    }
+    decode_other_reply::<C, R>(reply, service, object)
+}
+
+/// [`decode_reply`] for a frame that is not a well-formed reply: an error frame, or the error
+/// that rejects the frame.
+#[cold]
+#[inline(never)]
+fn decode_other_reply<C: Codec, R: serde::de::DeserializeOwned>(
+    reply: &[u8],
+    service: u64,
+    object: &ObjectId,
+) -> Result<R, CallError> {
     let (h, body) = frame::parse(reply, C::LIMIT)?;
     if h.service != service || !same_object(&h.object, object) {
         // Error frames for requests too broken to read carry a zero object; accept those.
