@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{LIMIT, holds_within, watchdog};
+use common::{LIMIT, holds_within, wait_until, watchdog};
 use context_core::Context;
 use context_proxy::xproc::{
     Channel, Client, ClientOptions, Host, LinkFailure, Listener, ServeEnd, Served, Server,
@@ -676,16 +676,29 @@ fn calls_from_inside_a_context_release_it_meanwhile() {
         let p = rig.proxy(0);
         let a = Context::new("caller");
         let busy = Arc::new(AtomicBool::new(false));
+        let inside = Arc::new(AtomicBool::new(false));
         std::thread::scope(|s| {
-            let (p2, a2) = (p.clone(), a.clone());
-            let h = s.spawn(move || a2.enter(move |_| p2.sleep_ms(200)).unwrap().unwrap());
-            // While the remote call sleeps, the caller's context is free for others.
-            std::thread::sleep(Duration::from_millis(50));
+            let (p2, a2, in2) = (p.clone(), a.clone(), Arc::clone(&inside));
+            let h = s.spawn(move || {
+                a2.enter(move |_| {
+                    in2.store(true, Ordering::SeqCst);
+                    p2.sleep_ms(500)
+                })
+                .unwrap()
+                .unwrap()
+            });
+            // Once the other thread holds `a` and makes its remote call, `a` is free for others
+            // while the call sleeps: an entry gets in well before the call ends (kept, `a` would
+            // stay held for the whole 500 ms and this entry would time out).
+            wait_until("the caller inside its context", || {
+                inside.load(Ordering::SeqCst)
+            });
             let b2 = Arc::clone(&busy);
             a.enter_timeout(Duration::from_millis(100), move |_| {
                 b2.store(true, Ordering::SeqCst)
             })
             .unwrap();
+            assert!(!h.is_finished(), "the remote call was still running");
             assert_eq!(h.join().unwrap(), 0);
         });
         assert!(busy.load(Ordering::SeqCst));
