@@ -34,6 +34,9 @@ pub struct ContextStats {
     /// Calls from other threads that a pinned context's home thread ran (counted as each one
     /// starts; a call cancelled by its timeout before it started is not counted).
     pub shipped_calls: u64,
+    /// Calls from other threads waiting right now for a pinned context's home thread to take them
+    /// (0 for a free context, whose callers wait for its lock instead).
+    pub waiting_calls: u64,
 }
 
 #[derive(Default)]
@@ -402,6 +405,7 @@ impl<L: RawContextLock> Context<L> {
             gave_up: r(&s.gave_up),
             panics: r(&s.panics),
             shipped_calls: r(&s.shipped),
+            waiting_calls: self.inner.home.as_ref().map_or(0, pinned::Home::waiting),
         }
     }
 

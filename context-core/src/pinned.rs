@@ -335,6 +335,14 @@ impl Home {
         }
     }
 
+    /// How many calls wait for the home thread to take them (in the mailbox or the queue): a
+    /// snapshot, for [`crate::ContextStats::waiting_calls`].
+    pub(crate) fn waiting(&self) -> u64 {
+        let m = self.mailbox.0.load(Ordering::Acquire);
+        let in_mailbox = u64::from(!m.is_null() && m != mailbox_closed());
+        in_mailbox + self.queued.load(Ordering::Acquire) as u64
+    }
+
     /// Whether work is waiting (in the mailbox or the queue). The home thread polls this.
     #[inline]
     fn has_work(&self) -> bool {
