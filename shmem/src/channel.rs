@@ -489,7 +489,10 @@ impl Endpoint {
     /// # Errors
     /// `FrameTooLarge`, `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
     pub fn send(&mut self, frame: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.send_parts(&[frame], deadline)
+        self.send_with(frame.len(), deadline, |data, cap, at| {
+            // SAFETY: as in `send_with`'s contract for `write`: `at < cap`, `frame.len() == len`.
+            unsafe { ring_write(data, cap, at, frame) };
+        })
     }
 
     /// Sends one frame made of `parts` laid end to end (a header and a body, say), without
@@ -502,29 +505,113 @@ impl Endpoint {
         parts: &[&[u8]],
         deadline: Option<Instant>,
     ) -> Result<(), ChannelError> {
-        let cap = self.ch.cap;
         let len = parts
             .iter()
             .try_fold(0usize, |n, p| n.checked_add(p.len()))
             .unwrap_or(usize::MAX);
-        let too_large = || ChannelError::FrameTooLarge { len, max: cap - 16 };
+        self.send_with(len, deadline, |data, cap, mut at| {
+            for part in parts {
+                // SAFETY: as in `send_with`'s contract for `write`: `at < cap` (masked), and the
+                // parts' lengths add up to `len`, so each `part.len() <= len < cap`.
+                unsafe { ring_write(data, cap, at, part) };
+                at = (at + part.len()) & (cap - 1);
+            }
+        })
+    }
+
+    /// Sends one frame of `len` payload bytes, which `write(data, cap, at)` copies into the ring
+    /// at data offset `at` (wrapping at `cap`): `write` must write exactly `len` bytes, through
+    /// [`ring_write`]. The common send, which finds room at once, stays here, inlined into its
+    /// caller; waiting for room is out of line ([`Endpoint::wait_for_room`]).
+    #[inline(always)]
+    fn send_with(
+        &mut self,
+        len: usize,
+        deadline: Option<Instant>,
+        write: impl FnOnce(*mut u8, usize, usize),
+    ) -> Result<(), ChannelError> {
+        let cap = self.ch.cap;
+        let need = frame_need(len as u64, cap)
+            .ok_or(ChannelError::FrameTooLarge { len, max: cap - 16 })?;
+        let peer = self.peer();
+        if self.ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
+            return Err(ChannelError::Closed);
+        }
+        let tail = self.tx_tail;
+        // `room`: the frame plus the next frame's header word, which we zero before committing.
+        // The consumer's `head` only grows, so a cached (older) value underestimates the free
+        // space: reload it (one cache-line transfer) only when the cached value says full.
+        let used = usize::try_from(tail.wrapping_sub(self.tx_head)).unwrap_or(usize::MAX);
+        if used > cap || cap - used < need + 8 {
+            self.wait_for_room(need, deadline)?;
+        }
+        let (hdr, data) = self.ch.ring(self.tx);
+        let pos = (tail as usize) & (cap - 1);
+        // The bytes [tail, tail + need + 8) are free (the consumer released them: `tx_head` came
+        // from an Acquire load, now or earlier), so nobody reads or writes them until we commit
+        // the header; `write` copies the `len < need` payload bytes after the header word.
+        write(data, cap, (pos + HDR) & (cap - 1));
+        let new_tail = tail.wrapping_add(need as u64);
+        // Clear the next frame's header word (free space, see `room`) before the commit: the
+        // consumer reads it only after acquiring our header below, so it sees 0 or a later commit,
+        // never stale bytes of an earlier lap.
+        self.ch.header(data, new_tail).store(0, Ordering::Relaxed);
+        // Commit: the header store (SeqCst >= Release) publishes the payload; the consumer polls
+        // this very word. SeqCst also orders it before the `consumer_sleeping` load (store-load
+        // pattern with the consumer's sleep announcement).
+        // `len < cap <= 1 GiB` (`frame_need`), so `len + 1` fits the word.
+        self.ch
+            .header(data, tail)
+            .store(len as u32 + 1, Ordering::SeqCst);
+        self.tx_tail = new_tail;
+        hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
+        // Pre-touch (module docs): take the lines after the one our position is in now, as many
+        // as this frame spanned (the next frame is likely of its size), while nobody waits on
+        // them, where their first word is free space (`tx_head` may be stale: that only
+        // underestimates the free space). `free`: the bytes after the next frame's header word
+        // up to the consumer's (cached) position; the word `gap` bytes past our new position is
+        // free space if `gap <= free`. The room check above (or `wait_for_room`) left
+        // `new_tail - tx_head + 8 <= cap`, so nothing here underflows; `gap` is at most
+        // `MAX_PRETOUCH * LINE`.
+        let free = cap - (new_tail.wrapping_sub(self.tx_head) as usize) - 8;
+        let into_line = (new_tail as usize) & (LINE - 1);
+        let last = (need.div_ceil(LINE).min(MAX_PRETOUCH) * LINE - into_line).min(free);
+        let mut gap = LINE - into_line;
+        while gap <= last {
+            self.ch
+                .header(data, new_tail.wrapping_add(gap as u64))
+                .store(0, Ordering::Relaxed);
+            gap += LINE;
+        }
+        if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
+            wake(&hdr.data_seq);
+        }
+        Ok(())
+    }
+
+    /// Waits until the send ring has room for a frame occupying `need` bytes (plus the next
+    /// frame's header word): on return, `tail - tx_head + need + 8 <= cap`. Checks the close
+    /// flag on every round, and the deadline before every wait but the first.
+    #[inline(never)]
+    fn wait_for_room(
+        &mut self,
+        need: usize,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        let cap = self.ch.cap;
         let peer = self.peer();
         let ch = &self.ch;
         let spin = &mut self.spin;
         let head_cache = &mut self.tx_head;
         let tail = self.tx_tail;
-        let need = frame_need(len as u64, cap).ok_or_else(too_large)?;
-        let (hdr, data) = ch.ring(self.tx);
+        let (hdr, _) = ch.ring(self.tx);
+        let room = need + 8;
         let mut waited = false;
         loop {
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 return Err(ChannelError::Closed);
             }
-            // The consumer's `head` only grows, so a cached (older) value underestimates the free
-            // space: reload it (one cache-line transfer) only when the cached value says full.
             let mut head = *head_cache;
-            // `room`: the frame plus the next frame's header word, which we zero before committing.
-            let room = need + 8;
             let mut used = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX);
             if used > cap || cap - used < room {
                 let before = used;
@@ -542,49 +629,6 @@ impl Endpoint {
                 }
             }
             if cap - used >= room {
-                let pos = (tail as usize) & (cap - 1);
-                let mut at = (pos + HDR) & (cap - 1);
-                for part in parts {
-                    // SAFETY: `data` points to `cap` bytes of ring (Channel INVARIANTS), `at < cap`
-                    // (masked), `part.len() <= len < need < cap`; the bytes
-                    // [tail, tail + need + 8) are free (the consumer released them: `head` came
-                    // from an Acquire load, now or earlier), so nobody reads or writes them until
-                    // we commit the header.
-                    unsafe { ring_write(data, cap, at, part) };
-                    at = (at + part.len()) & (cap - 1);
-                }
-                let new_tail = tail.wrapping_add(need as u64);
-                // Clear the next frame's header word (free space, see `room`) before the commit:
-                // the consumer reads it only after acquiring our header below, so it sees 0 or a
-                // later commit, never stale bytes of an earlier lap.
-                ch.header(data, new_tail).store(0, Ordering::Relaxed);
-                // Commit: the header store (SeqCst >= Release) publishes the payload; the consumer
-                // polls this very word. SeqCst also orders it before the `consumer_sleeping` load
-                // (store-load pattern with the consumer's sleep announcement).
-                // `len < cap <= 1 GiB` (`frame_need`), so `len + 1` fits the word.
-                ch.header(data, tail)
-                    .store(len as u32 + 1, Ordering::SeqCst);
-                self.tx_tail = new_tail;
-                hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
-                // Pre-touch (module docs): take the lines after the one our position is in now,
-                // as many as this frame spanned (the next frame is likely of its size), while
-                // nobody waits on them, where their first word is free space (`head` may be
-                // stale: that only underestimates the free space).
-                let into_line = (new_tail as usize) & (LINE - 1);
-                for k in 1..=need.div_ceil(LINE).min(MAX_PRETOUCH) {
-                    // Bytes from our new position to the k-th line boundary after it: at most
-                    // `MAX_PRETOUCH * LINE`, and `used + need <= cap`, so nothing overflows.
-                    let gap = k * LINE - into_line;
-                    if used + need + gap + 8 > cap {
-                        break;
-                    }
-                    ch.header(data, new_tail.wrapping_add(gap as u64))
-                        .store(0, Ordering::Relaxed);
-                }
-                if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
-                    hdr.data_seq.fetch_add(1, Ordering::SeqCst);
-                    sync::futex_wake(&hdr.data_seq, 1);
-                }
                 return Ok(());
             }
             // A wait ends as soon as `head` moves, which need not free enough room: before waiting
@@ -665,7 +709,9 @@ impl Endpoint {
     }
 
     /// Waits until a frame is committed at our receive position and validates its header:
-    /// `(len, need)`, the payload's length and the bytes the frame occupies.
+    /// `(len, need)`, the payload's length and the bytes the frame occupies. Inlined into the
+    /// receives (the wait itself stays out of line): the two lengths then stay in registers.
+    #[inline(always)]
     fn next_frame(&mut self, deadline: Option<Instant>) -> Result<(usize, usize), ChannelError> {
         let cap = self.ch.cap;
         let peer = self.peer();
@@ -739,8 +785,7 @@ impl Endpoint {
         // `producer_sleeping` load (store-load pattern with the producer's sleep announcement).
         hdr.head.store(new_head, Ordering::SeqCst);
         if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
-            hdr.space_seq.fetch_add(1, Ordering::SeqCst);
-            sync::futex_wake(&hdr.space_seq, 1);
+            wake(&hdr.space_seq);
         }
     }
 }
@@ -800,6 +845,15 @@ fn wait(
             return Ok(());
         }
     }
+}
+
+/// Bumps the futex word `seq` and wakes the peer sleeping on it (which announced itself in its
+/// `sleeping` word). Out of line: the common send or receive finds its peer awake.
+#[cold]
+#[inline(never)]
+fn wake(seq: &AtomicU32) {
+    seq.fetch_add(1, Ordering::SeqCst);
+    sync::futex_wake(seq, 1);
 }
 
 /// Whether `deadline` has passed (never, for `None`). Reads the clock: for retry paths only.
