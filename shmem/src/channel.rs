@@ -488,6 +488,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// `FrameTooLarge`, `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    #[inline]
     pub fn send(&mut self, frame: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
         self.send_with(frame.len(), deadline, |data, cap, at| {
             // SAFETY: as in `send_with`'s contract for `write`: `at < cap`, `frame.len() == len`.
@@ -500,6 +501,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// As for [`Endpoint::send`].
+    #[inline]
     pub fn send_parts(
         &mut self,
         parts: &[&[u8]],
@@ -649,6 +651,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// `BufferTooSmall` (the frame stays queued), `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    #[inline]
     pub fn recv(
         &mut self,
         buf: &mut [u8],
@@ -686,6 +689,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// `FrameTooLarge` (the frame is gone), `TimedOut`, `PeerDead`, `Closed`, `Corrupt`.
+    #[inline]
     pub fn recv_append_max(
         &mut self,
         buf: &mut Vec<u8>,
@@ -755,6 +759,7 @@ impl Endpoint {
     /// # Safety
     /// [`Endpoint::next_frame`] returned `len` for that frame and it was not released since; `dst`
     /// points to `len` writable bytes nobody else accesses.
+    #[inline]
     unsafe fn copy_frame(&self, len: usize, dst: *mut u8) {
         let cap = self.ch.cap;
         let (_, data) = self.ch.ring(self.rx);
@@ -773,6 +778,7 @@ impl Endpoint {
     }
 
     /// Frees the frame at our receive position (`need` bytes, from [`Endpoint::next_frame`]).
+    #[inline]
     fn release(&mut self, need: usize) {
         let (hdr, _) = self.ch.ring(self.rx);
         // The ring bytes are left as they are (the consumer never writes them; module docs): a
