@@ -567,23 +567,25 @@ impl Endpoint {
             .store(len as u32 + 1, Ordering::SeqCst);
         self.tx_tail = new_tail;
         hdr.tail.store(new_tail, Ordering::Relaxed); // informational (diagnostics)
-        // Pre-touch (module docs): take the lines after the one our position is in now, as many
-        // as this frame spanned (the next frame is likely of its size), while nobody waits on
-        // them, where their first word is free space (`tx_head` may be stale: that only
-        // underestimates the free space). `free`: the bytes after the next frame's header word
-        // up to the consumer's (cached) position; the word `gap` bytes past our new position is
-        // free space if `gap <= free`. The room check above (or `wait_for_room`) left
-        // `new_tail - tx_head + 8 <= cap`, so nothing here underflows; `gap` is at most
-        // `MAX_PRETOUCH * LINE`.
+        // Pre-touch (module docs): the first words of the lines after the one our position is in
+        // now, as many as this frame spanned (the next frame is likely of its size; at most
+        // `MAX_PRETOUCH`), while nobody waits on them, as far as they are free space (`tx_head`
+        // may be stale: that only underestimates the free space). The k-th line boundary after
+        // our new position lies `k * LINE - into_line` bytes past it, and its word is free space
+        // if that is at most `free`, the bytes after the next frame's header word up to the
+        // consumer's (cached) position: so for `k * LINE <= free + into_line`. The room check
+        // above (or `wait_for_room`) left `new_tail - tx_head + 8 <= cap`, so nothing here
+        // underflows.
         let free = cap - (new_tail.wrapping_sub(self.tx_head) as usize) - 8;
         let into_line = (new_tail as usize) & (LINE - 1);
-        let last = (need.div_ceil(LINE).min(MAX_PRETOUCH) * LINE - into_line).min(free);
-        let mut gap = LINE - into_line;
-        while gap <= last {
-            self.ch
-                .header(data, new_tail.wrapping_add(gap as u64))
-                .store(0, Ordering::Relaxed);
-            gap += LINE;
+        let lines = need
+            .div_ceil(LINE)
+            .min(MAX_PRETOUCH)
+            .min((free + into_line) / LINE);
+        let mut at = new_tail.wrapping_add((LINE - into_line) as u64);
+        for _ in 0..lines {
+            self.ch.header(data, at).store(0, Ordering::Relaxed);
+            at = at.wrapping_add(LINE as u64);
         }
         if hdr.consumer_sleeping.load(Ordering::SeqCst) != 0 {
             wake(&hdr.data_seq);
