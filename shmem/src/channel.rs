@@ -306,7 +306,9 @@ impl Channel {
 
     /// Ring `i`'s header and the pointer to its `cap` data bytes. `i` must be 0 or 1.
     fn ring(&self, i: usize) -> (&RingHdr, *mut u8) {
-        let p = self.rings[i];
+        // `i & 1 == i` for the 0 or 1 callers pass; the mask only spares the bounds check (a
+        // compare and a branch on every send and receive).
+        let p = self.rings[i & 1];
         // SAFETY: in bounds and 64-aligned (INVARIANTS), kept mapped by `self.seg` for as long as
         // `&self` lives; the header is all atomics (padding arrays are never read).
         let hdr = unsafe { p.as_ref() };
@@ -459,7 +461,9 @@ enum Wait {
 
 impl Endpoint {
     fn peer(&self) -> usize {
-        1 - self.side
+        // `side` is 0 or 1; the mask tells the compiler so, which spares the bounds checks of the
+        // `closed` and `tokens` lookups.
+        (self.side ^ 1) & 1
     }
 
     /// The largest frame payload.
@@ -663,10 +667,9 @@ impl Endpoint {
         if len > buf.len() {
             return Err(ChannelError::BufferTooSmall { needed: len });
         }
-        // SAFETY: `next_frame` validated a committed frame of `len` bytes at our position, which
-        // stays untouched until `release`; `buf[..len]` is `len` private writable bytes.
-        unsafe { self.copy_frame(len, buf.as_mut_ptr()) };
-        self.release(need);
+        // SAFETY: `next_frame` returned `len` and `need` for the frame at our position;
+        // `buf[..len]` is `len` private writable bytes.
+        unsafe { self.take_frame(len, need, buf.as_mut_ptr()) };
         Ok(len)
     }
 
@@ -706,11 +709,10 @@ impl Endpoint {
         buf.reserve(len);
         let spare = buf.spare_capacity_mut();
         // SAFETY: as in `recv`; `spare` has at least `len` writable bytes (reserved above).
-        unsafe { self.copy_frame(len, spare.as_mut_ptr().cast::<u8>()) };
+        unsafe { self.take_frame(len, need, spare.as_mut_ptr().cast::<u8>()) };
         // SAFETY: the `len` bytes after the old length were initialized by the copy above, and
         // `buf.len() + len <= buf.capacity()` (reserved).
         unsafe { buf.set_len(buf.len() + len) };
-        self.release(need);
         Ok(len)
     }
 
@@ -756,15 +758,16 @@ impl Endpoint {
         }
     }
 
-    /// Copies the payload of the frame at our receive position to `dst`.
+    /// Copies the payload of the frame at our receive position to `dst`, then frees the frame:
+    /// the copy and [`Endpoint::release`] in one, which looks the ring up once.
     ///
     /// # Safety
-    /// [`Endpoint::next_frame`] returned `len` for that frame and it was not released since; `dst`
-    /// points to `len` writable bytes nobody else accesses.
+    /// [`Endpoint::next_frame`] returned `(len, need)` for that frame and it was not released
+    /// since; `dst` points to `len` writable bytes nobody else accesses.
     #[inline]
-    unsafe fn copy_frame(&self, len: usize, dst: *mut u8) {
+    unsafe fn take_frame(&mut self, len: usize, need: usize, dst: *mut u8) {
         let cap = self.ch.cap;
-        let (_, data) = self.ch.ring(self.rx);
+        let (hdr, data) = self.ch.ring(self.rx);
         let pos = (self.rx_head as usize) & (cap - 1);
         // SAFETY: the frame [head, head + need) was committed by the header `next_frame` loaded
         // (SeqCst >= Acquire), the producer does not touch it until we advance `head`;
@@ -777,24 +780,32 @@ impl Endpoint {
         // `Segment`'s header checks use, would say the same more formally, at the price of the
         // bulk path's memcpy speed (one load per byte); we keep the memcpy.
         unsafe { ring_read(data, cap, (pos + HDR) & (cap - 1), dst, len) };
+        advance_head(hdr, &mut self.rx_head, need);
     }
 
     /// Frees the frame at our receive position (`need` bytes, from [`Endpoint::next_frame`]).
     #[inline]
     fn release(&mut self, need: usize) {
         let (hdr, _) = self.ch.ring(self.rx);
-        // The ring bytes are left as they are (the consumer never writes them; module docs): a
-        // process that takes over after we die before the store below receives this frame again,
-        // whole.
-        let new_head = self.rx_head.wrapping_add(need as u64);
-        self.rx_head = new_head;
-        // Release (SeqCst): the producer reuses the space only after an Acquire load of this,
-        // which orders our reads before its writes. SeqCst also orders it before the
-        // `producer_sleeping` load (store-load pattern with the producer's sleep announcement).
-        hdr.head.store(new_head, Ordering::SeqCst);
-        if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
-            wake(&hdr.space_seq);
-        }
+        advance_head(hdr, &mut self.rx_head, need);
+    }
+}
+
+/// Frees `need` bytes at the receive position `rx_head` of the ring whose header is `hdr` (the
+/// consumer's side of [`Endpoint::release`]).
+#[inline(always)]
+fn advance_head(hdr: &RingHdr, rx_head: &mut u64, need: usize) {
+    // The ring bytes are left as they are (the consumer never writes them; module docs): a
+    // process that takes over after we die before the store below receives this frame again,
+    // whole.
+    let new_head = rx_head.wrapping_add(need as u64);
+    *rx_head = new_head;
+    // Release (SeqCst): the producer reuses the space only after an Acquire load of this, which
+    // orders our reads before its writes. SeqCst also orders it before the `producer_sleeping`
+    // load (store-load pattern with the producer's sleep announcement).
+    hdr.head.store(new_head, Ordering::SeqCst);
+    if hdr.producer_sleeping.load(Ordering::SeqCst) != 0 {
+        wake(&hdr.space_seq);
     }
 }
 
