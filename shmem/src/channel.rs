@@ -175,6 +175,9 @@ pub struct Channel {
     // process's own view of the segment size, and the segment holds CTRL_SIZE + 2 * (RING_HDR + cap)
     // payload bytes.
     cap: usize,
+    // INVARIANTS: `(cap - 1) & !7`, the mask that turns a ring position into the offset of its
+    // 8-aligned header word (kept so that each header lookup is one `and`).
+    header_mask: usize,
     // INVARIANTS: `ctrl` points to the control block at payload offset 0 and `rings[i]` to ring
     // `i`'s header (64-aligned), followed by its `cap` data bytes, all inside `seg`'s mapping
     // (computed once, with bounds and alignment checked, by `Channel::new`). The mapping lives as
@@ -293,6 +296,7 @@ impl Channel {
         Self {
             seg,
             cap,
+            header_mask: (cap - 1) & !7,
             ctrl,
             rings,
         }
@@ -320,9 +324,10 @@ impl Channel {
     /// The frame header word (4 bytes, 8-aligned) at position `pos` of ring `data` (0 = nothing
     /// here; `len + 1` = a committed frame). `data` must be the data pointer returned by [`Self::ring`].
     fn header(&self, data: *mut u8, pos: u64) -> &AtomicU32 {
-        let off = (pos as usize) & (self.cap - 1) & !7;
+        let off = (pos as usize) & self.header_mask;
         // SAFETY: `data` points to `cap` bytes of one of our rings, 64-aligned (INVARIANTS and
-        // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64), so the 4 bytes are
+        // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64; `header_mask` is
+        // `(cap - 1) & !7`, INVARIANTS), so the 4 bytes are
         // in bounds and aligned. The reference is tied to `&self`, which keeps the segment
         // mapped. Header words are only accessed atomically while they can hold a header (payload
         // bytes that later become a header position are synchronized through `head`).
