@@ -144,7 +144,14 @@ fn wrong_service(requested: u64, serving: &str) -> CallError {
 /// this, it was stored on every call.)
 #[cold]
 fn write_request_error<C: Codec>(reply: &mut Vec<u8>, request: &[u8], e: &CallError) {
-    let (service, object) = match frame::parse_kind(request, C::LIMIT, FrameKind::Request) {
+    let (service, object) = echoed(frame::parse_kind(request, C::LIMIT, FrameKind::Request));
+    write_error::<C>(reply, service, object, e);
+}
+
+/// The service and object an error reply echoes, from its request's parsed header: zeros for a
+/// request whose header did not parse (the caller accepts those, see `decode_reply`).
+fn echoed(parsed: Result<(frame::Header, &[u8]), FrameError>) -> (u64, ObjectId) {
+    match parsed {
         Ok((h, _)) => (h.service, h.object),
         Err(_) => (
             0,
@@ -154,8 +161,7 @@ fn write_request_error<C: Codec>(reply: &mut Vec<u8>, request: &[u8], e: &CallEr
                 generation: 0,
             },
         ),
-    };
-    write_error::<C>(reply, service, object, e);
+    }
 }
 
 #[cold]
@@ -946,17 +952,7 @@ impl<C: Codec> Exports<C> {
     /// [`Exports::serve`] failed (the method panicked, the context closed, ...), so the caller gets
     /// the typed error rather than a broken reply.
     pub fn error_reply(&self, request: &[u8], error: &CallError, reply: &mut Vec<u8>) {
-        let (service, object) = match frame::parse(request, usize::MAX) {
-            Ok((h, _)) => (h.service, h.object),
-            Err(_) => (
-                0,
-                ObjectId {
-                    context: 0,
-                    slot: 0,
-                    generation: 0,
-                },
-            ),
-        };
+        let (service, object) = echoed(frame::parse(request, usize::MAX));
         write_error::<C>(reply, service, object, error);
     }
 
