@@ -202,10 +202,10 @@ impl Runner {
             Target::RatioAtMost(_) | Target::RatioAtLeast(_) if !ratio_meaningful => None,
             t => Some(t.met(value, ratio)),
         });
-        let (value_samples, baseline_samples) = self
-            .paired_samples(value, baseline_value)
-            .map_or_else(Default::default, |(c, b)| (c.to_vec(), b.to_vec()));
-        let ratio_range = self.paired_range(value, baseline_value);
+        let paired = self.paired_samples(value, baseline_value);
+        let ratio_range = paired.and_then(|(cs, bs)| paired_range(cs, bs));
+        let (value_samples, baseline_samples) =
+            paired.map_or_else(Default::default, |(cs, bs)| (cs.to_vec(), bs.to_vec()));
         self.rows.push(Row {
             suite: self.suite.to_owned(),
             case: case.to_owned(),
@@ -307,19 +307,6 @@ impl Runner {
         Some((cs, bs))
     }
 
-    /// The spread of the paired ratios of the last comparison's samples whose medians are `value`
-    /// and `baseline` ([`Runner::paired_samples`]).
-    fn paired_range(&self, value: f64, baseline: f64) -> Option<(f64, f64)> {
-        let (cs, bs) = self.paired_samples(value, baseline)?;
-        let mut ratios: Vec<f64> = cs
-            .iter()
-            .zip(bs)
-            .filter(|(_, b)| **b != 0.0)
-            .map(|(c, b)| c / b)
-            .collect();
-        interquartile(&mut ratios)
-    }
-
     /// Several fallible measurements (each runs `n` operations), each calibrated to about one trial,
     /// then rotated through trial by trial so all see the same machine; the median ns per
     /// operation of each, in order. For cases whose loops can fail (cross-process round trips).
@@ -361,6 +348,18 @@ impl Runner {
         let mut samples: Vec<f64> = (0..self.config.trials()).map(|_| f()).collect();
         median(&mut samples)
     }
+}
+
+/// The spread of the paired ratios `cs[t] / bs[t]` of one comparison's sample sets (the
+/// [`Runner::paired_samples`] of a row); trials with a zero baseline are left out.
+fn paired_range(cs: &[f64], bs: &[f64]) -> Option<(f64, f64)> {
+    let mut ratios: Vec<f64> = cs
+        .iter()
+        .zip(bs)
+        .filter(|(_, b)| **b != 0.0)
+        .map(|(c, b)| c / b)
+        .collect();
+    interquartile(&mut ratios)
 }
 
 /// The interquartile range of a sample set: its lower and upper quartiles (by rank, no
