@@ -327,9 +327,8 @@ impl Channel {
         let off = (pos as usize) & self.header_mask;
         // SAFETY: `data` points to `cap` bytes of one of our rings, 64-aligned (INVARIANTS and
         // `ring`); `off` is a multiple of 8 below `cap` (a power of two >= 64; `header_mask` is
-        // `(cap - 1) & !7`, INVARIANTS), so the 4 bytes are
-        // in bounds and aligned. The reference is tied to `&self`, which keeps the segment
-        // mapped. Header words are only accessed atomically while they can hold a header (payload
+        // `(cap - 1) & !7`, INVARIANTS), so the 4 bytes are in bounds and aligned. The reference
+        // is tied to `&self`, which keeps the segment mapped. Header words are only accessed atomically while they can hold a header (payload
         // bytes that later become a header position are synchronized through `head`).
         unsafe { &*data.wrapping_add(off).cast::<AtomicU32>() }
     }
@@ -740,8 +739,9 @@ impl Endpoint {
                 let len = u64::from(h - 1);
                 let need = frame_need(len, cap)
                     .ok_or(ChannelError::Corrupt("frame length out of range"))?;
-                // `frame_need` checked `len <= cap - 16`, so this conversion is lossless.
-                return Ok((need.min(len as usize), need));
+                // `frame_need` checked `len <= cap - 16`, so this conversion is lossless (and
+                // `len < need`).
+                return Ok((len as usize, need));
             }
             if ch.ctrl().closed[peer].load(Ordering::SeqCst) != 0 {
                 // Re-check: a frame committed just before the close must still be delivered.
